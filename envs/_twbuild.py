@@ -1,0 +1,121 @@
+"""Build TextWorld games into the cache, in this process or in parallel worker subprocesses.
+
+Generation is pure Python (GIL-bound), so parallelism needs processes. Plain subprocesses running `worker_main`
+are used rather than multiprocessing: spawn would re-import the caller's `__main__` (scripts without a main guard,
+Ray workers, pytest), and fork is unsafe in threaded hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+GAME_FILE = "tw-game.z8"  # jericho strips the status line only for story files named tw-*
+META_FILE = "meta.json"
+_SEED_RETRY_STRIDE = 100_003  # a seed whose quest cannot be generated is retried deterministically at seed + k*stride
+
+
+def build_game(spec: dict[str, Any]) -> dict[str, Any]:
+    """Generate and compile one game into spec["dest"] (atomically); return its metadata."""
+    import textworld
+    import textworld.challenges
+    from textworld.generator import QuestGenerationError, compile_game
+
+    dest = Path(spec["dest"])
+    meta_path = dest / META_FILE
+    if meta_path.exists():  # built meanwhile by another process
+        return json.loads(meta_path.read_text())
+    _, make, _ = textworld.challenges.CHALLENGES[spec["challenge"]]
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        game = None
+        for attempt in range(5):
+            seed = spec["seed"] + attempt * _SEED_RETRY_STRIDE
+            options = textworld.GameOptions()
+            options.seeds = seed
+            options.path = str(tmp / GAME_FILE)
+            options.file_ext = ".z8"
+            options.force_recompile = True
+            try:
+                game = make(settings=dict(spec["settings"]), options=options)
+                break
+            except QuestGenerationError:
+                continue
+        if game is None:
+            raise RuntimeError(f"no quest could be generated for {spec}")
+        compile_game(game, options)
+        (tmp / GAME_FILE).with_suffix(".ni").unlink(missing_ok=True)  # Inform 7 source: not needed to play
+        meta = {
+            "task_id": spec["task_id"],
+            "challenge": spec["challenge"],
+            "settings": spec["settings"],
+            "seed": seed,
+            "objective": game.objective,
+            "walkthrough": list(game.metadata.get("walkthrough") or []),
+            "max_score": game.max_score,
+            "textworld": textworld.__version__,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for path in tmp.iterdir():  # on disk before the rename, so even a power cut cannot publish empty files
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        try:
+            os.replace(tmp, dest)  # the folder appears complete or not at all
+        except OSError:
+            if not meta_path.exists():
+                raise
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_games(specs: list[dict[str, Any]], workers: int) -> None:
+    """Build `specs` in up to `workers` subprocesses (always out of process: the env process stays lean)."""
+    workers = max(1, min(workers, len(specs)))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    procs = []
+    for i in range(workers):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from envs._twbuild import worker_main; worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        procs.append((proc, json.dumps(specs[i::workers])))
+    errors = []
+    for proc, payload in procs:
+        out, _ = proc.communicate(payload)
+        if proc.returncode != 0:
+            errors.append(out[-2000:])
+    if errors:
+        raise RuntimeError("TextWorld game generation failed:\n" + "\n".join(errors))
+
+
+def _cache_knowledge_bases() -> None:
+    """Parse each challenge's knowledge base once per process, not once per game (~0.4 s a game).
+
+    Generation only reads the KB, so games come out identical (checked: same walkthroughs, objectives and
+    serialised games for every kind and setting). Done only in worker processes, never in a caller's process.
+    """
+    import functools
+
+    from textworld.generator.data import KnowledgeBase
+
+    load = functools.lru_cache(maxsize=16)(KnowledgeBase.load.__func__)
+    def cached_load(cls, target_dir=None, logic_path=None, grammar_path=None):  # type: ignore[no-untyped-def]
+        return load(cls, target_dir, logic_path, grammar_path)
+
+    KnowledgeBase.load = classmethod(cached_load)  # type: ignore[method-assign]
+
+
+def worker_main() -> None:
+    """Subprocess entry: build the JSON list of specs read from stdin."""
+    _cache_knowledge_bases()
+    for spec in json.loads(sys.stdin.read()):
+        build_game(spec)

@@ -1,0 +1,131 @@
+"""The text-environment API every family implements, and the registry that names the families.
+
+An env is a `gymnasium.Env` with text observations and actions:
+  reset(seed=None, options={"task": task_id}) -> (obs, info)   info: instruction, task_id, max_steps
+  step(action: str) -> (obs, reward, terminated, truncated, info)   info: score in [0,1], won, valid
+An action the game does not understand is an observation ("Nothing happens."), never an exception. A family lists
+its tasks per split (train / seen / unseen) and yields expert actions that win each task.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gymnasium as gym
+
+SPLITS = ("train", "seen", "unseen")
+INVALID_ACTION_OBS = "Nothing happens."
+
+
+class EnvError(RuntimeError):
+    """An env cannot be built (unknown name, missing package or Java); the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    split: str
+    max_steps: int
+    kind: str  # game kind / task family, for per-kind reporting
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    score: float  # progress in [0, 1]; 1.0 when won
+    won: bool
+    valid: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "won": self.won, "valid": self.valid}
+
+
+class TextEnv(gym.Env):
+    """Base class: text in, text out. Families implement `_reset`, `_step`, `tasks` and `expert_actions`."""
+
+    metadata = {"render_modes": []}
+    observation_space = gym.spaces.Text(max_length=1 << 16)
+    action_space = gym.spaces.Text(max_length=512)
+    family: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._task: Task | None = None
+        self._steps = 0
+
+    # -- what a family provides -------------------------------------------------------------------
+    def tasks(self, split: str) -> list[Task]:
+        raise NotImplementedError
+
+    def expert_actions(self, task_id: str) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Build whatever the tasks need (games, caches) now, once, before many workers start."""
+
+    def _reset(self, task: Task, seed: int | None) -> tuple[str, str]:
+        """Start `task`; return (instruction, first observation)."""
+        raise NotImplementedError
+
+    def _step(self, action: str) -> tuple[str, StepInfo, bool]:
+        """Apply `action`; return (observation, info, game_over)."""
+        raise NotImplementedError
+
+    def _extra_info(self) -> dict[str, Any]:
+        """Family-specific keys merged into both reset and step infos (e.g. textworld's `admissible`)."""
+        return {}
+
+    # -- the gymnasium surface ----------------------------------------------------------------------
+    def task(self, task_id: str) -> Task:
+        for split in SPLITS:
+            for task in self.tasks(split):
+                if task.task_id == task_id:
+                    return task
+        raise EnvError(f"unknown task {task_id!r} for env {self.family!r}")
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if not options or "task" not in options:
+            raise EnvError("reset needs options={'task': task_id}; list them with env.tasks(split)")
+        self._task = self.task(options["task"])
+        self._steps = 0
+        instruction, obs = self._reset(self._task, seed)
+        info = {"instruction": instruction, "task_id": self._task.task_id, "max_steps": self._task.max_steps}
+        info.update(self._extra_info())
+        return obs, info
+
+    def step(self, action: str):
+        if self._task is None:
+            raise EnvError("call reset before step")
+        self._steps += 1
+        obs, info, over = self._step(str(action).strip())
+        reward = 1.0 if info.won else 0.0
+        truncated = not over and self._steps >= self._task.max_steps
+        return obs, reward, over, truncated, {**info.as_dict(), **self._extra_info()}
+
+
+_FAMILIES: dict[str, Callable[..., TextEnv]] = {}
+
+
+def register_family(name: str, factory: Callable[..., TextEnv]) -> None:
+    """Name a family for `make_env` and gymnasium (`gym.make("retrorl/<name>-v0", **kwargs)`)."""
+    _FAMILIES[name] = factory
+    env_id = f"retrorl/{name}-v0"
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=factory, disable_env_checker=True)
+
+
+def make_env(name: str, **kwargs: Any) -> TextEnv:
+    if name not in _FAMILIES:
+        raise EnvError(f"unknown env {name!r}; choose one of: {', '.join(sorted(_FAMILIES))}")
+    factory = _FAMILIES[name]
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise EnvError(f"env {name!r} has no option {', '.join(unknown)} (env.kwargs); it takes: {', '.join(params)}")
+    return factory(**kwargs)
+
+
+def families() -> list[str]:
+    return sorted(_FAMILIES)

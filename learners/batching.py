@@ -1,0 +1,239 @@
+"""From trajectory records to padded token batches.
+
+A `TokenSample` is one training sequence: the exact ids the engine saw and sampled (never re-tokenised), a mask
+that is 1 exactly on generated tokens, the role whose adapter produced them, and optional per-token behaviour
+log-probs and a scalar reward / weight for the RL losses. Batches are built per role (one adapter per forward),
+sorted by length and right-padded under a token budget so padding waste stays small.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from agents.trajectory import ACTOR, REFLECTOR, Episode
+
+
+@dataclass
+class TokenSample:
+    ids: list[int]
+    mask: list[int]  # 1 = a generated (agent) token that is trained on; prompts and observations are 0
+    role: str
+    logprobs: list[float] | None = None  # behaviour log-prob per position of `ids` (0.0 where mask == 0)
+    reward: float = 0.0  # scalar return / rating for policy-gradient losses
+    weight: float = 1.0  # per-sample loss weight (e.g. IL oversampling)
+    meta: dict[str, Any] = field(default_factory=dict)  # episode_id, trial, task_id ... for pairing and logs
+
+    def __post_init__(self) -> None:
+        if len(self.mask) != len(self.ids):
+            raise ValueError(f"mask has {len(self.mask)} entries for {len(self.ids)} ids")
+        if self.logprobs is not None and len(self.logprobs) != len(self.ids):
+            raise ValueError(f"logprobs has {len(self.logprobs)} entries for {len(self.ids)} ids")
+        if self.mask and self.mask[0]:
+            raise ValueError("the first token has no context and cannot be a trained token")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_trained(self) -> int:
+        return sum(self.mask)
+
+
+def actor_samples(episode: Episode) -> list[TokenSample]:
+    """One sample per trial with steps: the trial's actor ids, mask 1 exactly on each step's completion span."""
+    out: list[TokenSample] = []
+    for trial in episode.trials:
+        if not trial.steps:
+            continue
+        ids = trial.actor_ids
+        mask = [0] * len(ids)
+        logprobs = [0.0] * len(ids)
+        for k, step in enumerate(trial.steps):
+            gen = step.generation
+            start, end = len(gen.prompt_ids), len(gen.prompt_ids) + len(gen.completion_ids)
+            # The append-only invariant: a step's completion sits verbatim in the trial's final sequence.
+            if ids[start:end] != gen.completion_ids:
+                raise ValueError(
+                    f"episode {episode.episode_id} trial {trial.index} step {k}: completion ids are not at "
+                    f"[{start}, {end}) of the trial's actor ids; the prompt was not built by appending ids"
+                )
+            mask[start:end] = [1] * (end - start)
+            logprobs[start:end] = gen.logprobs
+        out.append(
+            TokenSample(
+                ids=list(ids),
+                mask=mask,
+                role=ACTOR,
+                logprobs=logprobs,
+                reward=trial.ret,  # R_k for every actor step of trial k (RetroAct)
+                meta=_meta(episode, trial.index, version=trial.steps[-1].generation.version),
+            )
+        )
+    return out
+
+
+def reflector_samples(episode: Episode) -> list[TokenSample]:
+    """One sample per trial with a reflection: prompt + completion, mask on the completion.
+
+    reward = R_{k+1} - R_k (the raw rating; methods rescale it), 0.0 when no later trial was run.
+    """
+    out: list[TokenSample] = []
+    trials = episode.trials
+    for i, trial in enumerate(trials):
+        gen = trial.reflection
+        if gen is None:
+            continue
+        ids = list(gen.prompt_ids) + list(gen.completion_ids)
+        n_prompt = len(gen.prompt_ids)
+        rating = trials[i + 1].ret - trial.ret if i + 1 < len(trials) else 0.0
+        out.append(
+            TokenSample(
+                ids=ids,
+                mask=[0] * n_prompt + [1] * len(gen.completion_ids),
+                role=REFLECTOR,
+                logprobs=[0.0] * n_prompt + list(gen.logprobs),
+                reward=rating,
+                meta={**_meta(episode, trial.index, version=gen.version), "has_next": i + 1 < len(trials)},
+            )
+        )
+    return out
+
+
+def episode_samples(episode: Episode, roles: Iterable[str] = (ACTOR, REFLECTOR)) -> list[TokenSample]:
+    roles = set(roles)
+    return (actor_samples(episode) if ACTOR in roles else []) + (
+        reflector_samples(episode) if REFLECTOR in roles else []
+    )
+
+
+def _meta(episode: Episode, trial: int, version: int) -> dict[str, Any]:
+    return {"episode_id": episode.episode_id, "task_id": episode.task_id, "trial": trial, "version": version}
+
+
+def cap_length(samples: Sequence[TokenSample], max_len: int | None) -> tuple[list[TokenSample], int]:
+    """Drop (never truncate: a cut trajectory trains on a different context) samples over max_len; count them."""
+    if max_len is None:
+        return list(samples), 0
+    kept = [s for s in samples if len(s) <= max_len]
+    return kept, len(samples) - len(kept)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors for one role. `index` maps rows back to positions in the caller's sample list."""
+
+    role: str
+    input_ids: torch.Tensor  # [B, T] long, padded with pad_id
+    attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
+    loss_mask: torch.Tensor  # [B, T] long, 1 on trained tokens (subset of attention_mask)
+    behaviour_logprobs: torch.Tensor | None  # [B, T] float32 or None when any sample lacks them
+    rewards: torch.Tensor  # [B] float32
+    weights: torch.Tensor  # [B] float32
+    index: list[int]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            self.role, mv(self.input_ids), mv(self.attention_mask), mv(self.loss_mask),
+            mv(self.behaviour_logprobs), mv(self.rewards), mv(self.weights), self.index,
+        )  # fmt: skip
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_trained(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def n_padded(self) -> int:
+        return self.input_ids.numel()
+
+
+def collate(samples: Sequence[TokenSample], index: Sequence[int], pad_id: int = 0) -> Batch:
+    roles = {s.role for s in samples}
+    if len(roles) != 1:
+        raise ValueError(f"a batch holds one role (one adapter per forward), got {sorted(roles)}")
+    width = max(len(s) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(samples), width), dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    have_lp = all(s.logprobs is not None for s in samples)
+    lps = torch.zeros((len(samples), width), dtype=torch.float32) if have_lp else None
+    for row, s in enumerate(samples):
+        n = len(s)
+        ids[row, :n] = torch.tensor(s.ids, dtype=torch.long)
+        attn[row, :n] = 1
+        mask[row, :n] = torch.tensor(s.mask, dtype=torch.long)
+        if lps is not None:
+            lps[row, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return Batch(
+        role=roles.pop(),
+        input_ids=ids,
+        attention_mask=attn,
+        loss_mask=mask,
+        behaviour_logprobs=lps,
+        rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
+        weights=torch.tensor([s.weight for s in samples], dtype=torch.float32),
+        index=list(index),
+    )
+
+
+def make_batches(
+    samples: Sequence[TokenSample],
+    max_tokens: int,
+    pad_id: int = 0,
+    rng: random.Random | None = None,
+    max_batch_size: int | None = None,
+) -> dict[str, list[Batch]]:
+    """Group samples per role into batches whose padded size (rows x longest row) stays <= max_tokens.
+
+    Sorting by length makes neighbours similar so right padding wastes little; with `rng`, equal-length samples
+    and the batch order are shuffled (a different mix each epoch). A single sample longer than max_tokens gets
+    a batch of its own (cap lengths first with `cap_length` to bound memory).
+    """
+    by_role: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_role.setdefault(s.role, []).append(i)
+    out: dict[str, list[Batch]] = {}
+    for role, idx in by_role.items():
+        if rng is not None:
+            rng.shuffle(idx)
+        idx.sort(key=lambda i: len(samples[i]))  # stable: the shuffle decides ties
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        for i in idx:
+            n = len(samples[i])  # ascending, so n is the width of cur + [i]
+            full = max_batch_size is not None and len(cur) >= max_batch_size
+            if cur and (full or (len(cur) + 1) * n > max_tokens):
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            groups.append(cur)
+        if rng is not None:
+            rng.shuffle(groups)
+        out[role] = [collate([samples[i] for i in g], g, pad_id) for g in groups]
+    return out
+
+
+def padding_fraction(batches: Iterable[Batch]) -> float:
+    batches = list(batches)
+    total = sum(b.n_padded for b in batches)
+    return 0.0 if total == 0 else 1.0 - sum(b.n_tokens for b in batches) / total
+
+
+def il_samples(episodes: Iterable[Episode]) -> list[TokenSample]:
+    """IL data (ALGORITHMS.md section 1): actor trials that won, and reflections followed by a winning trial."""
+    out: list[TokenSample] = []
+    for episode in episodes:
+        wins = {t.index for t in episode.trials if t.success}
+        out += [s for s in actor_samples(episode) if s.meta["trial"] in wins]
+        out += [s for s in reflector_samples(episode) if s.meta["trial"] + 1 in wins]
+    return out

@@ -1,0 +1,548 @@
+"""The learner: one frozen base model, one PEFT LoRA adapter per role, a DeepSpeed engine driving the updates.
+
+One optimizer step may train several roles: one forward per role with that role's adapter active, the losses
+summed, one `engine.backward`, one `engine.step`. Two details make this correct:
+- PEFT's `set_adapter` turns `requires_grad` off for inactive adapters; autograd then drops their gradients at
+  backward time (and ZeRO's grad hooks skip them), so every adapter parameter is switched back on after a switch.
+- An adapter whose role has no batch in a step must not move: DeepSpeed hands the optimizer zero gradients for
+  it, and Adam with zero gradients still moves weights (momentum, weight decay). The optimizer has one param
+  group per adapter and skips inactive groups entirely (weights, moments and step count stay untouched).
+
+Accelerator-agnostic: the device and the collective backend come from `deepspeed.get_accelerator()`, so the same
+code runs on CPU (gloo) and GPUs (nccl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agents.model import cache_dir, load_model, resolve_dtype, resolve_model
+from agents.trajectory import ROLES
+from learners.adapters import AdapterUpdate, adapter_parameters, replace_dir, save_adapter
+from learners.batching import Batch, TokenSample, cap_length, make_batches, padding_fraction
+from learners.losses import il_loss, token_logprobs
+
+SHARED_ADAPTER = "shared"
+# Architectures whose logits are exactly lm_head(final hidden state); for them only scored positions go through
+# the LM head (a third of SmolLM2's FLOPs, and the [N, vocab] buffer shrinks to agent tokens only).
+_PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
+
+Objective = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
+
+
+class _RoleAdamW(torch.optim.AdamW):
+    """AdamW that skips param groups flagged inactive, so an adapter not trained this step stays bit-identical."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if g.get("active", True)]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+class _Scorer(nn.Module):
+    """The module DeepSpeed wraps: ids in, per-token log-probs of the scored positions out."""
+
+    def __init__(self, peft_model: nn.Module, slice_head: bool) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.slice_head = slice_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] log pi(ids[:, t+1] | ids[:, :t+1]) where score_mask[:, t+1] == 1, else 0."""
+        labels, sel = input_ids[:, 1:], score_mask[:, 1:].bool()
+        attn = None if bool(attention_mask.all()) else attention_mask  # no padding: the fast causal SDPA path
+        if self.slice_head:
+            base = self.peft.get_base_model()
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
+            logits = base.get_output_embeddings()(hidden[:, :-1][sel])
+        else:
+            logits = self.peft(input_ids=input_ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel]
+        lp = token_logprobs(logits, labels[sel])
+        return torch.zeros(sel.shape, dtype=lp.dtype, device=lp.device).masked_scatter(sel, lp)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cache: str | os.PathLike | None = None) -> float:
+    """Join (or create) the torch.distributed group DeepSpeed needs; returns seconds spent.
+
+    Single process by default: RANK/WORLD_SIZE/... are filled in only when unset (a multi-GPU launcher sets
+    them), which also stops DeepSpeed from probing for mpi4py. DeepSpeed's CPU shm comm op is compiled on first
+    use (~40-70 s) into TORCH_EXTENSIONS_DIR, defaulted to <retrorl cache>/torch_extensions so it is built once.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    t0 = time.perf_counter()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir(cache) / "torch_extensions"))
+    if not deepspeed.comm.is_initialized():
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+        )
+    return time.perf_counter() - t0
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _deep_update(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+class Learner:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        *,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        roles: Sequence[str] = ROLES,
+        shared_adapter: bool = False,
+        zero_stage: int = 0,
+        gradient_clipping: float = 1.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        threads: int | None = None,
+        output_dir: str | os.PathLike = "runs/learner",
+        max_len: int | None = 4096,
+        gradient_checkpointing: bool = False,
+        deepspeed_config: dict[str, Any] | None = None,
+        cache: str | os.PathLike | None = None,
+        log_level: int = logging.WARNING,
+    ) -> None:
+        import deepspeed
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        t0 = time.perf_counter()
+        logging.getLogger("DeepSpeed").setLevel(log_level)
+        if threads:
+            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=<num_cpus> (1 by default) in actors
+        self.roles = tuple(roles)
+        self.adapter_of = {r: (SHARED_ADAPTER if shared_adapter else r) for r in self.roles}
+        self.adapter_names = list(dict.fromkeys(self.adapter_of.values()))
+        self.output_dir = Path(output_dir)
+        self.adapter_root = self.output_dir / "adapters"
+        self.model_path = str(resolve_model(model_path, cache))
+        self.dtype = resolve_dtype(dtype)
+        self.zero_stage = zero_stage
+        self.lr = lr
+        self.max_len = max_len
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+        self.step = 0  # optimizer steps taken
+        self._versions = {r: 0 for r in self.roles}  # 0 = untrained (adapter B = 0, i.e. the base model)
+        self._dirty: set[str] = set()  # roles trained since their last publish
+        self._rng = random.Random(seed)  # batch order; checkpointed
+        self._plain_grad_norm: float | None = None
+        self.init_distributed_s = init_distributed(cache)
+
+        torch.manual_seed(seed)  # LoRA A init
+        base = load_model(self.model_path, self.dtype)
+        base.config.use_cache = False
+        self.pad_id = int(base.config.pad_token_id if base.config.pad_token_id is not None else 0)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora_config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.peft = get_peft_model(base, copy.deepcopy(self.lora_config), adapter_name=self.adapter_names[0])
+        for name in self.adapter_names[1:]:
+            self.peft.add_adapter(name, copy.deepcopy(self.lora_config))
+        self._params = {a: adapter_parameters(self.peft, a) for a in self.adapter_names}
+        for a, params in self._params.items():
+            if set(params) != set(get_peft_model_state_dict(self.peft, adapter_name=a)):
+                raise RuntimeError(f"adapter {a}: parameter names do not match PEFT's state-dict keys")
+            for p in params.values():
+                p.requires_grad_(True)  # every adapter trainable before ZeRO registers its grad hooks
+        self.peft.set_adapter(self.adapter_names[0])
+        self._active = self.adapter_names[0]
+        self._all_params_trainable()
+
+        optimizer = _RoleAdamW(
+            [{"params": list(self._params[a].values()), "adapter": a, "active": True} for a in self.adapter_names],
+            lr=lr,
+            weight_decay=weight_decay,
+        )
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,  # batches are sized by tokens here; DS only needs a consistent triple
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": gradient_clipping,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,  # _RoleAdamW is a torch AdamW subclass
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.ds_config = _deep_update(config, deepspeed_config or {})
+        model_type = getattr(base.config, "model_type", "")
+        scorer = _Scorer(self.peft, slice_head=model_type in _PLAIN_HEAD_MODELS)
+        t1 = time.perf_counter()
+        self.engine, _, _, _ = deepspeed.initialize(model=scorer, optimizer=optimizer, config=self.ds_config)
+        self.deepspeed_initialize_s = time.perf_counter() - t1
+        self._opt = optimizer  # the inner torch optimizer (DeepSpeed wraps it; its groups are shared)
+        self.device = self.engine.device
+        self.init_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ adapters
+    def _all_params_trainable(self) -> None:
+        for params in self._params.values():
+            for p in params.values():
+                p.requires_grad_(True)
+
+    def _activate(self, adapter: str) -> None:
+        if adapter != self._active:
+            self.peft.set_adapter(adapter)
+            self._active = adapter
+            self._all_params_trainable()  # undo PEFT freezing the other adapters (see module doc)
+
+    def _gathered(self, params: Sequence[nn.Parameter], modify: bool = False):
+        if self.zero_stage == 3:  # ZeRO-3 keeps only a partition in each param; gather the full tensors
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None)
+        return contextlib.nullcontext()
+
+    def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
+        """CPU fp32 copies of an adapter's LoRA tensors: exactly the weights the learner's forward uses."""
+        params = self._params[adapter]
+        with self._gathered(list(params.values())):
+            return {k: p.detach().to("cpu", torch.float32).clone() for k, p in params.items()}
+
+    def _set_adapter_tensors(self, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+        params = self._params[adapter]
+        if set(tensors) != set(params):
+            raise ValueError(f"adapter {adapter}: tensor names differ from the model's LoRA parameters")
+        with self._gathered(list(params.values()), modify=True), torch.no_grad():
+            for k, p in params.items():
+                p.data.copy_(tensors[k].to(p.device, p.dtype))
+
+    def versions(self) -> dict[str, int]:
+        return dict(self._versions)
+
+    def publish(self, roles: Sequence[str] | None = None, force: bool = False) -> list[AdapterUpdate]:
+        """Bump the version of each role trained since its last publish, write `<output>/adapters/<role>/v<N>/`
+        atomically and return the tensors (CPU fp32, PEFT keys without the adapter name) for the engines."""
+        updates: list[AdapterUpdate] = []
+        cache: dict[str, dict[str, torch.Tensor]] = {}
+        for role in roles or self.roles:
+            if not force and role not in self._dirty:
+                continue
+            adapter = self.adapter_of[role]
+            if adapter not in cache:
+                cache[adapter] = self.adapter_tensors(adapter)
+            tensors = cache[adapter]
+            version = self._versions[role] + 1
+            save_adapter(self.adapter_root, role, version, tensors, self.lora_config, self.model_path)
+            self._versions[role] = version
+            self._dirty.discard(role)
+            updates.append(AdapterUpdate(role=role, version=version, tensors=tensors))
+        return updates
+
+    # ------------------------------------------------------------------ training
+    def _check_roles(self, samples: Sequence[TokenSample]) -> None:
+        unknown = {s.role for s in samples} - set(self.roles)
+        if unknown:
+            raise ValueError(f"samples for roles {sorted(unknown)} but this learner has adapters for {self.roles}")
+
+    def _steps(self, batches: dict[str, list[Batch]]) -> Iterator[dict[str, Batch]]:
+        """Pair the i-th batch of every role into one optimizer step. Gradient checkpointing recomputes the
+        forward during backward with whatever adapter is active then, so it gets one role per step."""
+        n = max((len(v) for v in batches.values()), default=0)
+        for i in range(n):
+            group = {r: bs[i] for r, bs in batches.items() if i < len(bs)}
+            if self.gradient_checkpointing:
+                yield from ({r: b} for r, b in group.items())
+            else:
+                yield group
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._opt.param_groups:  # DeepSpeed's wrappers share these dicts with the inner optimizer
+            group["lr"] = lr
+
+    def optimizer_step(self, batches: dict[str, Batch], objective: Objective) -> dict[str, tuple[float, int]]:
+        """One update over one batch per role: per-role forward + objective, summed, one backward, one step.
+
+        `objective(batch, logprobs)` gets logprobs [B, T-1] aligned with batch.input_ids[:, 1:] and returns
+        (loss, token count). Returns {role: (loss value, tokens)}.
+        """
+        adapters = {self.adapter_of[r] for r in batches}
+        for group in self._opt.param_groups:
+            group["active"] = group["adapter"] in adapters
+        self.engine.train()
+        total: torch.Tensor | None = None
+        out: dict[str, tuple[float, int]] = {}
+        for role, batch in batches.items():
+            self._activate(self.adapter_of[role])
+            b = batch.to(self.device)
+            logprobs = self.engine(b.input_ids, b.attention_mask, b.loss_mask)
+            loss, n = objective(b, logprobs)
+            total = loss if total is None else total + loss
+            out[role] = (float(loss.detach()), n)
+        assert total is not None, "optimizer_step needs at least one batch"
+        self.engine.backward(total)
+        if self.engine.optimizer is self._opt:  # no DeepSpeed wrapper: grads are in p.grad, DS reports no norm
+            self._plain_grad_norm = _grad_norm(self._opt)
+        self.engine.step()
+        self.step += 1
+        self._dirty |= {r for r in self.roles if self.adapter_of[r] in adapters}
+        return out
+
+    def train_il(
+        self,
+        samples: Sequence[TokenSample],
+        epochs: int = 1,
+        lr: float | None = None,
+        max_tokens_per_batch: int = 4096,
+        max_batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """IL/SFT (mean NLL over agent tokens) on samples of any roles; each step trains every role with a batch.
+
+        Returns loss per role (`loss/<role>`: last epoch, `loss_first/<role>`: first epoch, token-weighted),
+        tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
+        """
+        self._check_roles(samples)
+        kept, dropped_long = cap_length(samples, self.max_len)
+        nonempty = [s for s in kept if s.n_trained > 0]
+        self.set_lr(self.lr if lr is None else lr)
+        objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
+        steps = tokens = trained = 0
+        padded = 0
+        first: dict[str, list[float]] = {}
+        last: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        for epoch in range(epochs):
+            sums: dict[str, list[float]] = {}
+            batches = make_batches(nonempty, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
+            for step_batches in self._steps(batches):
+                for role, (loss, n) in self.optimizer_step(step_batches, objective).items():
+                    acc = sums.setdefault(role, [0.0, 0])
+                    acc[0] += loss * n
+                    acc[1] += n
+                steps += 1
+                tokens += sum(b.n_tokens for b in step_batches.values())
+                trained += sum(b.n_trained for b in step_batches.values())
+                padded += sum(b.n_padded for b in step_batches.values())
+            if epoch == 0:
+                first = sums
+            last = sums
+        elapsed = time.perf_counter() - t0
+        metrics: dict[str, float] = {
+            "steps": steps,
+            "tokens": trained,
+            "seq_tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "trained_tokens_per_s": trained / elapsed if elapsed > 0 else 0.0,
+            "padding_frac": 1.0 - tokens / padded if padded else 0.0,
+            "time_s": elapsed,
+            "dropped_long": dropped_long,
+            "dropped_empty": len(kept) - len(nonempty),
+            "samples": len(nonempty),
+        }
+        for role, (s, n) in last.items():
+            metrics[f"loss/{role}"] = s / max(n, 1)
+        for role, (s, n) in first.items():
+            metrics[f"loss_first/{role}"] = s / max(n, 1)
+        norm = self.grad_norm() if steps else None
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last step, before clipping."""
+        if self.engine.optimizer is self._opt:
+            return self._plain_grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def token_logprobs(
+        self, samples: Sequence[TokenSample], max_tokens_per_batch: int = 8192, base: bool = False
+    ) -> list[torch.Tensor]:
+        """Per sample, a CPU fp32 tensor aligned with `sample.ids` (like `sample.logprobs`): log pi(ids[t] | ids[:t])
+        under the sample's role adapter (eval mode, no dropout) where mask[t] == 1, else 0. `base=True` scores
+        with all adapters disabled (the untrained reference policy)."""
+        self._check_roles(samples)
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            for role, batches in make_batches(samples, max_tokens_per_batch, self.pad_id).items():
+                self._activate(self.adapter_of[role])
+                ctx = self.peft.disable_adapter() if base else contextlib.nullcontext()
+                with ctx:
+                    for batch in batches:
+                        b = batch.to(self.device)
+                        lp = self.engine(b.input_ids, b.attention_mask, b.loss_mask).float().cpu()
+                        for row, i in enumerate(batch.index):
+                            n = len(samples[i])
+                            out[i] = torch.cat([torch.zeros(1), lp[row, : n - 1]])
+        finally:
+            self.engine.train(was_training)
+        return [t if t is not None else torch.zeros(len(s)) for t, s in zip(out, samples)]
+
+    def sequence_logprobs(self, samples: Sequence[TokenSample], base: bool = False, **kw: Any) -> list[float]:
+        """Sum of agent-token log-probs per sample (DPO's log pi(trajectory))."""
+        return [float(t.sum()) for t in self.token_logprobs(samples, base=base, **kw)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _master_tensors(self) -> list[torch.Tensor]:
+        """The tensors the inner optimizer updates: fp32 master copies (or the params themselves in plain fp32)."""
+        flat = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 keeps them aside
+        if flat:
+            return list(flat)
+        return [p for g in self._opt.param_groups for p in g["params"]]
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Adapters (safetensors), optimizer masters + Adam state and RNG (torch.save, weights_only-loadable),
+        step/versions (json), written to a temp folder and renamed into place."""
+        from safetensors.torch import save_file
+
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            tensors = {f"{a}/{k}": v for a in self.adapter_names for k, v in self.adapter_tensors(a).items()}
+            save_file(tensors, str(tmp / "adapters.safetensors"))
+            masters = self._master_tensors()
+            torch.save(
+                {
+                    "masters": [m.detach().to("cpu", torch.float32).clone() for m in masters],
+                    "state": [{k: _cpu(v) for k, v in self._opt.state.get(m, {}).items()} for m in masters],
+                    "groups": [
+                        {k: v for k, v in g.items() if k not in ("params", "active")} for g in self._opt.param_groups
+                    ],
+                },
+                tmp / "optimizer.pt",
+            )
+            torch.save(self._rng_state(), tmp / "rng.pt")
+            meta = {
+                "step": self.step,
+                "versions": self._versions,
+                "dirty": sorted(self._dirty),
+                "py_rng": _jsonable(self._rng.getstate()),
+                "adapters": self.adapter_names,
+                "roles": list(self.roles),
+                "zero_stage": self.zero_stage,
+                "dtype": str(self.dtype),
+                "model_path": self.model_path,
+                "lora": {k: _jsonable(v) for k, v in self.lora_config.to_dict().items()},
+            }
+            (tmp / "learner.json").write_text(json.dumps(meta, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore adapters, optimizer state, step, versions and RNG written by `save_checkpoint`.
+
+        The optimizer layout must match (same roles, LoRA shapes, ZeRO stage, dtype and world size)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads((path / "learner.json").read_text())
+        if meta["adapters"] != self.adapter_names:
+            raise ValueError(f"checkpoint adapters {meta['adapters']} != this learner's {self.adapter_names}")
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        masters = self._master_tensors()
+        saved = opt["masters"]
+        if [tuple(m.shape) for m in masters] != [tuple(s.shape) for s in saved]:
+            raise ValueError(
+                f"optimizer layout in {path} differs from this learner's (ZeRO stage {meta['zero_stage']} vs "
+                f"{self.zero_stage}, dtype {meta['dtype']} vs {self.dtype}); restore with the same settings"
+            )
+        tensors = load_file(str(path / "adapters.safetensors"))
+        with torch.no_grad():
+            for m, s, state in zip(masters, saved, opt["state"]):
+                m.copy_(s.to(m.device, m.dtype))
+                # Adam moments follow their param's device; the 'step' counter stays where torch keeps it (CPU).
+                self._opt.state[m] = {
+                    k: (v.to(m.device) if torch.is_tensor(v) and k != "step" else v) for k, v in state.items()
+                }
+                if not state:
+                    self._opt.state.pop(m, None)
+        for group, hp in zip(self._opt.param_groups, opt["groups"]):
+            group.update(hp)
+        for a in self.adapter_names:  # low-precision params = the saved values (bf16(master) as after a step)
+            self._set_adapter_tensors(a, {k[len(a) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{a}/")})
+        self._set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        self.step = int(meta["step"])
+        self._versions = {r: int(meta["versions"].get(r, 0)) for r in self.roles}
+        self._dirty = set(meta["dirty"]) & set(self.roles)
+        v, state, gauss = meta["py_rng"]
+        self._rng.setstate((v, tuple(state), gauss))
+
+    def _rng_state(self) -> dict[str, Any]:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if acc.device_name() != "cpu":
+            state["accelerator"] = acc.get_rng_state()
+        return state
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        torch.set_rng_state(state["torch"])
+        acc = get_accelerator()
+        if "accelerator" in state and acc.device_name() != "cpu":
+            acc.set_rng_state(state["accelerator"])
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().cpu().clone() if torch.is_tensor(v) else v
+
+
+def _grad_norm(opt: torch.optim.Optimizer) -> float:
+    grads = [p.grad for g in opt.param_groups if g["active"] for p in g["params"] if p.grad is not None]
+    norms = [x.detach().float().norm() for x in grads]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (set, tuple, list)):
+        return [_jsonable(x) for x in (sorted(v) if isinstance(v, set) else v)]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,48 @@
+"""The engine contract: token ids in; completion ids, per-token log-probs and the adapter version used out.
+
+Every engine (HF transformers now, vLLM later) serves two LoRA roles on one base model. Version 0 of a role is
+the bare base model; the learner publishes version N+1 as a dict of LoRA tensors and the engine swaps it in
+between batches, without a restart and without touching the other role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (the eos is always a stop)
+    seed: int | None = None
+
+
+@dataclass
+class GenerateResult:
+    completion_ids: list[int]
+    # log pi(token | context) under the serving policy at temperature 1, i.e. the model's own distribution;
+    # this is what off-policy importance weights compare against.
+    logprobs: list[float]
+    version: int
+    finish_reason: str  # "stop" (a stop token was emitted, and is included) or "length"
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterUpdate:
+    role: str
+    version: int
+    tensors: dict[str, torch.Tensor]  # PEFT state-dict keys without the adapter name, as get_peft_model_state_dict
+
+
+class Engine(Protocol):
+    async def generate(self, prompt_ids: list[int], role: str, sampling: SamplingParams) -> GenerateResult: ...
+
+    def update_adapter(self, update: AdapterUpdate) -> int: ...
+
+    def versions(self) -> dict[str, int]: ...

@@ -1,0 +1,381 @@
+"""HF transformers engine: one base model, one LoRA adapter per role, batched KV-cache decoding.
+
+Concurrent `generate` calls are queued and served in batches by a single background task; the compute runs in a
+worker thread so the event loop keeps accepting requests (and, inside a Ray async actor, keeps answering calls).
+Each batch left-pads its prompts, prefills once and decodes with its own loop over a preallocated KV cache, so rows
+can use different roles (PEFT mixed-adapter batches), temperatures, top_p, seeds and lengths, and leave the batch as
+soon as they finish. Adapter updates are staged and swapped in between batches, never during one.
+
+Wrap it as `ray.remote(HFEngine)`; pass `threads` there, since Ray sets OMP_NUM_THREADS=1 in actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from agents.model import load_model, resolve_dtype
+from rollout.engine import AdapterUpdate, GenerateResult, SamplingParams
+
+_BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
+_LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+_ATTN = "retrorl_sdpa_gqa"
+
+
+def _sdpa_gqa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA with native GQA. transformers' "sdpa" copies K/V once per query head whenever a mask is passed (always,
+    with padding or a static cache); on CPU those copies cost more than the attention itself."""
+    causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+# transformers' documented extension point for attention functions; it takes the same masks as "sdpa".
+AttentionInterface.register(_ATTN, _sdpa_gqa)
+AttentionMaskInterface.register(_ATTN, sdpa_mask)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    role: str
+    sampling: SamplingParams
+    future: asyncio.Future | None
+    seed: int
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class HFEngine:
+    """Serves `roles` (LoRA adapters on one base model) to many concurrent callers; see the module docstring."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        lora: dict[str, Any] | None = None,
+        roles: Sequence[str] = ("actor", "reflector"),
+        threads: int | None = None,
+        max_batch_size: int = 32,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.roles = tuple(roles)
+        if not self.roles:
+            raise ValueError("at least one role is needed")
+        self.max_batch_size = max_batch_size
+        self.dtype = resolve_dtype(dtype)
+        opts = {**_LORA_DEFAULTS, **(lora or {})}
+        config = LoraConfig(
+            r=opts["r"],
+            lora_alpha=opts["alpha"],
+            lora_dropout=opts["dropout"],
+            target_modules=list(opts["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
+        base = load_model(model_path, self.dtype, trust_remote_code=trust_remote_code)
+        if base.config._attn_implementation == "sdpa":
+            base.set_attn_implementation(_ATTN)
+        # autocast_adapter_dtype=False keeps LoRA weights in the base dtype (PEFT would upcast bf16 ones to fp32).
+        self.model = get_peft_model(base, config, adapter_name=self.roles[0], autocast_adapter_dtype=False)
+        for role in self.roles[1:]:
+            self.model.add_adapter(role, config)  # default init: lora_B = 0, so each role starts as the base model
+        self.model.eval()
+        self.config = base.config
+        self._expected = {  # what an update must contain, per role: key -> shape
+            role: {k: v.shape for k, v in get_peft_model_state_dict(self.model, adapter_name=role).items()}
+            for role in self.roles
+        }
+        eos = base.generation_config.eos_token_id
+        eos = self.config.eos_token_id if eos is None else eos
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = self.config.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+        self._rng = random.Random(seed)  # draws per-request seeds for requests that bring none
+        self._version = {r: 0 for r in self.roles}  # latest accepted: what the next batch serves
+        self._applied = {r: 0 for r in self.roles}  # what the weights hold now
+        self._is_base = {r: True for r in self.roles}  # adapter still all-zero: skip its LoRA matmuls
+        self._pending: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        self._pending_lock = threading.Lock()
+        self._weights_lock = threading.Lock()  # held by a running batch; updates never land mid-batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._task: asyncio.Task | None = None
+        self._n = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0}
+        self._busy_s = 0.0
+        with torch.inference_mode():  # warm-up: the first StaticCache use imports torch._dynamo (seconds)
+            warm = _Request([self.pad_id], self.roles[0], SamplingParams(0.0, max_new_tokens=1), None, 0)
+            self._decode([warm], [_BASE])
+
+    # ---- public API ------------------------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], role: str, sampling: SamplingParams) -> GenerateResult:
+        if role not in self._version:
+            raise ValueError(f"unknown role {role!r}; this engine serves {self.roles}")
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise ValueError(f"bad sampling params {sampling}")
+        if len(prompt_ids) >= self.max_positions:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the model's {self.max_positions} positions")
+        self._ensure_server()
+        assert self._queue is not None and self._loop is not None
+        seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
+        req = _Request(list(map(int, prompt_ids)), role, sampling, self._loop.create_future(), seed)
+        self._queue.put_nowait(req)
+        return await req.future
+
+    def update_adapter(self, update: AdapterUpdate) -> int:
+        """Stage `update` for its role; it is loaded now if no batch is running, else right before the next batch."""
+        tensors = self._checked(update)
+        with self._pending_lock:
+            if update.version < self._version[update.role]:
+                raise ValueError(
+                    f"stale update for {update.role!r}: version {update.version} < {self._version[update.role]}"
+                )
+            self._pending[update.role] = (update.version, tensors)
+            self._version[update.role] = update.version
+        if self._weights_lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._weights_lock.release()
+        return update.version
+
+    def load_adapter_dir(self, role: str, version: int, path: str) -> int:
+        """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""
+        folder = Path(path)
+        if (folder / "adapter_model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+        elif (folder / "adapter_model.bin").is_file():
+            tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors")
+        return self.update_adapter(AdapterUpdate(role=role, version=version, tensors=tensors))
+
+    def versions(self) -> dict[str, int]:
+        """Latest accepted version per role: every request queued from now on is served with it."""
+        return dict(self._version)
+
+    def stats(self) -> dict[str, float]:
+        n = self._n
+        return {
+            "requests": n["requests"],
+            "batches": n["batches"],
+            "tokens_generated": n["tokens"],
+            "prompt_tokens": n["prompt_tokens"],
+            "mean_batch_size": n["rows"] / n["batches"] if n["batches"] else 0.0,
+            "queue_depth": self._queue.qsize() if self._queue is not None else 0,
+            "busy_s": self._busy_s,
+            "tokens_per_busy_s": n["tokens"] / self._busy_s if self._busy_s else 0.0,
+            "pending_updates": len(self._pending),
+        }
+
+    # ---- batching ----------------------------------------------------------------------------------------------
+
+    def _ensure_server(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A new loop (a second asyncio.run in tests) needs its own queue and task; an old queue is bound to its loop.
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._task = loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            batch = [await queue.get()]
+            await asyncio.sleep(0)  # let callers woken in the same tick enqueue too
+            while len(batch) < self.max_batch_size and not queue.empty():
+                batch.append(queue.get_nowait())
+            batch = [r for r in batch if r.future is not None and not r.future.done()]  # callers that gave up
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self._run_batch, batch)
+            except Exception as exc:  # noqa: BLE001 - the callers get it; the server keeps serving
+                for r in batch:
+                    if r.future is not None and not r.future.done():
+                        r.future.set_exception(exc)
+                continue
+            for r, res in zip(batch, results):
+                if r.future is not None and not r.future.done():
+                    r.future.set_result(res)
+
+    def _run_batch(self, batch: list[_Request]) -> list[GenerateResult]:
+        with self._weights_lock:
+            start = time.perf_counter()
+            self._apply_pending()
+            versions = dict(self._applied)
+            names = [_BASE if self._is_base[r.role] else r.role for r in batch]
+            with torch.inference_mode():
+                outs = self._decode(batch, names)
+            elapsed = time.perf_counter() - start
+        self._busy_s += elapsed
+        n = self._n
+        n["requests"] += len(batch)
+        n["batches"] += 1
+        n["rows"] += len(batch)
+        n["tokens"] += sum(len(ids) for ids, _, _ in outs)
+        n["prompt_tokens"] += sum(len(r.prompt_ids) for r in batch)
+        return [
+            GenerateResult(
+                completion_ids=ids,
+                logprobs=lps,
+                version=versions[r.role],
+                finish_reason=reason,
+                stats={"batch_size": len(batch), "queue_wait_s": start - r.enqueued, "batch_s": elapsed},
+            )
+            for r, (ids, lps, reason) in zip(batch, outs)
+        ]
+
+    # ---- decoding ----------------------------------------------------------------------------------------------
+
+    def _decode(self, batch: list[_Request], names: list[str]) -> list[tuple[list[int], list[float], str]]:
+        from transformers import StaticCache
+
+        lens = [len(r.prompt_ids) for r in batch]
+        limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
+        width = max(lens)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every row's next token lands in the same column
+            ids[i, width - lens[i] :] = torch.tensor(r.prompt_ids)
+        # The mask covers the whole cache up front: pads are 0, every later slot 1 (causality hides unwritten ones).
+        mask = torch.ones((len(batch), width + max(limits)), dtype=torch.long)
+        for i, n in enumerate(lens):
+            mask[i, : width - n] = 0
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # real tokens get 0..L-1 whatever the padding
+        # A preallocated cache: DynamicCache's per-step torch.cat of every layer's K/V cost more than the matmuls.
+        cache = StaticCache(config=self.config, max_cache_len=mask.shape[1])
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            # Only the last position's logits; an index tensor (not the int 1) hands lm_head a contiguous [B,1,H]:
+            # torch's linear on the strided slice is ~250x slower in bf16 (it expands the weight per row).
+            logits_to_keep=torch.tensor([width - 1]),
+            adapter_names=names,
+        ).logits[:, -1]
+
+        rows = list(range(len(batch)))  # batch index of each live row
+        next_pos = torch.tensor(lens)
+        stops = [self.eos_ids | set(r.sampling.stop_token_ids) for r in batch]
+        gens = [torch.Generator().manual_seed(r.seed) for r in batch]
+        out_ids: list[list[int]] = [[] for _ in batch]
+        out_lps: list[list[float]] = [[] for _ in batch]
+        reasons = ["length"] * len(batch)
+        while True:
+            tokens, lps = self._sample(logits.float(), [batch[i].sampling for i in rows], [gens[i] for i in rows])
+            keep: list[int] = []
+            for j, (i, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps.tolist())):
+                out_ids[i].append(tok)
+                out_lps[i].append(lp)
+                if tok in stops[i]:
+                    reasons[i] = "stop"
+                elif len(out_ids[i]) < limits[i]:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch: less compute for the rest
+                idx = torch.tensor(keep)
+                cache.reorder_cache(idx)  # index_select on the batch dim of every layer
+                mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
+                rows = [rows[j] for j in keep]
+            logits = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+                adapter_names=[names[i] for i in rows],
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        return list(zip(out_ids, out_lps, reasons))
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (fp32 logits [n, V]) and its log-prob under the raw (temperature 1) distribution."""
+        logp = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        hot = [j for j, p in enumerate(params) if p.temperature > 0]
+        if hot:
+            temps = torch.tensor([params[j].temperature for j in hot]).unsqueeze(1)
+            probs = torch.softmax(logits[hot] / temps, dim=-1)
+            top_p = [params[j].top_p for j in hot]
+            if min(top_p) < 1:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                # drop tokens once the mass before them already reaches top_p (the top token always stays)
+                limit = torch.tensor([p if p < 1 else float("inf") for p in top_p]).unsqueeze(1)
+                drop = (sorted_p.cumsum(-1) - sorted_p) >= limit
+                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+            # Inverse-CDF draw, one uniform per row from that request's own generator (so a row's draws don't
+            # depend on its batch mates); torch.multinomial would draw a full vocab of exponentials per row.
+            cdf = probs.double().cumsum(-1)  # fp64: an fp32 running sum drifts by about one token's probability
+            u = torch.cat([torch.rand(1, generator=gens[j], dtype=torch.float64) for j in hot])
+            picked = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+            tokens[hot] = picked.clamp_(max=cdf.shape[1] - 1)
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+    # ---- adapters ----------------------------------------------------------------------------------------------
+
+    def _checked(self, update: AdapterUpdate) -> dict[str, torch.Tensor]:
+        expected = self._expected.get(update.role)
+        if expected is None:
+            raise ValueError(f"unknown role {update.role!r}; this engine serves {self.roles}")
+        got = update.tensors
+        missing, extra = expected.keys() - got.keys(), got.keys() - expected.keys()
+        bad = [k for k in expected.keys() & got.keys() if tuple(got[k].shape) != tuple(expected[k])]
+        if missing or extra or bad:
+            raise ValueError(
+                f"adapter update for {update.role!r} does not fit this engine's LoRA config: "
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}, wrong shape {sorted(bad)[:3]} "
+                "(keys must be as peft.get_peft_model_state_dict(model, adapter_name=role) returns them)"
+            )
+        return {k: t.detach().to("cpu") for k, t in got.items()}
+
+    def _apply_pending(self) -> None:
+        """Load staged updates into the weights; the caller holds _weights_lock."""
+        from peft import set_peft_model_state_dict
+
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for role, (version, tensors) in pending.items():
+            with torch.no_grad():
+                result = set_peft_model_state_dict(self.model, tensors, adapter_name=role)
+            if result.unexpected_keys:
+                raise RuntimeError(f"PEFT rejected keys for {role!r}: {result.unexpected_keys[:3]}")
+            self._applied[role] = version
+            self._is_base[role] = not any(t.any() for k, t in tensors.items() if "lora_B" in k)

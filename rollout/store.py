@@ -1,0 +1,111 @@
+"""Append-only trajectory store: one Parquet part per append, written atomically.
+
+Each part is written to a temp file, fsynced, then renamed into place, so a reader (or a crash) sees a part whole
+or not at all; a crash costs at most the episodes of the append in flight. Rows are episodes: flat summary
+columns for pandas / pyarrow queries plus the full record as JSON (`record`) that `Episode.from_dict` restores.
+  pandas.read_parquet("RUN/trajectories")  or  pyarrow.dataset.dataset("RUN/trajectories")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agents.trajectory import Episode
+
+SCHEMA = pa.schema(
+    [
+        ("episode_id", pa.string()),
+        ("env", pa.string()),
+        ("task_id", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("phase", pa.string()),
+        ("num_trials", pa.int32()),
+        ("first_return", pa.float64()),
+        ("final_return", pa.float64()),
+        ("success", pa.bool_()),
+        ("record", pa.string()),
+    ]
+)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes so that `path` holds either its old content or all of `data`, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TrajectoryStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._ids: set[str] = set()
+        self._next_part = 0
+        for part in self._parts():
+            self._ids.update(pq.read_table(part, columns=["episode_id"]).column(0).to_pylist())
+            self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, episode_id: str) -> bool:
+        return episode_id in self._ids
+
+    def append(self, episodes: Iterable[Episode], phase: str) -> Path | None:
+        """Write `episodes` as one new part. Duplicate episode ids are refused before anything is written."""
+        episodes = list(episodes)
+        if not episodes:
+            return None
+        ids = [e.episode_id for e in episodes]
+        dup = set(ids) & self._ids or {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"episode ids already stored: {sorted(dup)[:3]}")
+        rows = [
+            {
+                "episode_id": e.episode_id,
+                "env": e.env,
+                "task_id": e.task_id,
+                "split": e.split,
+                "source": e.source,
+                "phase": phase,
+                "num_trials": len(e.trials),
+                "first_return": e.returns[0] if e.trials else 0.0,
+                "final_return": e.returns[-1] if e.trials else 0.0,
+                "success": e.success,
+                "record": json.dumps(e.to_dict(), separators=(",", ":")),
+            }
+            for e in episodes
+        ]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink, compression="zstd")
+        path = self.root / f"part-{self._next_part:06d}.parquet"
+        write_atomic(path, sink.getvalue().to_pybytes())
+        self._next_part += 1
+        self._ids.update(ids)
+        return path
+
+    def episodes(self, phase: str | None = None) -> Iterator[Episode]:
+        for part in self._parts():
+            table = pq.read_table(part, columns=["phase", "record"])
+            for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
+                if phase is None or row_phase == phase:
+                    yield Episode.from_dict(json.loads(record))

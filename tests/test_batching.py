@@ -1,0 +1,140 @@
+import random
+
+import pytest
+import torch
+
+from agents.trajectory import ACTOR, EXPERT_VERSION, REFLECTOR, Episode, Generation, Step, Trial
+from learners.batching import (
+    TokenSample,
+    actor_samples,
+    cap_length,
+    episode_samples,
+    make_batches,
+    padding_fraction,
+    reflector_samples,
+)
+
+
+def _trial(index: int, prompt: list[int], turns: list[tuple[list[int], list[int]]], ret: float) -> Trial:
+    """Build a trial the way the runner does: each step's prompt = previous prompt + completion + observation."""
+    trial = Trial(index=index, memory=[], ret=ret, success=ret == 1.0)
+    ctx = list(prompt)
+    for k, (completion, obs) in enumerate(turns):
+        gen = Generation(ACTOR, list(ctx), list(completion), [-0.1 * (k + 1)] * len(completion), 3, "t")
+        trial.steps.append(Step("obs", "act", "th", 0.0, 0.0, True, True, gen))
+        ctx = ctx + completion + obs
+    return trial
+
+
+def _episode() -> Episode:
+    t0 = _trial(0, [1, 2, 3], [([10, 11], [50, 51, 52]), ([12, 13, 14], [53])], ret=0.0)
+    t0.reflection = Generation(REFLECTOR, [7, 8, 9, 9], [20, 21, 22], [-0.5, -0.6, -0.7], 2, "r")
+    t1 = _trial(1, [1, 2, 4], [([15], [54, 55]), ([16, 17], [])], ret=1.0)
+    return Episode("ep1", "textworld", "task-a", "train", "rollout", [t0, t1])
+
+
+def test_actor_mask_covers_exactly_generated_tokens():
+    samples = actor_samples(_episode())
+    assert len(samples) == 2
+    s0 = samples[0]
+    assert s0.ids == [1, 2, 3, 10, 11, 50, 51, 52, 12, 13, 14]
+    generated = [i for i, m in enumerate(s0.mask) if m]
+    assert [s0.ids[i] for i in generated] == [10, 11, 12, 13, 14]
+    assert generated == [3, 4, 8, 9, 10]
+    assert s0.logprobs == [0, 0, 0, -0.1, -0.1, 0, 0, 0, -0.2, -0.2, -0.2]
+    assert s0.role == ACTOR and s0.reward == 0.0 and samples[1].reward == 1.0
+    assert s0.meta["episode_id"] == "ep1" and s0.meta["trial"] == 0
+    s1 = samples[1]
+    assert [t for t, m in zip(s1.ids, s1.mask) if m] == [15, 16, 17]
+
+
+def test_reflector_sample_and_rating():
+    (r,) = reflector_samples(_episode())
+    assert r.role == REFLECTOR
+    assert r.ids == [7, 8, 9, 9, 20, 21, 22] and r.mask == [0, 0, 0, 0, 1, 1, 1]
+    assert r.logprobs == [0, 0, 0, 0, -0.5, -0.6, -0.7]
+    assert r.reward == 1.0  # R_1 - R_0
+    assert len(episode_samples(_episode())) == 3
+    assert len(episode_samples(_episode(), roles=[REFLECTOR])) == 1
+
+
+def test_non_appending_trial_is_rejected():
+    ep = _episode()
+    ep.trials[0].steps[0].generation.completion_ids = [99, 98]  # not what the final sequence holds
+    with pytest.raises(ValueError, match="appending"):
+        actor_samples(ep)
+
+
+def test_expert_episode():
+    gen = Generation(ACTOR, [1, 2], [3, 4], [0.0, 0.0], EXPERT_VERSION, "x", "expert")
+    trial = Trial(0, [], [Step("o", "a", "t", 1.0, 1.0, True, True, gen)], ret=1.0, success=True)
+    (s,) = actor_samples(Episode("e", "tw", "t", "train", "expert", [trial]))
+    assert s.mask == [0, 0, 1, 1] and s.meta["version"] == EXPERT_VERSION
+
+
+def test_sample_validation():
+    with pytest.raises(ValueError):
+        TokenSample([1, 2], [0], ACTOR)
+    with pytest.raises(ValueError):
+        TokenSample([1, 2], [1, 1], ACTOR)  # first token has no context
+    with pytest.raises(ValueError):
+        TokenSample([1, 2], [0, 1], ACTOR, logprobs=[0.0])
+
+
+def test_cap_length_drops_and_counts():
+    samples = [TokenSample(list(range(n)), [0] * (n - 1) + [1], ACTOR) for n in (3, 10, 5, 11)]
+    kept, dropped = cap_length(samples, 10)
+    assert dropped == 1 and [len(s) for s in kept] == [3, 10, 5]
+    assert cap_length(samples, None) == (samples, 0)
+
+
+def _random_samples(n: int, seed: int = 0) -> list[TokenSample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(4, 60)
+        mask = [0] * length
+        for j in range(rng.randint(1, length - 1), length):
+            mask[j] = 1
+        role = ACTOR if i % 3 else REFLECTOR
+        out.append(TokenSample([rng.randint(5, 99) for _ in range(length)], mask, role, logprobs=[-1.0] * length))
+    return out
+
+
+def test_make_batches_budget_padding_and_masks():
+    samples = _random_samples(40)
+    batches = make_batches(samples, max_tokens=128, pad_id=0, rng=random.Random(1))
+    seen = []
+    for role, bs in batches.items():
+        for b in bs:
+            assert b.role == role
+            assert b.n_padded <= 128 or len(b.index) == 1
+            for row, i in enumerate(b.index):
+                s = samples[i]
+                assert s.role == role
+                n = len(s)
+                assert b.input_ids[row, :n].tolist() == s.ids
+                assert b.attention_mask[row].tolist() == [1] * n + [0] * (b.input_ids.shape[1] - n)
+                assert b.loss_mask[row, :n].tolist() == s.mask
+                assert b.loss_mask[row, n:].sum() == 0 and (b.input_ids[row, n:] == 0).all()
+                assert torch.equal(b.behaviour_logprobs[row, :n], torch.tensor(s.logprobs))
+            seen += b.index
+    assert sorted(seen) == list(range(len(samples)))
+    # sorted-by-length grouping keeps padding small
+    assert padding_fraction([b for bs in batches.values() for b in bs]) < 0.15
+
+
+def test_make_batches_oversize_and_batch_size():
+    samples = [TokenSample(list(range(50)), [0] * 49 + [1], ACTOR), TokenSample([1, 2, 3], [0, 0, 1], ACTOR)]
+    (bs,) = make_batches(samples, max_tokens=20).values()
+    assert sorted(len(b.index) for b in bs) == [1, 1]  # the long one gets its own batch
+    many = [TokenSample([1, 2, 3], [0, 1, 1], ACTOR)] * 10
+    (bs,) = make_batches(many, max_tokens=1000, max_batch_size=4).values()
+    assert [len(b.index) for b in bs] == [4, 4, 2]
+
+
+def test_make_batches_deterministic_with_seed():
+    samples = _random_samples(30, seed=3)
+    a = make_batches(samples, 200, rng=random.Random(5))
+    b = make_batches(samples, 200, rng=random.Random(5))
+    assert {r: [x.index for x in v] for r, v in a.items()} == {r: [x.index for x in v] for r, v in b.items()}

@@ -1,0 +1,54 @@
+"""Config: YAML + --set overrides; unknown keys and bad values name the key; CLI exits non-zero."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["eval.trials=5", "learner.lora.target_modules=[q_proj, k_proj]", "env.kwargs.n=3"])
+    assert cfg.eval.trials == 5
+    assert cfg.learner.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.env.kwargs == {"n": 3}
+    assert cfg.model.path == "smollm2-135m" and cfg.env.name == "textworld"
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("eval.trails=5", "eval.trails"),
+        ("learner.lr=fast", "learner.lr"),
+        ("bogus=1", "bogus"),
+        ("eval.trials=0", "eval.trials"),
+        ("model.dtype=fp16", "model.dtype"),
+        ("eval=3", "eval"),
+        ("noequals", "noequals"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  lr: 1e-4\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="epochz"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_errors_and_exits_2(capsys, tmp_path):
+    assert main(["train", "--set", "eval.trails=5", "--set", f"run_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.trails" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_unknown_model_and_env(capsys, tmp_path):
+    assert main(["eval", "--set", f"run_root={tmp_path}", "--set", "model.path=/nope/model"]) == 2
+    assert "model.path" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""HFEngine on the tiny random Llama: batching, log-probs, stops, per-role adapters, hot updates, Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from agents.model import load_model
+from rollout.engine import AdapterUpdate, GenerateResult, SamplingParams
+from rollout.hf_engine import HFEngine
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+# Different lengths, so batches need left padding; the tiny model tends to repeat the last token under greedy.
+PROMPTS = [[1, 520, 3311, 88], [1, 9, 27, 640, 12, 5000, 333, 42, 8, 16, 77], [1, 4242], [1, 700, 701, 702, 703, 704]]
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_path: str) -> str:  # tiny_model_path: tests/conftest.py
+    return tiny_model_path
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: str) -> HFEngine:
+    return HFEngine(model_path, dtype="float32", threads=1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def one_by_one(engine: HFEngine, jobs: list[tuple[list[int], str, SamplingParams]]) -> list[GenerateResult]:
+    return [await engine.generate(p, role, s) for p, role, s in jobs]
+
+
+async def together(engine: HFEngine, jobs: list[tuple[list[int], str, SamplingParams]]) -> list[GenerateResult]:
+    return list(await asyncio.gather(*(engine.generate(p, role, s) for p, role, s in jobs)))
+
+
+def random_lora(engine: HFEngine, role: str, seed: int, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = get_peft_model_state_dict(engine.model, adapter_name=role)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in state.items()}
+
+
+def reference_peft(model_path: str, tensors: dict[str, torch.Tensor] | None):
+    """A plain single-adapter PEFT model (or the bare model) to check the engine against."""
+    model = load_model(model_path, torch.float32)
+    if tensors is not None:
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, cfg, adapter_name="ref")
+        set_peft_model_state_dict(model, tensors, adapter_name="ref")
+    return model.eval()
+
+
+def teacher_forced(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_greedy_and_seeded_batched_match_single(engine: HFEngine) -> None:
+    jobs = [(p, "actor", GREEDY) for p in PROMPTS]
+    jobs += [(p, "actor", SamplingParams(temperature=1.0, max_new_tokens=8, seed=i)) for i, p in enumerate(PROMPTS)]
+    single, batched = run(one_by_one(engine, jobs)), run(together(engine, jobs))
+    assert batched[0].stats["batch_size"] == len(jobs)
+    for s, b in zip(single, batched):
+        assert s.completion_ids == b.completion_ids
+        assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert s.version == b.version == 0
+
+
+def test_logprobs_match_teacher_forced_forward(engine: HFEngine, model_path: str) -> None:
+    reference = reference_peft(model_path, None)
+    samplings = [
+        SamplingParams(temperature=1.0, max_new_tokens=10, seed=1),
+        SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=10, seed=2),  # log-probs stay the raw model's
+        SamplingParams(temperature=0.0, max_new_tokens=10),
+        SamplingParams(temperature=1.3, max_new_tokens=10, seed=3),
+    ]
+    results = run(together(engine, [(p, "reflector", s) for p, s in zip(PROMPTS, samplings)]))
+    for prompt, res in zip(PROMPTS, results):
+        assert len(res.logprobs) == len(res.completion_ids) == 10
+        expected = teacher_forced(reference, prompt, res.completion_ids)
+        assert torch.tensor(res.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+def test_stop_tokens_and_length(engine: HFEngine) -> None:
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
+    (full,) = run(one_by_one(engine, [(PROMPTS[1], "actor", sampled)]))
+    assert full.finish_reason == "length" and len(full.completion_ids) == 12
+    cut = next(i for i in range(1, 12) if full.completion_ids[i] not in full.completion_ids[:i])
+    stop = full.completion_ids[cut]
+    stopped_params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7, stop_token_ids=(stop, 99999))
+    short = SamplingParams(temperature=1.0, max_new_tokens=3, seed=7)
+    stopped, shortened = run(together(engine, [(PROMPTS[1], "actor", stopped_params), (PROMPTS[1], "actor", short)]))
+    assert stopped.completion_ids == full.completion_ids[: cut + 1] and stopped.finish_reason == "stop"
+    assert stopped.logprobs == pytest.approx(full.logprobs[: cut + 1], abs=1e-5)
+    assert shortened.completion_ids == full.completion_ids[:3] and shortened.finish_reason == "length"
+
+
+def test_eos_from_generation_config_stops(engine: HFEngine, model_path: str, tmp_path: Path) -> None:
+    # The random model never picks the real eos, so declare the token it does pick an eos (a list, as some models do).
+    first = run(one_by_one(engine, [(PROMPTS[2], "actor", GREEDY)]))[0].completion_ids[0]
+    shutil.copytree(model_path, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], first]
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(config))
+    res = run(one_by_one(HFEngine(str(tmp_path / "model"), dtype="float32"), [(PROMPTS[2], "actor", GREEDY)]))[0]
+    assert res.completion_ids == [first] and res.finish_reason == "stop"
+
+
+def test_roles_with_different_adapters_share_a_batch(model_path: str) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    lora = {role: random_lora(engine, role, seed) for role, seed in (("actor", 1), ("reflector", 2))}
+    for role in lora:
+        engine.update_adapter(AdapterUpdate(role, 1, lora[role]))
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+    jobs = [(p, role, s) for p in PROMPTS[:3] for role in ("actor", "reflector") for s in (GREEDY, sampled)]
+    alone, mixed = run(one_by_one(engine, jobs)), run(together(engine, jobs))
+    assert mixed[0].stats["batch_size"] == len(jobs)
+    for a, m in zip(alone, mixed):
+        assert a.completion_ids == m.completion_ids and a.version == m.version == 1
+        assert a.logprobs == pytest.approx(m.logprobs, abs=1e-5)
+    assert mixed[0].completion_ids != mixed[2].completion_ids  # actor vs reflector greedy on the same prompt
+    references = {role: reference_peft(model_path, t) for role, t in lora.items()}
+    for (prompt, role, _), res in zip(jobs, mixed):  # each row's log-probs are its own adapter's
+        expected = teacher_forced(references[role], prompt, res.completion_ids)
+        assert torch.tensor(res.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+def test_update_adapter_changes_only_its_role(model_path: str, tmp_path: Path) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    jobs = [(PROMPTS[1], "actor", GREEDY), (PROMPTS[1], "reflector", GREEDY)]
+    before = run(together(engine, jobs))
+    tensors = random_lora(engine, "actor", seed=3)
+    assert engine.update_adapter(AdapterUpdate("actor", 1, tensors)) == 1
+    assert engine.versions() == {"actor": 1, "reflector": 0}
+    after = run(together(engine, jobs))
+    assert after[0].completion_ids != before[0].completion_ids and after[0].version == 1
+    assert after[1].completion_ids == before[1].completion_ids and after[1].version == 0
+    assert after[1].logprobs == pytest.approx(before[1].logprobs, abs=1e-6)
+
+    with pytest.raises(ValueError, match="stale"):
+        engine.update_adapter(AdapterUpdate("actor", 0, tensors))
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.update_adapter(AdapterUpdate("reflector", 1, {"nope.lora_A.weight": torch.zeros(1)}))
+
+    # A PEFT adapter folder on disk (save_pretrained) loads the same tensors into the reflector.
+    reference_peft(model_path, tensors).save_pretrained(tmp_path, selected_adapters=["ref"])
+    folder = next(p.parent for p in tmp_path.rglob("adapter_model.safetensors"))
+    assert engine.load_adapter_dir("reflector", 4, str(folder)) == 4
+    actor, reflector = run(together(engine, jobs))
+    assert reflector.version == 4 and reflector.completion_ids == actor.completion_ids
+    assert reflector.logprobs == pytest.approx(actor.logprobs, abs=1e-5)
+
+
+def test_update_waits_for_the_running_batch(model_path: str) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    long = SamplingParams(temperature=0.0, max_new_tokens=150)
+
+    async def scenario() -> tuple[list[GenerateResult], list[GenerateResult], dict]:
+        first = asyncio.gather(*(engine.generate(p, "actor", long) for p in PROMPTS))
+        while not engine._weights_lock.locked():
+            await asyncio.sleep(0.001)  # until the batch is running
+        engine.update_adapter(AdapterUpdate("actor", 1, random_lora(engine, "actor", seed=9)))
+        staged = engine.stats()
+        in_flight = await first
+        return in_flight, await together(engine, [(p, "actor", long) for p in PROMPTS]), staged
+
+    reference = run(one_by_one(HFEngine(model_path, dtype="float32", threads=1), [(p, "actor", long) for p in PROMPTS]))
+    in_flight, later, staged = run(scenario())
+    assert staged["pending_updates"] == 1  # staged, not loaded mid-batch
+    assert [r.version for r in in_flight] == [0] * 4 and [r.version for r in later] == [1] * 4
+    assert [r.completion_ids for r in in_flight] == [r.completion_ids for r in reference]
+    assert [r.completion_ids for r in later] != [r.completion_ids for r in reference]
+
+
+def test_sixteen_concurrent_callers_are_batched(model_path: str) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1, max_batch_size=8)
+    jobs = [
+        (PROMPTS[i % 4] + [100 + i], ("actor", "reflector")[i % 2], SamplingParams(max_new_tokens=4 + i % 5, seed=i))
+        for i in range(16)
+    ]
+    singles = run(one_by_one(engine, jobs))
+    start = engine.stats()
+    results = run(together(engine, jobs))
+    stats = engine.stats()
+    assert stats["batches"] - start["batches"] == 2  # 16 callers, max_batch_size 8
+    assert max(r.stats["batch_size"] for r in results) == 8 and stats["mean_batch_size"] > 1
+    assert stats["tokens_generated"] == 2 * sum(len(r.completion_ids) for r in results)
+    for (_, _, sampling), single, res in zip(jobs, singles, results):
+        assert res.completion_ids == single.completion_ids and len(res.completion_ids) == sampling.max_new_tokens
+        assert res.stats["queue_wait_s"] >= 0
+
+
+def test_through_a_ray_actor(model_path: str, engine: HFEngine) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)  # workers get the driver's sys.path, so rollout/ imports
+    try:
+        actor = ray.remote(HFEngine).remote(model_path, dtype="float32", threads=1)
+        jobs = [(p, "actor", SamplingParams(max_new_tokens=6, seed=i)) for i, p in enumerate(PROMPTS * 2)]
+        results = ray.get([actor.generate.remote(p, role, s) for p, role, s in jobs])
+        expected = run(one_by_one(engine, jobs))
+        assert [r.completion_ids for r in results] == [e.completion_ids for e in expected]
+        assert ray.get(actor.stats.remote())["mean_batch_size"] > 1
+        tensors = random_lora(engine, "reflector", seed=4)
+        assert ray.get(actor.update_adapter.remote(AdapterUpdate("reflector", 2, tensors))) == 2
+        assert ray.get(actor.versions.remote()) == {"actor": 0, "reflector": 2}
+        assert ray.get(actor.generate.remote(PROMPTS[0], "reflector", GREEDY)).version == 2
+    finally:
+        ray.shutdown()
+
+
+def test_sampler_follows_temperature_and_top_p() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(logits))]
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.6)):
+        params = [SamplingParams(temperature=temperature, top_p=top_p)] * len(logits)
+        tokens, logprobs = HFEngine._sample(logits, params, gens)
+        probs = torch.softmax(logits[0] / temperature, -1)
+        if top_p < 1:  # keep the smallest top set reaching top_p: here tokens 0 and 1 (0.56 + 0.21)
+            probs = torch.where(torch.arange(5) < 2, probs, 0.0)
+            probs /= probs.sum()
+        freq = torch.bincount(tokens, minlength=5) / len(tokens)
+        assert freq == pytest.approx(probs, abs=0.03)
+        assert logprobs == pytest.approx(torch.log_softmax(logits[0], -1)[tokens], abs=1e-6)  # always the raw model's
