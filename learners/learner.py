@@ -137,6 +137,7 @@ class Learner:
         deepspeed_config: dict[str, Any] | None = None,
         cache: str | os.PathLike | None = None,
         log_level: int = logging.WARNING,
+        slice_head: bool | None = None,
     ) -> None:
         import deepspeed
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -208,7 +209,9 @@ class Learner:
         }
         self.ds_config = _deep_update(config, deepspeed_config or {})
         model_type = getattr(base.config, "model_type", "")
-        scorer = _Scorer(self.peft, slice_head=model_type in _PLAIN_HEAD_MODELS)
+        if slice_head is None:  # LM head on agent tokens only, where logits are plain lm_head(hidden)
+            slice_head = model_type in _PLAIN_HEAD_MODELS
+        scorer = _Scorer(self.peft, slice_head=slice_head)
         t1 = time.perf_counter()
         self.engine, _, _, _ = deepspeed.initialize(model=scorer, optimizer=optimizer, config=self.ds_config)
         self.deepspeed_initialize_s = time.perf_counter() - t1

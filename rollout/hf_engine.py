@@ -6,22 +6,30 @@ Each batch left-pads its prompts, prefills once and decodes with its own loop ov
 can use different roles (PEFT mixed-adapter batches), temperatures, top_p, seeds and lengths, and leave the batch as
 soon as they finish. Adapter updates are staged and swapped in between batches, never during one.
 
+Prefix reuse: a finished row's K/V (prompt + completion, bar the last sampled token, whose K/V was never computed)
+goes into an LRU keyed by role and adapter version. A later request of that role sharing a prefix with an entry
+(a multi-turn prompt that appends to an earlier prompt + completion, or a common system prompt) prefills only the
+rest. Matching is purely on ids, so callers change nothing; an adapter update drops its role's entries.
+
 Wrap it as `ray.remote(HFEngine)`; pass `threads` there, since Ray sets OMP_NUM_THREADS=1 in actors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from agents.model import load_model, resolve_dtype
@@ -30,6 +38,7 @@ from rollout.engine import AdapterUpdate, GenerateResult, SamplingParams
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
 _LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 _ATTN = "retrorl_sdpa_gqa"
+_MIN_HIT = 16  # shorter shared prefixes (a bos, a chat header) save less than the K/V copies cost
 
 
 def _sdpa_gqa(
@@ -58,6 +67,59 @@ AttentionMaskInterface.register(_ATTN, sdpa_mask)
 
 
 @dataclass
+class _Entry:
+    key: tuple[str, int]  # (role, adapter version) the K/V was computed with
+    ids: torch.Tensor  # [L] token ids whose K/V this holds
+    kv: torch.Tensor  # [layers, 2 (K, V), kv_heads, L, head_dim]: post-RoPE, as the cache holds them; no padding
+
+
+class _PrefixCache:
+    """An LRU of finished sequences' K/V, bounded by a total token budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.tokens = 0
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
+        self._ids = itertools.count()
+
+    def lookup(self, key: tuple[str, int], prompt: torch.Tensor) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest prefix with `prompt` (at most len - 1 tokens: the last one must be fed to
+        get the first completion logits) and that length; (None, 0) below _MIN_HIT."""
+        best, best_n, best_k = None, 0, -1
+        for k, e in self.entries.items():  # a few dozen entries: a linear scan of vectorised compares is cheap
+            m = min(len(e.ids), len(prompt) - 1)
+            if e.key != key or m <= best_n:
+                continue
+            diff = (e.ids[:m] != prompt[:m]).nonzero()
+            n = int(diff[0]) if len(diff) else m
+            if n > best_n:
+                best, best_n, best_k = e, n, k
+        if best is None or best_n < _MIN_HIT:
+            return None, 0
+        self.entries.move_to_end(best_k)
+        return best, best_n
+
+    def put(self, entry: _Entry) -> None:
+        n = len(entry.ids)
+        if n > self.budget:
+            return
+        for k, e in list(self.entries.items()):  # entries this one extends are redundant: it serves their hits too
+            if e.key == entry.key and len(e.ids) <= n and torch.equal(e.ids, entry.ids[: len(e.ids)]):
+                self._remove(k)
+        self.entries[next(self._ids)] = entry
+        self.tokens += n
+        while self.tokens > self.budget:
+            self._remove(next(iter(self.entries)))
+
+    def drop_role(self, role: str) -> None:
+        for k in [k for k, e in self.entries.items() if e.key[0] == role]:
+            self._remove(k)
+
+    def _remove(self, k: int) -> None:
+        self.tokens -= len(self.entries.pop(k).ids)
+
+
+@dataclass
 class _Request:
     prompt_ids: list[int]
     role: str
@@ -78,9 +140,13 @@ class HFEngine:
         roles: Sequence[str] = ("actor", "reflector"),
         threads: int | None = None,
         max_batch_size: int = 32,
+        batch_wait_s: float = 0.02,
         seed: int = 0,
         trust_remote_code: bool = False,
+        prefix_cache_tokens: int = 65536,
     ) -> None:
+        """`prefix_cache_tokens`: budget of the prefix K/V cache (0 disables it); it holds
+        layers * 2 * kv_heads * head_dim values per token in the model dtype (23 KB in bf16 for SmolLM2-135M)."""
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
         if threads:
@@ -89,6 +155,7 @@ class HFEngine:
         if not self.roles:
             raise ValueError("at least one role is needed")
         self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
         self.dtype = resolve_dtype(dtype)
         opts = {**_LORA_DEFAULTS, **(lora or {})}
         config = LoraConfig(
@@ -128,11 +195,18 @@ class HFEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
-        self._n = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0}
+        self._n = {
+            "requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0, "hit_tokens": 0, "prefilled": 0
+        }
+        self._prefix = _PrefixCache(prefix_cache_tokens)
         self._busy_s = 0.0
         with torch.inference_mode():  # warm-up: the first StaticCache use imports torch._dynamo (seconds)
             warm = _Request([self.pad_id], self.roles[0], SamplingParams(0.0, max_new_tokens=1), None, 0)
-            self._decode([warm], [_BASE])
+            self._decode([warm], [_BASE], [None], keep_kv=False)
+            # Reuse writes past K/V into full-length static layers; a sliding-window layer would need other slots.
+            probe = StaticCache(config=self.config, max_cache_len=2)
+            if any(type(layer) is not StaticLayer for layer in probe.layers):
+                self._prefix.budget = 0
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -198,6 +272,10 @@ class HFEngine:
             "busy_s": self._busy_s,
             "tokens_per_busy_s": n["tokens"] / self._busy_s if self._busy_s else 0.0,
             "pending_updates": len(self._pending),
+            "prefix_hit_tokens": n["hit_tokens"],  # prompt tokens whose K/V came from the prefix cache
+            "prefilled_tokens": n["prefilled"],  # prompt tokens computed (hits + prefilled = prompt_tokens)
+            "prefix_cache_tokens": self._prefix.tokens,
+            "prefix_cache_entries": len(self._prefix.entries),
         }
 
     # ---- batching ----------------------------------------------------------------------------------------------
@@ -214,9 +292,16 @@ class HFEngine:
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            await asyncio.sleep(0)  # let callers woken in the same tick enqueue too
-            while len(batch) < self.max_batch_size and not queue.empty():
-                batch.append(queue.get_nowait())
+            # A short window lets a burst of calls (Ray delivers them a few ms apart) share one batch; it is tiny
+            # next to a batch's compute. Polling, since wait_for(queue.get()) can drop an item on Python 3.11.
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                elif time.perf_counter() < deadline:
+                    await asyncio.sleep(0.001)
+                else:
+                    break
             batch = [r for r in batch if r.future is not None and not r.future.done()]  # callers that gave up
             if not batch:
                 continue
@@ -237,45 +322,76 @@ class HFEngine:
             self._apply_pending()
             versions = dict(self._applied)
             names = [_BASE if self._is_base[r.role] else r.role for r in batch]
+            keys = [(r.role, versions[r.role]) for r in batch]
+            keep_kv = self._prefix.budget > 0
+            past: list[torch.Tensor | None] = []
+            for r, key in zip(batch, keys):
+                entry, hit = self._prefix.lookup(key, torch.tensor(r.prompt_ids)) if keep_kv else (None, 0)
+                past.append(None if entry is None else entry.kv[:, :, :, :hit])
             with torch.inference_mode():
-                outs = self._decode(batch, names)
+                outs = self._decode(batch, names, past, keep_kv)
+            for r, key, (ids, _, _, kv) in zip(batch, keys, outs):
+                if kv is not None:  # ids minus the last sampled token: its K/V was never computed
+                    self._prefix.put(_Entry(key, torch.tensor(r.prompt_ids + ids[:-1]), kv))
             elapsed = time.perf_counter() - start
         self._busy_s += elapsed
+        hits = [0 if p is None else p.shape[3] for p in past]
         n = self._n
         n["requests"] += len(batch)
         n["batches"] += 1
         n["rows"] += len(batch)
-        n["tokens"] += sum(len(ids) for ids, _, _ in outs)
+        n["tokens"] += sum(len(o[0]) for o in outs)
         n["prompt_tokens"] += sum(len(r.prompt_ids) for r in batch)
+        n["hit_tokens"] += sum(hits)
+        n["prefilled"] += sum(len(r.prompt_ids) for r in batch) - sum(hits)
         return [
             GenerateResult(
                 completion_ids=ids,
                 logprobs=lps,
                 version=versions[r.role],
                 finish_reason=reason,
-                stats={"batch_size": len(batch), "queue_wait_s": start - r.enqueued, "batch_s": elapsed},
+                stats={
+                    "batch_size": len(batch), "queue_wait_s": start - r.enqueued, "batch_s": elapsed,
+                    "prefix_hit_tokens": hit,
+                },
             )
-            for r, (ids, lps, reason) in zip(batch, outs)
+            for r, (ids, lps, reason, _), hit in zip(batch, outs, hits)
         ]
 
     # ---- decoding ----------------------------------------------------------------------------------------------
 
-    def _decode(self, batch: list[_Request], names: list[str]) -> list[tuple[list[int], list[float], str]]:
-        from transformers import StaticCache
-
+    def _decode(
+        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], keep_kv: bool
+    ) -> list[tuple[list[int], list[float], str, torch.Tensor | None]]:
+        """Generate for `batch`. past[i]: K/V of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or
+        None. Returns per row ids, log-probs, finish reason and, if keep_kv, the row's K/V for the prefix cache."""
+        cached = [0 if p is None else p.shape[3] for p in past]
         lens = [len(r.prompt_ids) for r in batch]
+        new = [n - c for n, c in zip(lens, cached)]
         limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
-        width = max(lens)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's next token lands in the same column
-            ids[i, width - lens[i] :] = torch.tensor(r.prompt_ids)
+        C, N = max(cached), max(new)
+        # Each row's slots: [pad | cached_i | pad | new_i | generated]. Cached and new segments are each left-padded,
+        # so all rows' next tokens land in the same column; the pads in between are masked out.
+        ids = torch.full((len(batch), N), self.pad_id, dtype=torch.long)
+        for i, (r, c) in enumerate(zip(batch, cached)):
+            ids[i, N - new[i] :] = torch.tensor(r.prompt_ids[c:])
         # The mask covers the whole cache up front: pads are 0, every later slot 1 (causality hides unwritten ones).
-        mask = torch.ones((len(batch), width + max(limits)), dtype=torch.long)
-        for i, n in enumerate(lens):
-            mask[i, : width - n] = 0
-        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # real tokens get 0..L-1 whatever the padding
+        mask = torch.ones((len(batch), C + N + max(limits)), dtype=torch.long)
+        for i, (c, n) in enumerate(zip(cached, new)):
+            mask[i, : C - c] = 0
+            mask[i, C : C + N - n] = 0
+        # Real tokens continue their row's own positions (RoPE), whatever the padding.
+        positions = torch.tensor(cached)[:, None] + (mask[:, C : C + N].cumsum(-1) - 1).clamp(min=0)
         # A preallocated cache: DynamicCache's per-step torch.cat of every layer's K/V cost more than the matmuls.
         cache = StaticCache(config=self.config, max_cache_len=mask.shape[1])
+        if C:  # the reused K/V fills slots [0, C); the prefill below then writes from C on
+            _, _, heads, _, dim = next(p for p in past if p is not None).shape
+            for layer in range(len(cache.layers)):
+                kv = torch.zeros((2, len(batch), heads, C, dim), dtype=self.dtype)
+                for i, p in enumerate(past):
+                    if p is not None:
+                        kv[:, i, :, C - cached[i] :] = p[layer]
+                cache.update(kv[0], kv[1], layer)
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -284,7 +400,7 @@ class HFEngine:
             use_cache=True,
             # Only the last position's logits; an index tensor (not the int 1) hands lm_head a contiguous [B,1,H]:
             # torch's linear on the strided slice is ~250x slower in bf16 (it expands the weight per row).
-            logits_to_keep=torch.tensor([width - 1]),
+            logits_to_keep=torch.tensor([N - 1]),
             adapter_names=names,
         ).logits[:, -1]
 
@@ -294,6 +410,7 @@ class HFEngine:
         gens = [torch.Generator().manual_seed(r.seed) for r in batch]
         out_ids: list[list[int]] = [[] for _ in batch]
         out_lps: list[list[float]] = [[] for _ in batch]
+        out_kv: list[torch.Tensor | None] = [None] * len(batch)
         reasons = ["length"] * len(batch)
         while True:
             tokens, lps = self._sample(logits.float(), [batch[i].sampling for i in rows], [gens[i] for i in rows])
@@ -305,6 +422,15 @@ class HFEngine:
                     reasons[i] = "stop"
                 elif len(out_ids[i]) < limits[i]:
                     keep.append(j)
+                    continue
+                if keep_kv:  # before the row leaves the cache: its slots hold prompt + all but the last token
+                    slots = torch.cat([
+                        torch.arange(C - cached[i], C), torch.arange(C + N - new[i], C + N + len(out_ids[i]) - 1)
+                    ])
+                    out_kv[i] = torch.stack([
+                        torch.stack([layer.keys[j].index_select(1, slots), layer.values[j].index_select(1, slots)])
+                        for layer in cache.layers
+                    ])
             if not keep:
                 break
             if len(keep) < len(rows):  # finished rows leave the batch: less compute for the rest
@@ -321,7 +447,7 @@ class HFEngine:
                 adapter_names=[names[i] for i in rows],
             ).logits[:, -1]
             next_pos = next_pos + 1
-        return list(zip(out_ids, out_lps, reasons))
+        return list(zip(out_ids, out_lps, reasons, out_kv))
 
     @staticmethod
     def _sample(
@@ -378,4 +504,5 @@ class HFEngine:
             if result.unexpected_keys:
                 raise RuntimeError(f"PEFT rejected keys for {role!r}: {result.unexpected_keys[:3]}")
             self._applied[role] = version
+            self._prefix.drop_role(role)  # K/V computed under the old weights is stale
             self._is_base[role] = not any(t.any() for k, t in tensors.items() if "lora_B" in k)

@@ -9,6 +9,7 @@ from learners.batching import (
     actor_samples,
     cap_length,
     episode_samples,
+    il_samples,
     make_batches,
     padding_fraction,
     reflector_samples,
@@ -56,6 +57,14 @@ def test_reflector_sample_and_rating():
     assert r.reward == 1.0  # R_1 - R_0
     assert len(episode_samples(_episode())) == 3
     assert len(episode_samples(_episode(), roles=[REFLECTOR])) == 1
+
+
+def test_il_samples_keep_successes_and_reflections_before_success():
+    ep = _episode()  # trial 0 failed (reflection written), trial 1 succeeded
+    got = il_samples([ep])
+    assert [(s.role, s.meta["trial"]) for s in got] == [(ACTOR, 1), (REFLECTOR, 0)]
+    ep.trials[1].success = False  # nothing succeeded: no IL data at all
+    assert il_samples([ep]) == []
 
 
 def test_non_appending_trial_is_rejected():

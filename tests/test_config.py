@@ -52,3 +52,12 @@ def test_cli_reports_config_errors_and_exits_2(capsys, tmp_path):
 def test_cli_unknown_model_and_env(capsys, tmp_path):
     assert main(["eval", "--set", f"run_root={tmp_path}", "--set", "model.path=/nope/model"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_cli_bad_env_options_exit_2_before_any_run_dir(capsys, tmp_path):
+    assert main(["train", "--set", f"run_root={tmp_path}", "--set", "env.name=nethack"]) == 2
+    assert "nethack" in capsys.readouterr().err
+    assert main(["train", "--set", f"run_root={tmp_path}", "--set", "env.kwargs={n_trian: 3}"]) == 2
+    err = capsys.readouterr().err
+    assert "n_trian" in err and "n_train" in err
+    assert not any(tmp_path.iterdir())

@@ -231,3 +231,85 @@ def test_sampler_follows_temperature_and_top_p() -> None:
         freq = torch.bincount(tokens, minlength=5) / len(tokens)
         assert freq == pytest.approx(probs, abs=0.03)
         assert logprobs == pytest.approx(torch.log_softmax(logits[0], -1)[tokens], abs=1e-6)  # always the raw model's
+
+
+# ---- prefix K/V reuse --------------------------------------------------------------------------------------------
+
+
+def rand_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 30000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def conversations(engine: HFEngine, starts: list[list[int]], role: str = "actor", steps: int = 3):
+    """Multi-turn episodes as the runner plays them: each step's prompt = last prompt + completion + new ids. Every
+    step is batched with unrelated one-off requests of other lengths. Returns the (prompt, result) of each episode."""
+    prompts, history = list(starts), [[] for _ in starts]
+    sampling = [GREEDY if i % 2 else SamplingParams(temperature=1.0, max_new_tokens=8, seed=i) for i in range(len(starts))]
+    for step in range(steps):
+        others = [(rand_ids(5 + 17 * k, 100 * step + k), "reflector", GREEDY) for k in range(2)]
+        jobs = [(p, role, s) for p, s in zip(prompts, sampling)] + others
+        results = await together(engine, jobs)
+        for i, (p, res) in enumerate(zip(prompts, results)):
+            history[i].append((p, res))
+            prompts[i] = p + res.completion_ids + rand_ids(7 + 5 * i + step, 10 * step + i)
+    return history
+
+
+def test_prefix_reuse_matches_full_prefill(model_path: str) -> None:
+    reuse = HFEngine(model_path, dtype="float32", threads=1)
+    plain = HFEngine(model_path, dtype="float32", threads=1, prefix_cache_tokens=0)
+    starts = [rand_ids(n, n) for n in (40, 23, 61)]
+    got, want = run(conversations(reuse, starts)), run(conversations(plain, starts))
+    reference = reference_peft(model_path, None)
+    for episode, expected in zip(got, want):
+        for step, ((prompt, res), (_, exp)) in enumerate(zip(episode, expected)):
+            assert res.completion_ids == exp.completion_ids
+            assert res.logprobs == pytest.approx(exp.logprobs, abs=1e-4)
+            assert torch.tensor(res.logprobs) == pytest.approx(teacher_forced(reference, prompt, res.completion_ids), abs=1e-4)
+            if step:  # everything but the newly appended ids (and the last sampled token) came from the cache
+                before, last = episode[step - 1]
+                assert res.stats["prefix_hit_tokens"] == len(before) + len(last.completion_ids) - 1
+    stats = reuse.stats()
+    assert stats["prefix_hit_tokens"] > stats["prefilled_tokens"] / 2
+    assert stats["prefix_hit_tokens"] + stats["prefilled_tokens"] == stats["prompt_tokens"] == plain.stats()["prompt_tokens"]
+    assert plain.stats()["prefix_hit_tokens"] == 0 and plain.stats()["prefix_cache_entries"] == 0
+    # An entry is replaced by the one extending it: one per conversation (+ the one-off requests still cached).
+    assert stats["prefix_cache_entries"] == 3 + 2 * 3
+
+    # A branch off a cached conversation reuses the shared part only: the longest common prefix.
+    prompt, res = got[2][1]
+    branch = prompt[:50] + rand_ids(20, 7)
+    (a,), (b,) = run(one_by_one(reuse, [(branch, "actor", GREEDY)])), run(one_by_one(plain, [(branch, "actor", GREEDY)]))
+    assert a.stats["prefix_hit_tokens"] == 50 and a.completion_ids == b.completion_ids
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_adapter_update_invalidates_prefix_cache(model_path: str) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    prompt = rand_ids(40, 1)
+    jobs = [(prompt, "actor", GREEDY), (prompt, "reflector", GREEDY)]
+    first = run(together(engine, jobs))
+    tensors = random_lora(engine, "actor", seed=3)
+    engine.update_adapter(AdapterUpdate("actor", 1, tensors))
+    assert engine.stats()["prefix_cache_entries"] == 1  # the actor's entry is stale; the reflector's stays
+    longer = [(p + r.completion_ids + rand_ids(9, 2), role, GREEDY) for (p, role, _), r in zip(jobs, first)]
+    actor, reflector = run(together(engine, longer))
+    assert actor.stats["prefix_hit_tokens"] == 0 and actor.version == 1
+    assert reflector.stats["prefix_hit_tokens"] == len(prompt) + len(first[1].completion_ids) - 1
+    expected = teacher_forced(reference_peft(model_path, tensors), longer[0][0], actor.completion_ids)
+    assert torch.tensor(actor.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+def test_prefix_cache_evicts_least_recently_used(model_path: str) -> None:
+    engine = HFEngine(model_path, dtype="float32", threads=1, prefix_cache_tokens=100)
+    a, b, c = (rand_ids(40, s) for s in (1, 2, 3))  # each entry: 40 + 8 - 1 = 47 tokens
+    run(one_by_one(engine, [(a, "actor", GREEDY), (b, "actor", GREEDY)]))
+    (hit,) = run(one_by_one(engine, [(a[:30] + rand_ids(5, 4), "actor", GREEDY)]))  # a branch: touches a's entry
+    assert hit.stats["prefix_hit_tokens"] == 30
+    assert engine.stats()["prefix_cache_tokens"] <= 100  # the branch's entry (34) evicted b, the least recent
+    run(one_by_one(engine, [(c, "actor", GREEDY)]))  # evicts a: left are the branch and c
+    got = run(together(engine, [(p + rand_ids(3, 5), "actor", GREEDY) for p in (a, b, c)]))  # lookups before stores
+    assert [r.stats["prefix_hit_tokens"] for r in got] == [30, 0, 40]  # a's prefix survives in the branch's entry
+    assert engine.stats()["prefix_cache_tokens"] <= 100
+    (too_long,) = run(one_by_one(engine, [(rand_ids(120, 6), "actor", GREEDY)]))  # over the budget: not stored
+    assert engine.stats()["prefix_cache_tokens"] <= 100

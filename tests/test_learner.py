@@ -91,8 +91,9 @@ def test_gradient_checkpointing_one_role_per_step(tiny_path, tmp_path):
     assert not same(snapshot(learner, REFLECTOR), r0)
 
 
-def test_token_logprobs_match_plain_hf_forward(tiny_path, tmp_path):
-    learner = make(tiny_path, tmp_path)
+@pytest.mark.parametrize("slice_head", [True, False])
+def test_token_logprobs_match_plain_hf_forward(tiny_path, tmp_path, slice_head):
+    learner = make(tiny_path, tmp_path, slice_head=slice_head)
     data = samples(ACTOR, n=3, seed=2)
     got = learner.token_logprobs(data, base=True)
     model = load_model(tiny_path, torch.float32).eval()
