@@ -7,6 +7,7 @@ later load is a fast `from_pretrained` of a local folder. Nothing here reaches a
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -181,3 +182,17 @@ def resolve_dtype(name: str):
     except OSError:
         flags = ""
     return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, musl): nothing to trim
+    _LIBC = None
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS. Engines and learners allocate and free large buffers of ever-new
+    sizes (K/V caches, activations); glibc otherwise keeps them and resident memory ratchets far above the
+    working set."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

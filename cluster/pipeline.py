@@ -119,10 +119,12 @@ class Session:
             progress.update(episode.success)
 
         episodes, stats = asyncio.run(runner.run(tasks, tags={"phase": phase}, on_episode=keep))
-        self.run.log("rollout", phase=phase, **stats.as_dict())
+        engines = ray.get([e.stats.remote() for e in self.actors.engines])  # cumulative since engine start
         s = stats.as_dict()
+        self.run.log("rollout", phase=phase, engines=engines, **s)
+        batch = sum(e["mean_batch_size"] for e in engines) / len(engines)
         say(f"[{phase}] {s['tokens_per_s']:.0f} tok/s, {s['env_steps_per_s']:.1f} env steps/s, "
-            f"adapter versions {s['versions']}")
+            f"mean engine batch {batch:.1f}, adapter versions {s['versions']}")
         return episodes
 
     # -- learning -----------------------------------------------------------------------------------------
@@ -131,6 +133,8 @@ class Session:
         samples = il_samples(episodes)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
         say(f"[il] {len(samples)} samples {roles}, {cfg.epochs} epochs")
+        # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back.
+        ray.get([e.release_memory.remote() for e in self.actors.engines])
         metrics = ray.get(self.actors.learner.train_il.remote(
             samples, epochs=cfg.epochs, lr=cfg.lr, max_tokens_per_batch=cfg.max_tokens_per_batch))
         self.run.log("train", phase="il", **metrics)

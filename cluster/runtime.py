@@ -34,7 +34,12 @@ def init_ray(cfg: Config) -> None:
 def actor_env(cfg: Config) -> dict[str, Any]:
     """Environment every retrorl actor gets, so caches resolve to the same folders on every node."""
     cache = str(cache_dir(cfg.model.cache_dir))
-    return {"env_vars": {"RETRORL_CACHE": cache, "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions")}}
+    return {"env_vars": {
+        "RETRORL_CACHE": cache,
+        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
+        # glibc keeps freed buffers per arena; few arenas keep the engine's churn of K/V buffers from piling up.
+        "MALLOC_ARENA_MAX": "2",
+    }}
 
 
 @dataclass

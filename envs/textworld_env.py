@@ -13,7 +13,8 @@ Game kinds (`kinds=`, default `("treasure", "cooking")`), settings for train/see
 held-out foods), so seen/unseen measure in- and out-of-distribution generalisation. Task counts per split are totals
 spread evenly over the kinds. Task ids read `<kind>-<split>-<index>` (e.g. `cooking-train-0007`); the index fixes the
 seed, so an id always names the same game whatever the counts. Each task's `max_steps` is
-`max(10, 2 * len(walkthrough) + 4)`: room for a detour per step, tight enough that rollouts stay short.
+`max(10, len(walkthrough) + 6)`: room for a few detours, tight enough that failing rollouts stay short (a
+failing trial costs max_steps generations, and zero-shot trials mostly fail).
 
 Games are built on first use (every split at once) into `<cache_dir>/textworld/<kind>-<settings hash>/seed-<n>/`
 (tw-game.z8, tw-game.json, meta.json), each in a temp folder moved into place, under a lock so concurrent workers
@@ -75,7 +76,7 @@ _HAS_WORD = re.compile(r"[A-Za-z0-9]")
 
 
 def max_steps_for(walkthrough: Sequence[str]) -> int:
-    return max(10, 2 * len(walkthrough) + 4)
+    return max(10, len(walkthrough) + 6)
 
 
 def normalize_command(action: str) -> str:

@@ -13,24 +13,16 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
-
-
-@dataclass(frozen=True)
-class AdapterUpdate:
-    """Same shape as rollout.engine.AdapterUpdate (learners/ may not import rollout/; engines read the fields)."""
-
-    role: str
-    version: int
-    tensors: dict[str, torch.Tensor]  # PEFT state-dict keys without the adapter name, CPU fp32
 
 
 def peft_key(param_name: str, adapter: str) -> str:

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.model import cache_dir, load_model, resolve_dtype, resolve_model
+from agents.model import cache_dir, load_model, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
-from learners.adapters import AdapterUpdate, adapter_parameters, replace_dir, save_adapter
-from learners.batching import Batch, TokenSample, cap_length, make_batches, padding_fraction
+from agents.adapters import AdapterUpdate
+from learners.adapters import adapter_parameters, replace_dir, save_adapter
+from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
 
 SHARED_ADAPTER = "shared"
@@ -381,6 +382,7 @@ class Learner:
         norm = self.grad_norm() if steps else None
         if norm is not None:
             metrics["grad_norm"] = float(norm)
+        trim_heap()  # the engines serve next on this machine: give the activations back
         return metrics
 
     def grad_norm(self) -> float | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
+from agents.adapters import AdapterUpdate  # noqa: F401 - part of the engine contract
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,6 @@ class GenerateResult:
     version: int
     finish_reason: str  # "stop" (a stop token was emitted, and is included) or "length"
     stats: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AdapterUpdate:
-    role: str
-    version: int
-    tensors: dict[str, torch.Tensor]  # PEFT state-dict keys without the adapter name, as get_peft_model_state_dict
 
 
 class Engine(Protocol):

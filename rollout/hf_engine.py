@@ -21,6 +21,7 @@ import itertools
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
-from agents.model import load_model, resolve_dtype
-from rollout.engine import AdapterUpdate, GenerateResult, SamplingParams
+from agents.model import load_model, resolve_dtype, trim_heap
+from agents.adapters import AdapterUpdate
+from rollout.engine import GenerateResult, SamplingParams
 
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
 _LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
@@ -140,7 +142,7 @@ class HFEngine:
         roles: Sequence[str] = ("actor", "reflector"),
         threads: int | None = None,
         max_batch_size: int = 32,
-        batch_wait_s: float = 0.02,
+        batch_wait_s: float = 0.03,
         seed: int = 0,
         trust_remote_code: bool = False,
         prefix_cache_tokens: int = 65536,
@@ -192,6 +194,9 @@ class HFEngine:
         self._pending: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
         self._pending_lock = threading.Lock()
         self._weights_lock = threading.Lock()  # held by a running batch; updates never land mid-batch
+        # One long-lived compute thread: a fresh pool thread per batch gets its own malloc arena, and freed K/V
+        # buffers then stay in those arenas (seen as GBs of RSS growth).
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
@@ -256,6 +261,15 @@ class HFEngine:
             raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors")
         return self.update_adapter(AdapterUpdate(role=role, version=version, tensors=tensors))
 
+    def release_memory(self) -> int:
+        """Drop the prefix cache (e.g. while the learner trains on the same machine); returns the tokens freed."""
+        with self._weights_lock:
+            freed = self._prefix.tokens
+            self._prefix.entries.clear()
+            self._prefix.tokens = 0
+            trim_heap()
+        return freed
+
     def versions(self) -> dict[str, int]:
         """Latest accepted version per role: every request queued from now on is served with it."""
         return dict(self._version)
@@ -292,12 +306,17 @@ class HFEngine:
         queue = self._queue
         while True:
             batch = [await queue.get()]
-            # A short window lets a burst of calls (Ray delivers them a few ms apart) share one batch; it is tiny
-            # next to a batch's compute. Polling, since wait_for(queue.get()) can drop an item on Python 3.11.
-            deadline = time.perf_counter() + self.batch_wait_s
+            # Collect until no request has arrived for batch_wait_s (capped at 10x that): a burst of calls (Ray
+            # delivers them a few ms apart) shares one batch, and so do the callers the previous batch just
+            # answered, who come back after one env step. Without the second part concurrent episodes split into
+            # two half-size groups that alternate, halving throughput. Polling, since wait_for(queue.get()) can
+            # drop an item on Python 3.11.
+            start = time.perf_counter()
+            deadline = start + self.batch_wait_s
             while len(batch) < self.max_batch_size:
                 if not queue.empty():
                     batch.append(queue.get_nowait())
+                    deadline = min(time.perf_counter() + self.batch_wait_s, start + 10 * self.batch_wait_s)
                 elif time.perf_counter() < deadline:
                     await asyncio.sleep(0.001)
                 else:
@@ -306,7 +325,7 @@ class HFEngine:
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self._run_batch, batch)
+                results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, batch)
             except Exception as exc:  # noqa: BLE001 - the callers get it; the server keeps serving
                 for r in batch:
                     if r.future is not None and not r.future.done():
@@ -334,6 +353,7 @@ class HFEngine:
                 if kv is not None:  # ids minus the last sampled token: its K/V was never computed
                     self._prefix.put(_Entry(key, torch.tensor(r.prompt_ids + ids[:-1]), kv))
             elapsed = time.perf_counter() - start
+        trim_heap()
         self._busy_s += elapsed
         hits = [0 if p is None else p.shape[3] for p in past]
         n = self._n
