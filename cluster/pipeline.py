@@ -137,7 +137,8 @@ class Session:
         ray.get([e.release_memory.remote() for e in self.actors.engines])
         metrics = ray.get(self.actors.learner.train_il.remote(
             samples, epochs=cfg.epochs, lr=cfg.lr, max_tokens_per_batch=cfg.max_tokens_per_batch))
-        self.run.log("train", phase="il", **metrics)
+        checkpoint = ray.get(self.actors.learner.save_checkpoint.remote(self.run.path / "checkpoints" / "il"))
+        self.run.log("train", phase="il", checkpoint=checkpoint, **metrics)
         say(f"[il] done: {_brief(metrics)}")
         self.broadcast()
         return metrics

@@ -264,7 +264,8 @@ class TextWorldEnv(TextEnv):
         command = normalize_command(action)
         if self._over:  # the interpreter would now ask RESTART/QUIT; keep the final outcome instead
             return INVALID_ACTION_OBS, StepInfo(self._last.score, self._last.won, False), True
-        if not command or command.split()[0] in _META_VERBS:
+        # A leading backslash is a frotz escape (\help, \cm, ...), not a game command; frotz answers it itself.
+        if not command or command.split()[0] in _META_VERBS or command.startswith("\\"):
             return INVALID_ACTION_OBS, StepInfo(self._last.score, False, False), False
         valid = command in self._admissible
         with _quiet():

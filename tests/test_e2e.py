@@ -40,6 +40,7 @@ def test_main_job_with_tiny_model(tmp_path):
     assert (path / "config.yaml").is_file()
     for role in ("actor", "reflector"):
         assert (path / "adapters" / role / "v1" / "adapter_model.safetensors").is_file()
+    assert (path / "checkpoints" / "il" / "adapters.safetensors").is_file()
     results = json.loads((path / "eval" / "results.json").read_text())
     assert results == rows and (path / "eval" / "table.md").read_text().startswith("| method")
     methods = {(r["method"], r["split"]) for r in rows}

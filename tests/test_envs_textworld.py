@@ -97,11 +97,11 @@ def test_every_expert_walkthrough_wins(env: TextWorldEnv):
 def test_invalid_actions_are_observations(env: TextWorldEnv):
     task = env.tasks("seen")[0]
     env.reset(options={"task": task.task_id})
-    for action in ["dance wildly", "", "   ", "quit", "restart", "script", "take the moon\nand the stars", "x" * 2000]:
+    for action in ["dance wildly", "", "   ", "quit", "restart", "script", "take the moon\nand the stars", "x" * 2000, "\\help", "\\cm"]:
         obs, reward, terminated, truncated, info = env.step(action)
         assert isinstance(obs, str) and obs, action
         assert info["valid"] is False and not terminated and reward == 0.0, action
-    assert env.step("quit")[0] == INVALID_ACTION_OBS
+    assert env.step("quit")[0] == INVALID_ACTION_OBS and env.step("\\help")[0] == INVALID_ACTION_OBS
     # the game state is intact: the walkthrough still wins
     for action in env.expert_actions(task.task_id):
         *_, info = env.step(action)
