@@ -62,7 +62,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
     lora = cfg.learner.lora.model_dump()
     workers = [
         ray.remote(EnvWorker)
-        .options(num_cpus=0, runtime_env=runtime_env, name=None)
+        .options(num_cpus=0, runtime_env=runtime_env)
         .remote(cfg.env.name, cfg.env.kwargs, cfg.rollout.envs_per_worker)
         for _ in range(cfg.rollout.env_workers)
     ]

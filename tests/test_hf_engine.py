@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from agents.model import load_model
 from agents.adapters import AdapterUpdate
 from rollout.engine import GenerateResult, SamplingParams
-from rollout.hf_engine import HFEngine
+from rollout.hf_engine import HFEngine, prefill_groups
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 # Different lengths, so batches need left padding; the tiny model tends to repeat the last token under greedy.
@@ -316,3 +316,11 @@ def test_prefix_cache_evicts_least_recently_used(model_path: str) -> None:
     assert engine.stats()["prefix_cache_tokens"] <= 100
     run(one_by_one(engine, [(rand_ids(120, 6), "actor", GREEDY)]))  # over the budget: not stored
     assert engine.stats()["prefix_cache_tokens"] <= 100
+
+
+def test_prefill_groups_split_only_wasteful_mixes() -> None:
+    assert prefill_groups([130] * 15) == [list(range(15))]
+    groups = prefill_groups([130] * 15 + [1500])
+    assert groups == [list(range(15)), [15]]  # the fresh long prompt prefills on its own
+    assert sorted(i for g in prefill_groups([5, 900, 40, 1200, 33, 1000]) for i in g) == list(range(6))
+    assert prefill_groups([100, 120, 90]) == [[2, 0, 1]]
