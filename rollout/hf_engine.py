@@ -132,6 +132,12 @@ class _PrefixCache:
         while self.tokens > self.budget:
             self._remove(next(iter(self.entries)))
 
+    def clear(self) -> int:
+        """Drop every entry; returns the tokens freed."""
+        freed, self.tokens = self.tokens, 0
+        self.entries.clear()
+        return freed
+
     def drop_role(self, role: str) -> None:
         for k in [k for k, e in self.entries.items() if e.key[0] == role]:
             self._remove(k)
@@ -283,9 +289,7 @@ class HFEngine:
     def release_memory(self) -> int:
         """Drop the prefix cache (e.g. while the learner trains on the same machine); returns the tokens freed."""
         with self._weights_lock:
-            freed = self._prefix.tokens
-            self._prefix.entries.clear()
-            self._prefix.tokens = 0
+            freed = self._prefix.clear()
             trim_heap()
         return freed
 
