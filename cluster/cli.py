@@ -1,4 +1,4 @@
-"""`retrorl` command line: train, eval, demos."""
+"""`retrorl` command line: train, eval, demos, report."""
 
 from __future__ import annotations
 
@@ -17,28 +17,40 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set eval.trials=5 (repeatable)")
 
-    common(sub.add_parser("train", help="run the main job: demos, zero-shot eval, IL, eval, table"))
+    train = sub.add_parser("train", help="train with a method (demos, SFT or a checkpoint, the method, eval, table)")
+    common(train)
+    train.add_argument("--method", choices=["sft", "eto", "retroformer", "retroact"],
+                       help="training method (default: the config's `method`, retroact in configs/default.yaml)")
     common(sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion)"))
     demos = sub.add_parser("demos", help="export expert trajectories of the training tasks to a run directory")
     common(demos)
+    report = sub.add_parser("report", help="comparison table across run directories and a plot (report.md, report.png)")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories with eval/results.json")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/eval for one run, ./report for several)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":  # reads run files only: no config, preflight, model or Ray
+        from cluster.report import main as report_main
+
+        return report_main(args.runs, args.out)
     # Errors the user can fix are one line naming the fix, and a non-zero exit; anything else is a bug.
     from agents.model import ModelError
     from envs.core import EnvError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        from cluster.pipeline import Session, preflight, run_il
+        overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
+        cfg = load_config(args.config, overrides)
+        from cluster.methods import run_method
+        from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
 
         prepared = preflight(cfg)
         run = RunDir.create(cfg)
         if args.command == "train":
-            run_il(cfg, run, prepared)
+            run_method(cfg, run, prepared)
         elif args.command == "eval":
             from cluster.evaluation import evaluate, markdown_table
 

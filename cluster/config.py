@@ -87,6 +87,55 @@ class DemoCfg(_Strict):
 class EvalCfg(_Strict):
     splits: list[Literal["train", "seen", "unseen"]] = Field(default_factory=lambda: ["seen", "unseen"])
     trials: int = Field(3, ge=1)
+    zero_shot: bool = False  # also evaluate the base model before any training
+    before_training: bool = False  # also evaluate the starting policy (SFT) before the method's RL / DPO stage
+
+
+class InitCfg(_Strict):
+    # A learner checkpoint (e.g. RUN/checkpoints/sft of an SFT run) to start from instead of running IL. It must
+    # come from the same model, LoRA config and adapter layout; the method's own stage then starts from it.
+    checkpoint: str | None = None
+
+
+class EtoCfg(_Strict):
+    iterations: int = Field(2, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # exploration sampling (paper: greedy)
+    beta: list[float] = Field(default_factory=lambda: [0.1, 0.5])  # per iteration; the last repeats
+    lr: list[float] = Field(default_factory=lambda: [1e-6, 5e-7])  # per iteration; the last repeats
+    epochs: int = Field(3, ge=1)
+    extra_turns: int = Field(5, ge=0)  # the loser is cut to at most len(expert) + extra_turns turns
+
+    @model_validator(mode="after")
+    def _check(self) -> "EtoCfg":
+        if not self.beta or not self.lr or min(self.beta) <= 0 or min(self.lr) <= 0:
+            raise ValueError("eto.beta and eto.lr need at least one positive value each")
+        return self
+
+
+class RetroformerCfg(_Strict):
+    rounds: int = Field(2, ge=1)
+    trials: int = Field(3, ge=2)  # trials per training episode; a rating needs a next trial
+    temperature: float = Field(1.0, ge=0.0)  # the reflector's sampling while collecting; the actor keeps its own
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    baseline: Literal["batch", "task"] = "batch"
+    kl_coef: float = Field(0.2, ge=0.0)  # initial coefficient of the KL penalty to the starting reflector
+    target_kl: float | None = Field(0.1, gt=0)  # adaptive toward this KL; null keeps kl_coef fixed
+    kl_horizon: int = Field(10000, ge=1)
+    reward_model: bool = False  # train a classifier on rating > 0 (the paper's reward model)
+    best_of_n: int = Field(1, ge=1)  # reflections sampled at evaluation; >1 picks the reward model's best
+
+
+class RetroActCfg(_Strict):
+    rounds: int = Field(1, ge=1)
+    trials: int = Field(3, ge=2)
+    temperature: float = Field(1.0, ge=0.0)  # exploration sampling of both roles
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    eps: float = Field(0.3, gt=0.0, lt=1.0)  # importance weights clipped to [1 - eps, 1 + eps]
+    il_coef: float = Field(1.0, ge=0.0)  # lambda of the IL regulariser
+    alpha: float = Field(1.0, gt=0.0)  # reflection reward (R_{k+1} - R_k)(R_k + alpha)/alpha
+    scaled_reflection_reward: bool = True  # false: the plain R_{k+1} - R_k
 
 
 class RayCfg(_Strict):
@@ -97,9 +146,9 @@ class RayCfg(_Strict):
 
 class Config(_Strict):
     seed: int = 0
-    method: Literal["il"] = "il"
+    method: Literal["sft", "eto", "retroformer", "retroact"] = "retroact"
     run_root: str = "runs"
-    name: str = "textworld-il"
+    name: str | None = None  # run folder prefix; default <env>-<method>
     model: ModelCfg = Field(default_factory=ModelCfg)
     env: EnvCfg = Field(default_factory=EnvCfg)
     agent: AgentCfg = Field(default_factory=AgentCfg)
@@ -107,13 +156,29 @@ class Config(_Strict):
     learner: LearnerCfg = Field(default_factory=LearnerCfg)
     demos: DemoCfg = Field(default_factory=DemoCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+    init: InitCfg = Field(default_factory=InitCfg)
+    eto: EtoCfg = Field(default_factory=EtoCfg)
+    retroformer: RetroformerCfg = Field(default_factory=RetroformerCfg)
+    retroact: RetroActCfg = Field(default_factory=RetroActCfg)
     ray: RayCfg = Field(default_factory=RayCfg)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
         if self.agent.actor.max_new_tokens >= self.agent.max_context_tokens:
             raise ValueError("agent.actor.max_new_tokens must be below agent.max_context_tokens")
+        if self.retroformer.reward_model:
+            raise ValueError("retroformer.reward_model is not implemented yet; set it to false")
+        if self.retroformer.best_of_n > 1 and not self.retroformer.reward_model:
+            raise ValueError("retroformer.best_of_n > 1 ranks reflections with the reward model: set "
+                             "retroformer.reward_model=true")
+        if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
+            raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
+                             "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")
         return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.env.name}-{self.method}"
 
 
 def _parse_value(raw: str) -> Any:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from statistics import mean
-from typing import Any, Iterable
+from typing import Any
 
 from agents.trajectory import Episode
 
@@ -20,11 +21,12 @@ def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
     if not episodes:
         return {"episodes": 0}
     padded = [padded_returns(e, trials) for e in episodes]
+    # Only the first `trials` trials count, so a one-trial (ReAct) row reports no reflections and its own steps.
     reflections = [
-        (t.ret, e.trials[i + 1].ret)
+        (e.trials[i].ret, e.trials[i + 1].ret)
         for e in episodes
-        for i, t in enumerate(e.trials[:-1])
-        if t.reflection is not None
+        for i in range(min(trials, len(e.trials)) - 1)
+        if e.trials[i].reflection is not None
     ]
     first = [e.trials[0] for e in episodes if e.trials]
     return {
@@ -33,11 +35,13 @@ def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
         "IR": mean(p[0] for p in padded),
         "FR": mean(p[-1] for p in padded),
         "AR": mean(mean(p) for p in padded),
+        # mean padded return at trial 1..K: the curve whose first point is IR, last FR and mean AR
+        "returns_per_trial": [mean(p[k] for p in padded) for k in range(trials)],
         "success": mean(1.0 if any(t.success for t in e.trials[:trials]) else 0.0 for e in episodes),
         "first_success": mean(1.0 if t.success else 0.0 for t in first),
-        "avg_steps": mean(len(t.steps) for e in episodes for t in e.trials),
-        "format_error_rate": _ratio(sum(t.format_errors for e in episodes for t in e.trials),
-                                    sum(len(t.steps) for e in episodes for t in e.trials)),
+        "avg_steps": mean(len(t.steps) for e in episodes for t in e.trials[:trials]),
+        "format_error_rate": _ratio(sum(t.format_errors for e in episodes for t in e.trials[:trials]),
+                                    sum(len(t.steps) for e in episodes for t in e.trials[:trials])),
         "reflections": len(reflections),
         "reflection_improved": _ratio(sum(after > before for before, after in reflections), len(reflections)),
     }

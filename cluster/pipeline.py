@@ -1,14 +1,15 @@
-"""The main job: expert demos -> zero-shot eval (ReAct, Reflexion) -> IL for actor and reflector -> eval -> table.
+"""What every method's pipeline shares: preflight checks and a `Session` that owns the Ray actors of one run and
+its common steps (expert demos, rollouts, IL or a starting checkpoint, adapter broadcast, evaluation).
 
-A `Session` owns the Ray actors of one run and the steps every method shares (demos, rollouts, learner updates
-and adapter broadcast); the IL pipeline is a short script over it.
+The methods themselves (SFT, ETO, Retroformer, RetroAct) are short scripts over a Session in cluster/methods.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -20,7 +21,7 @@ from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
 from cluster.config import Config
-from cluster.evaluation import evaluate, markdown_table
+from cluster.evaluation import evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
 from cluster.runtime import init_ray, start_actors
@@ -28,6 +29,12 @@ from envs import TextEnv, make_env
 from learners.batching import il_samples
 from rollout.engine import SamplingParams
 from rollout.runner import EpisodeRunner, RolloutSettings
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed per (run seed, purpose, index...): distinct streams that do not depend on call order."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass
@@ -80,7 +87,8 @@ class Session:
         for i, (task_id, split) in enumerate(tasks):
             worker = workers[i % len(workers)]
             expert = worker.expert.remote(0, task_id)
-            failed = [worker.failed.remote(0, task_id, cfg.seed * 7919 + i * 31 + j, cfg.demos.wrong_steps)
+            failed = [worker.failed.remote(0, task_id, derive_seed(cfg.seed, "failed-demo", task_id, j),
+                                           cfg.demos.wrong_steps)
                       for j in range(cfg.demos.failed_per_task)]
             expert, failed = ray.get(expert), ray.get(failed)
             batch = demo_episodes(prompt, reflector, cfg.env.name, split, expert, None, cfg.agent.memory_size)
@@ -96,22 +104,30 @@ class Session:
         return episodes
 
     # -- rollouts -----------------------------------------------------------------------------------------
-    def settings(self, trials: int) -> RolloutSettings:
+    def settings(self, trials: int, actor_temperature: float | None = None,
+                 reflector_temperature: float | None = None, seed: int | None = None) -> RolloutSettings:
         a = self.cfg.agent
+        actor = SamplingParams(a.actor.temperature, a.actor.top_p, a.actor.max_new_tokens)
+        reflector = SamplingParams(a.reflector.temperature, a.reflector.top_p, a.reflector.max_new_tokens)
+        if actor_temperature is not None:
+            actor = replace(actor, temperature=actor_temperature)
+        if reflector_temperature is not None:
+            reflector = replace(reflector, temperature=reflector_temperature)
         return RolloutSettings(
             trials=trials,
             reflect=True,
             memory_size=a.memory_size,
-            actor=SamplingParams(a.actor.temperature, a.actor.top_p, a.actor.max_new_tokens),
-            reflector=SamplingParams(a.reflector.temperature, a.reflector.top_p, a.reflector.max_new_tokens),
+            actor=actor,
+            reflector=reflector,
             max_context_tokens=a.max_context_tokens,
             show_actions=a.show_actions,
-            seed=self.cfg.seed,
+            seed=self.cfg.seed if seed is None else seed,
         )
 
-    def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int) -> list[Episode]:
+    def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
+                settings: RolloutSettings | None = None) -> list[Episode]:
         runner = EpisodeRunner(self.actors.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
-                               self.formatter, self.cfg.env.name, self.settings(trials))
+                               self.formatter, self.cfg.env.name, settings or self.settings(trials))
         progress = Progress(phase, len(tasks))
 
         def keep(episode: Episode) -> None:  # each finished episode is on disk before the next one is counted
@@ -127,26 +143,64 @@ class Session:
             f"mean engine batch {batch:.1f}, adapter versions {s['versions']}")
         return episodes
 
+    def evaluate(self, label: str) -> list[dict[str, Any]]:
+        """The evaluation protocol on the held-out splits, greedy, K = eval.trials with reflections."""
+        phase = f"eval-{label.lower().replace(' ', '-')}"
+        rows = evaluate(self.rollout(self.eval_tasks(), phase, self.cfg.eval.trials), label, self.cfg.eval.trials)
+        self.run.log("eval", label=label, rows=rows)
+        return rows
+
     # -- learning -----------------------------------------------------------------------------------------
+    def _engines_idle(self) -> None:
+        # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back.
+        ray.get([e.release_memory.remote() for e in self.actors.engines])
+
     def train_il(self, episodes: list[Episode]) -> dict[str, Any]:
         cfg = self.cfg.learner
         samples = il_samples(episodes)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
-        say(f"[il] {len(samples)} samples {roles}, {cfg.epochs} epochs")
-        # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back.
-        ray.get([e.release_memory.remote() for e in self.actors.engines])
-        metrics = ray.get(self.actors.learner.train_il.remote(
-            samples, epochs=cfg.epochs, lr=cfg.lr, max_tokens_per_batch=cfg.max_tokens_per_batch))
-        checkpoint = ray.get(self.actors.learner.save_checkpoint.remote(self.run.path / "checkpoints" / "il"))
-        self.run.log("train", phase="il", checkpoint=checkpoint, **metrics)
-        say(f"[il] done: {_brief(metrics)}")
+        say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs")
+        self._engines_idle()
+        metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr,
+                            max_tokens_per_batch=cfg.max_tokens_per_batch)
+        checkpoint = self.checkpoint("sft")
+        self.run.log("train", phase="sft", checkpoint=checkpoint, **metrics)
+        say(f"[sft] done: {_brief(metrics)}")
         self.broadcast()
         return metrics
 
-    def broadcast(self) -> dict[str, int]:
+    def start_policy(self, demos: list[Episode]) -> None:
+        """The starting policy of every method: IL (SFT) on the demos, or the learner checkpoint in init.checkpoint
+        (its adapters republished as this run's versions, so every engine serves them)."""
+        if self.cfg.init.checkpoint is None:
+            self.train_il(demos)
+            return
+        self.call("load_checkpoint", self.cfg.init.checkpoint)
+        self.run.log("init", checkpoint=self.cfg.init.checkpoint)
+        say(f"[init] learner restored from {self.cfg.init.checkpoint}")
+        self.broadcast(force=True)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A learner method (learners.methods.MethodLearner), waited for."""
+        return ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+
+    def train(self, phase: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """One learner update (`method` of learners.methods.MethodLearner), then the broadcast."""
+        self._engines_idle()
+        metrics = self.call(method, *args, **kwargs)
+        self.run.log("train", phase=phase, **metrics)
+        say(f"[{phase}] {_brief(metrics)}")
+        if metrics.get("steps"):
+            self.broadcast()
+        return metrics
+
+    def checkpoint(self, name: str) -> str:
+        return str(self.call("save_checkpoint", self.run.path / "checkpoints" / name))
+
+    def broadcast(self, force: bool = False) -> dict[str, int]:
         """Publish the learner's adapters and load them into every engine; only LoRA tensors travel."""
         t0 = time.perf_counter()
-        updates = ray.get(self.actors.learner.publish.remote())
+        updates = self.call("publish", force=force)
         refs = [ray.put(u) for u in updates]  # each update serialised once, shared by all engines
         ray.get([e.update_adapter.remote(ref) for ref in refs for e in self.actors.engines])
         versions = {u.role: u.version for u in updates}
@@ -162,25 +216,3 @@ class Session:
 def _brief(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
                      if not isinstance(v, (dict, list)))
-
-
-def run_il(cfg: Config, run: RunDir, prepared: Prepared) -> list[dict[str, Any]]:
-    """The main job. Returns the evaluation rows, also written to RUN/eval/."""
-    t0 = time.perf_counter()
-    session = Session(cfg, run, prepared)
-    try:
-        train = session.tasks("train", cfg.env.train_tasks)
-        demos = session.demos(train)
-        evaluation = session.eval_tasks()
-        rows = evaluate(session.rollout(evaluation, "eval-zero-shot", cfg.eval.trials), "zero-shot", cfg.eval.trials)
-        session.train_il(demos)
-        rows += evaluate(session.rollout(evaluation, "eval-il", cfg.eval.trials), "IL", cfg.eval.trials)
-    finally:
-        session.close()
-    table = markdown_table(rows)
-    run.write_json("eval/results.json", rows)
-    run.write_text("eval/table.md", table)
-    run.log("done", seconds=time.perf_counter() - t0)
-    say("\n" + table)
-    say(f"finished in {time.perf_counter() - t0:.0f}s; results in {run.path / 'eval'}")
-    return rows

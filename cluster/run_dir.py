@@ -33,11 +33,11 @@ class RunDir:
     @classmethod
     def create(cls, config: Config) -> "RunDir":
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(config.run_root) / f"{config.name}-{stamp}"
+        path = Path(config.run_root) / f"{config.run_name}-{stamp}"
         suffix = 0
         while path.exists():  # two runs started in the same second get distinct folders
             suffix += 1
-            path = Path(config.run_root) / f"{config.name}-{stamp}-{suffix}"
+            path = Path(config.run_root) / f"{config.run_name}-{stamp}-{suffix}"
         run = cls(path)
         run.write_text("config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
         return run

@@ -54,7 +54,7 @@ class Actors:
 
 
 def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool) -> Actors:
-    from learners.learner import Learner
+    from learners.methods import MethodLearner
     from rollout.hf_engine import HFEngine
     from rollout.workers import EnvWorker
 
@@ -83,7 +83,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
     learner = None
     if with_learner:
         learner = (
-            ray.remote(Learner)
+            ray.remote(MethodLearner)
             .options(num_cpus=cfg.learner.cpus, runtime_env=runtime_env)
             .remote(
                 model_path,
@@ -100,6 +100,9 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
                 threads=cfg.learner.threads or os.cpu_count(),
                 output_dir=run_path,
                 max_len=cfg.learner.max_sample_tokens,
+                kl_coef=cfg.retroformer.kl_coef,
+                target_kl=cfg.retroformer.target_kl,
+                kl_horizon=cfg.retroformer.kl_horizon,
             )
         )
     # Fail here, with the actor's own error, if an env or a model cannot be built.

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from agents.trajectory import ACTOR, REFLECTOR, Episode
+from agents.trajectory import ACTOR, REFLECTOR, Episode, Trial
+from learners.losses import retroact_reflection_reward
 
 
 @dataclass
@@ -24,6 +25,7 @@ class TokenSample:
     mask: list[int]  # 1 = a generated (agent) token that is trained on; prompts and observations are 0
     role: str
     logprobs: list[float] | None = None  # behaviour log-prob per position of `ids` (0.0 where mask == 0)
+    ref_logprobs: list[float] | None = None  # reference-policy log-prob per position (DPO, KL penalties)
     reward: float = 0.0  # scalar return / rating for policy-gradient losses
     weight: float = 1.0  # per-sample loss weight (e.g. IL oversampling)
     meta: dict[str, Any] = field(default_factory=dict)  # episode_id, trial, task_id ... for pairing and logs
@@ -31,8 +33,10 @@ class TokenSample:
     def __post_init__(self) -> None:
         if len(self.mask) != len(self.ids):
             raise ValueError(f"mask has {len(self.mask)} entries for {len(self.ids)} ids")
-        if self.logprobs is not None and len(self.logprobs) != len(self.ids):
-            raise ValueError(f"logprobs has {len(self.logprobs)} entries for {len(self.ids)} ids")
+        for name in ("logprobs", "ref_logprobs"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.ids):
+                raise ValueError(f"{name} has {len(values)} entries for {len(self.ids)} ids")
         if self.mask and self.mask[0]:
             raise ValueError("the first token has no context and cannot be a trained token")
 
@@ -44,37 +48,40 @@ class TokenSample:
         return sum(self.mask)
 
 
-def actor_samples(episode: Episode) -> list[TokenSample]:
-    """One sample per trial with steps: the trial's actor ids, mask 1 exactly on each step's completion span."""
-    out: list[TokenSample] = []
-    for trial in episode.trials:
-        if not trial.steps:
-            continue
-        ids = trial.actor_ids
-        mask = [0] * len(ids)
-        logprobs = [0.0] * len(ids)
-        for k, step in enumerate(trial.steps):
-            gen = step.generation
-            start, end = len(gen.prompt_ids), len(gen.prompt_ids) + len(gen.completion_ids)
-            # The append-only invariant: a step's completion sits verbatim in the trial's final sequence.
-            if ids[start:end] != gen.completion_ids:
-                raise ValueError(
-                    f"episode {episode.episode_id} trial {trial.index} step {k}: completion ids are not at "
-                    f"[{start}, {end}) of the trial's actor ids; the prompt was not built by appending ids"
-                )
-            mask[start:end] = [1] * (end - start)
-            logprobs[start:end] = gen.logprobs
-        out.append(
-            TokenSample(
-                ids=list(ids),
-                mask=mask,
-                role=ACTOR,
-                logprobs=logprobs,
-                reward=trial.ret,  # R_k for every actor step of trial k (RetroAct)
-                meta=_meta(episode, trial.index, version=trial.steps[-1].generation.version),
+def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> TokenSample:
+    """The trial's actor ids up to the end of turn `turns` (all turns by default), mask 1 exactly on each step's
+    completion span, behaviour log-probs there. Cutting after a completion keeps the sample ending on an agent turn."""
+    steps = trial.steps[:turns] if turns is not None else trial.steps
+    if not steps:
+        raise ValueError(f"episode {episode.episode_id} trial {trial.index} has no steps")
+    last = steps[-1].generation
+    ids = last.prompt_ids + last.completion_ids
+    mask = [0] * len(ids)
+    logprobs = [0.0] * len(ids)
+    for k, step in enumerate(steps):
+        gen = step.generation
+        start, end = len(gen.prompt_ids), len(gen.prompt_ids) + len(gen.completion_ids)
+        # The append-only invariant: a step's completion sits verbatim in the trial's final sequence.
+        if ids[start:end] != gen.completion_ids:
+            raise ValueError(
+                f"episode {episode.episode_id} trial {trial.index} step {k}: completion ids are not at "
+                f"[{start}, {end}) of the trial's actor ids; the prompt was not built by appending ids"
             )
-        )
-    return out
+        mask[start:end] = [1] * (end - start)
+        logprobs[start:end] = gen.logprobs
+    return TokenSample(
+        ids=list(ids),
+        mask=mask,
+        role=ACTOR,
+        logprobs=logprobs,
+        reward=trial.ret,  # R_k for every actor step of trial k (RetroAct)
+        meta={**_meta(episode, trial.index, version=last.version), "turns": len(steps)},
+    )
+
+
+def actor_samples(episode: Episode) -> list[TokenSample]:
+    """One sample per trial with steps (see `trial_sample`)."""
+    return [trial_sample(episode, t) for t in episode.trials if t.steps]
 
 
 def reflector_samples(episode: Episode) -> list[TokenSample]:
@@ -98,7 +105,8 @@ def reflector_samples(episode: Episode) -> list[TokenSample]:
                 role=REFLECTOR,
                 logprobs=[0.0] * n_prompt + list(gen.logprobs),
                 reward=rating,
-                meta={**_meta(episode, trial.index, version=gen.version), "has_next": i + 1 < len(trials)},
+                meta={**_meta(episode, trial.index, version=gen.version), "has_next": i + 1 < len(trials),
+                      "ret": trial.ret},
             )
         )
     return out
@@ -132,6 +140,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
     loss_mask: torch.Tensor  # [B, T] long, 1 on trained tokens (subset of attention_mask)
     behaviour_logprobs: torch.Tensor | None  # [B, T] float32 or None when any sample lacks them
+    ref_logprobs: torch.Tensor | None  # [B, T] float32 or None when any sample lacks them
     rewards: torch.Tensor  # [B] float32
     weights: torch.Tensor  # [B] float32
     index: list[int]
@@ -140,7 +149,7 @@ class Batch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
             self.role, mv(self.input_ids), mv(self.attention_mask), mv(self.loss_mask),
-            mv(self.behaviour_logprobs), mv(self.rewards), mv(self.weights), self.index,
+            mv(self.behaviour_logprobs), mv(self.ref_logprobs), mv(self.rewards), mv(self.weights), self.index,
         )  # fmt: skip
 
     @property
@@ -164,21 +173,24 @@ def collate(samples: Sequence[TokenSample], index: Sequence[int], pad_id: int = 
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(samples), width), dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    have_lp = all(s.logprobs is not None for s in samples)
-    lps = torch.zeros((len(samples), width), dtype=torch.float32) if have_lp else None
+    floats = {}
+    for name in ("logprobs", "ref_logprobs"):
+        if all(getattr(s, name) is not None for s in samples):
+            floats[name] = torch.zeros((len(samples), width), dtype=torch.float32)
     for row, s in enumerate(samples):
         n = len(s)
         ids[row, :n] = torch.tensor(s.ids, dtype=torch.long)
         attn[row, :n] = 1
         mask[row, :n] = torch.tensor(s.mask, dtype=torch.long)
-        if lps is not None:
-            lps[row, :n] = torch.tensor(s.logprobs, dtype=torch.float32)
+        for name, t in floats.items():
+            t[row, :n] = torch.tensor(getattr(s, name), dtype=torch.float32)
     return Batch(
         role=roles.pop(),
         input_ids=ids,
         attention_mask=attn,
         loss_mask=mask,
-        behaviour_logprobs=lps,
+        behaviour_logprobs=floats.get("logprobs"),
+        ref_logprobs=floats.get("ref_logprobs"),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
         weights=torch.tensor([s.weight for s in samples], dtype=torch.float32),
         index=list(index),
@@ -237,3 +249,91 @@ def il_samples(episodes: Iterable[Episode]) -> list[TokenSample]:
         out += [s for s in actor_samples(episode) if s.meta["trial"] in wins]
         out += [s for s in reflector_samples(episode) if s.meta["trial"] + 1 in wins]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- methods' data
+def dpo_pairs(
+    explored: Iterable[Episode], experts: dict[str, Episode], extra_turns: int = 5
+) -> tuple[list[tuple[TokenSample, TokenSample]], dict[str, int]]:
+    """ETO's (win, lose) pairs: each explored first trial against the expert trajectory of its task.
+
+    r(explored) < r(expert): (expert, explored); r(explored) > r(expert): swapped; ties are dropped. The loser
+    is cut to at most len(expert) + `extra_turns` turns, at the end of a completion so it ends on an agent
+    turn. Both start from the same reset, so they share the instruction + task prefix. Returns pairs and counts.
+    """
+    pairs: list[tuple[TokenSample, TokenSample]] = []
+    counts = {"explored": 0, "no_expert": 0, "ties": 0, "pairs": 0, "truncated": 0}
+    for episode in explored:
+        counts["explored"] += 1
+        expert = experts.get(episode.task_id)
+        if expert is None or not expert.trials or not expert.trials[0].steps or not episode.trials[0].steps:
+            counts["no_expert"] += 1
+            continue
+        e_trial, x_trial = expert.trials[0], episode.trials[0]
+        if x_trial.ret == e_trial.ret:
+            counts["ties"] += 1
+            continue
+        limit = len(e_trial.steps) + extra_turns
+        counts["truncated"] += len(x_trial.steps) > limit
+        expert_s = trial_sample(expert, e_trial)
+        explored_s = trial_sample(episode, x_trial, turns=min(limit, len(x_trial.steps)))
+        pairs.append((expert_s, explored_s) if x_trial.ret < e_trial.ret else (explored_s, expert_s))
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def make_pair_batches(
+    pairs: Sequence[tuple[TokenSample, TokenSample]],
+    max_tokens: int,
+    pad_id: int = 0,
+    rng: random.Random | None = None,
+) -> list[Batch]:
+    """Batches of whole pairs: rows [chosen_0..chosen_k, rejected_0..rejected_k], padded size <= max_tokens
+    (a pair larger than the budget gets a batch of its own). `index` holds pair numbers, chosen rows first."""
+    order = list(range(len(pairs)))
+    if rng is not None:
+        rng.shuffle(order)
+    width = {i: max(len(pairs[i][0]), len(pairs[i][1])) for i in order}
+    order.sort(key=width.__getitem__)
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and 2 * (len(cur) + 1) * width[i] > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    if rng is not None:
+        rng.shuffle(groups)
+    return [collate([pairs[i][0] for i in g] + [pairs[i][1] for i in g], g + g, pad_id) for g in groups]
+
+
+def reflection_replay(episodes: Iterable[Episode]) -> list[TokenSample]:
+    """Retroformer's replay set: (reflection prompt, reflection, rating R_{k+1} - R_k) for every reflection
+    whose next trial was run; each is a one-step bandit episode."""
+    return [s for e in episodes for s in reflector_samples(e) if s.meta["has_next"]]
+
+
+def retroact_samples(
+    episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True
+) -> tuple[list[TokenSample], dict[str, int]]:
+    """RetroAct's RL samples with ALGORITHMS.md's filters: actor trials with R_k = 0 are dropped (they carry no
+    gradient); reflections are kept only when R_{k+1} != R_k, rewarded (R_{k+1} - R_k)(R_k + alpha)/alpha
+    (`scaled`, the code form) or R_{k+1} - R_k. The length cap is the learner's (`cap_length`)."""
+    kept: list[TokenSample] = []
+    counts = {"actor_zero": 0, "reflector_unchanged": 0}
+    for episode in episodes:
+        for s in actor_samples(episode):
+            if s.reward == 0.0:
+                counts["actor_zero"] += 1
+            else:
+                kept.append(s)
+        for s in reflector_samples(episode):
+            if not s.meta["has_next"] or s.reward == 0.0:
+                counts["reflector_unchanged"] += 1
+                continue
+            if scaled:
+                s.reward = retroact_reflection_reward(s.reward, s.meta["ret"], alpha)
+            kept.append(s)
+    return kept, counts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
 
 SHARED_ADAPTER = "shared"
+_REF = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
 # Architectures whose logits are exactly lm_head(final hidden state); for them only scored positions go through
 # the LM head (a third of SmolLM2's FLOPs, and the [N, vocab] buffer shrinks to agent tokens only).
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
 
-Objective = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, int]]
+# (batch, logprobs [B, T-1]) -> (loss, token count) or (loss, token count, {stat: float})
+Objective = Callable[[Batch, torch.Tensor], tuple]
 
 
 class _RoleAdamW(torch.optim.AdamW):
@@ -163,6 +166,7 @@ class Learner:
         self._versions = {r: 0 for r in self.roles}  # 0 = untrained (adapter B = 0, i.e. the base model)
         self._dirty: set[str] = set()  # roles trained since their last publish
         self._rng = random.Random(seed)  # batch order; checkpointed
+        self._reference: dict[str, dict[str, torch.Tensor]] = {}  # role -> frozen LoRA tensors; checkpointed
         self._plain_grad_norm: float | None = None
         self.init_distributed_s = init_distributed(cache)
 
@@ -253,6 +257,24 @@ class Learner:
             for k, p in params.items():
                 p.data.copy_(tensors[k].to(p.device, p.dtype))
 
+    def set_reference(self, roles: Sequence[str] | None = None) -> None:
+        """Freeze the current adapter of each role as its reference policy (KL penalties, DPO): a copy of the
+        LoRA tensors only, swapped in to score (`token_logprobs(..., reference=True)`)."""
+        for role in roles or self.roles:
+            self._reference[role] = self.adapter_tensors(self.adapter_of[role])
+
+    @contextlib.contextmanager
+    def _as_reference(self, role: str) -> Iterator[None]:
+        if role not in self._reference:
+            raise ValueError(f"no reference policy for role {role!r}; call set_reference first")
+        adapter = self.adapter_of[role]
+        current = self.adapter_tensors(adapter)
+        self._set_adapter_tensors(adapter, self._reference[role])
+        try:
+            yield
+        finally:
+            self._set_adapter_tensors(adapter, current)
+
     def versions(self) -> dict[str, int]:
         return dict(self._versions)
 
@@ -296,25 +318,26 @@ class Learner:
         for group in self._opt.param_groups:  # DeepSpeed's wrappers share these dicts with the inner optimizer
             group["lr"] = lr
 
-    def optimizer_step(self, batches: dict[str, Batch], objective: Objective) -> dict[str, tuple[float, int]]:
-        """One update over one batch per role: per-role forward + objective, summed, one backward, one step.
+    def optimizer_step(self, parts: Sequence[tuple[Batch, Objective]]) -> list[tuple[float, int, dict[str, float]]]:
+        """One update over (batch, objective) parts of any roles: per-part forward with the batch's role adapter,
+        the losses summed, one backward, one step. A role may appear in several parts (RetroAct's RL + IL batch).
 
         `objective(batch, logprobs)` gets logprobs [B, T-1] aligned with batch.input_ids[:, 1:] and returns
-        (loss, token count). Returns {role: (loss value, tokens)}.
+        (loss, token count) or (loss, token count, {stat: float}). Returns (loss value, tokens, stats) per part.
         """
-        adapters = {self.adapter_of[r] for r in batches}
+        adapters = {self.adapter_of[b.role] for b, _ in parts}
         for group in self._opt.param_groups:
             group["active"] = group["adapter"] in adapters
         self.engine.train()
         total: torch.Tensor | None = None
-        out: dict[str, tuple[float, int]] = {}
-        for role, batch in batches.items():
-            self._activate(self.adapter_of[role])
+        out: list[tuple[float, int, dict[str, float]]] = []
+        for batch, objective in parts:
+            self._activate(self.adapter_of[batch.role])
             b = batch.to(self.device)
             logprobs = self.engine(b.input_ids, b.attention_mask, b.loss_mask)
-            loss, n = objective(b, logprobs)
+            loss, n, *extra = objective(b, logprobs)
             total = loss if total is None else total + loss
-            out[role] = (float(loss.detach()), n)
+            out.append((float(loss.detach()), n, extra[0] if extra else {}))
         assert total is not None, "optimizer_step needs at least one batch"
         self.engine.backward(total)
         if self.engine.optimizer is self._opt:  # no DeepSpeed wrapper: grads are in p.grad, DS reports no norm
@@ -323,6 +346,58 @@ class Learner:
         self.step += 1
         self._dirty |= {r for r in self.roles if self.adapter_of[r] in adapters}
         return out
+
+    def fit(
+        self,
+        steps: Iterable[Sequence[tuple[Batch, Objective]]],
+        tag: Callable[[Batch, Objective], str] | None = None,
+    ) -> dict[str, float]:
+        """Run optimizer steps and aggregate: token-weighted loss and stats per tag (default: the batch role),
+        step and token counts, throughput (all non-pad tokens through forward + backward per second)."""
+        tag = tag or (lambda b, _: b.role)
+        sums: dict[str, list[float]] = {}
+        stats: dict[str, list[float]] = {}
+        count = {"steps": 0, "tokens": 0, "seq_tokens": 0, "padded": 0}
+        t0 = time.perf_counter()
+        for parts in steps:
+            for (batch, objective), (loss, n, extra) in zip(parts, self.optimizer_step(parts)):
+                key = tag(batch, objective)
+                acc = sums.setdefault(key, [0.0, 0])
+                acc[0] += loss * n
+                acc[1] += n
+                for name, value in extra.items():
+                    st = stats.setdefault(f"{name}/{key}", [0.0, 0])
+                    st[0] += value
+                    st[1] += 1
+                count["tokens"] += batch.n_trained
+                count["seq_tokens"] += batch.n_tokens
+                count["padded"] += batch.n_padded
+            count["steps"] += 1
+        elapsed = time.perf_counter() - t0
+        metrics: dict[str, float] = {
+            "steps": count["steps"],
+            "tokens": count["tokens"],
+            "seq_tokens": count["seq_tokens"],
+            "tokens_per_s": count["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
+            "trained_tokens_per_s": count["tokens"] / elapsed if elapsed > 0 else 0.0,
+            "padding_frac": 1.0 - count["seq_tokens"] / count["padded"] if count["padded"] else 0.0,
+            "time_s": elapsed,
+        }
+        metrics.update({f"loss/{k}": s / max(n, 1) for k, (s, n) in sums.items()})
+        metrics.update({k: s / max(n, 1) for k, (s, n) in stats.items()})
+        norm = self.grad_norm() if count["steps"] else None
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        trim_heap()  # the engines serve next on this machine: give the activations back
+        return metrics
+
+    def prepare(self, samples: Sequence[TokenSample]) -> tuple[list[TokenSample], dict[str, int]]:
+        """Samples a step can train on: known roles, under the length cap, with at least one trained token."""
+        self._check_roles(samples)
+        kept, dropped_long = cap_length(samples, self.max_len)
+        nonempty = [s for s in kept if s.n_trained > 0]
+        return nonempty, {"dropped_long": dropped_long, "dropped_empty": len(kept) - len(nonempty),
+                          "samples": len(nonempty)}
 
     def train_il(
         self,
@@ -337,53 +412,14 @@ class Learner:
         Returns loss per role (`loss/<role>`: last epoch, `loss_first/<role>`: first epoch, token-weighted),
         tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
         """
-        self._check_roles(samples)
-        kept, dropped_long = cap_length(samples, self.max_len)
-        nonempty = [s for s in kept if s.n_trained > 0]
+        kept, counts = self.prepare(samples)
         self.set_lr(self.lr if lr is None else lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
-        steps = tokens = trained = 0
-        padded = 0
-        first: dict[str, list[float]] = {}
-        last: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
-        for epoch in range(epochs):
-            sums: dict[str, list[float]] = {}
-            batches = make_batches(nonempty, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
-            for step_batches in self._steps(batches):
-                for role, (loss, n) in self.optimizer_step(step_batches, objective).items():
-                    acc = sums.setdefault(role, [0.0, 0])
-                    acc[0] += loss * n
-                    acc[1] += n
-                steps += 1
-                tokens += sum(b.n_tokens for b in step_batches.values())
-                trained += sum(b.n_trained for b in step_batches.values())
-                padded += sum(b.n_padded for b in step_batches.values())
-            if epoch == 0:
-                first = sums
-            last = sums
-        elapsed = time.perf_counter() - t0
-        metrics: dict[str, float] = {
-            "steps": steps,
-            "tokens": trained,
-            "seq_tokens": tokens,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "trained_tokens_per_s": trained / elapsed if elapsed > 0 else 0.0,
-            "padding_frac": 1.0 - tokens / padded if padded else 0.0,
-            "time_s": elapsed,
-            "dropped_long": dropped_long,
-            "dropped_empty": len(kept) - len(nonempty),
-            "samples": len(nonempty),
-        }
-        for role, (s, n) in last.items():
-            metrics[f"loss/{role}"] = s / max(n, 1)
-        for role, (s, n) in first.items():
-            metrics[f"loss_first/{role}"] = s / max(n, 1)
-        norm = self.grad_norm() if steps else None
-        if norm is not None:
-            metrics["grad_norm"] = float(norm)
-        trim_heap()  # the engines serve next on this machine: give the activations back
-        return metrics
+        per_epoch = []
+        for _ in range(epochs):
+            batches = make_batches(kept, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
+            per_epoch.append(self.fit([(b, objective) for b in step.values()] for step in self._steps(batches)))
+        return {**_merge_epochs(per_epoch), **counts}
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step, before clipping."""
@@ -395,11 +431,15 @@ class Learner:
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def token_logprobs(
-        self, samples: Sequence[TokenSample], max_tokens_per_batch: int = 8192, base: bool = False
+        self,
+        samples: Sequence[TokenSample],
+        max_tokens_per_batch: int = 8192,
+        base: bool = False,
+        reference: bool = False,
     ) -> list[torch.Tensor]:
         """Per sample, a CPU fp32 tensor aligned with `sample.ids` (like `sample.logprobs`): log pi(ids[t] | ids[:t])
         under the sample's role adapter (eval mode, no dropout) where mask[t] == 1, else 0. `base=True` scores
-        with all adapters disabled (the untrained reference policy)."""
+        with all adapters disabled (the untrained policy); `reference=True` with the role's `set_reference` copy."""
         self._check_roles(samples)
         out: list[torch.Tensor | None] = [None] * len(samples)
         was_training = self.engine.training
@@ -407,7 +447,12 @@ class Learner:
         try:
             for role, batches in make_batches(samples, max_tokens_per_batch, self.pad_id).items():
                 self._activate(self.adapter_of[role])
-                ctx = self.peft.disable_adapter() if base else contextlib.nullcontext()
+                if base:
+                    ctx = self.peft.disable_adapter()
+                elif reference:
+                    ctx = self._as_reference(role)
+                else:
+                    ctx = contextlib.nullcontext()
                 with ctx:
                     for batch in batches:
                         b = batch.to(self.device)
@@ -418,6 +463,12 @@ class Learner:
         finally:
             self.engine.train(was_training)
         return [t if t is not None else torch.zeros(len(s)) for t, s in zip(out, samples)]
+
+    def with_logprobs(self, samples: Sequence[TokenSample], field: str = "ref_logprobs", **kw: Any
+                      ) -> list[TokenSample]:
+        """Copies of the samples with `field` filled by `token_logprobs(samples, **kw)` (e.g. the reference's)."""
+        scored = self.token_logprobs(samples, **kw)
+        return [dataclasses.replace(s, **{field: t.tolist()}) for s, t in zip(samples, scored)]
 
     def sequence_logprobs(self, samples: Sequence[TokenSample], base: bool = False, **kw: Any) -> list[float]:
         """Sum of agent-token log-probs per sample (DPO's log pi(trajectory))."""
@@ -441,6 +492,7 @@ class Learner:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             tensors = {f"{a}/{k}": v for a in self.adapter_names for k, v in self.adapter_tensors(a).items()}
+            tensors.update({f"{_REF}{r}/{k}": v for r, ref in self._reference.items() for k, v in ref.items()})
             save_file(tensors, str(tmp / "adapters.safetensors"))
             masters = self._master_tensors()
             torch.save(
@@ -465,6 +517,7 @@ class Learner:
                 "dtype": str(self.dtype),
                 "model_path": self.model_path,
                 "lora": {k: _jsonable(v) for k, v in self.lora_config.to_dict().items()},
+                "extra": self._extra_state(),
             }
             (tmp / "learner.json").write_text(json.dumps(meta, indent=1))
             for f in tmp.iterdir():
@@ -508,12 +561,25 @@ class Learner:
             group.update(hp)
         for a in self.adapter_names:  # low-precision params = the saved values (bf16(master) as after a step)
             self._set_adapter_tensors(a, {k[len(a) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{a}/")})
+        self._reference = {}
+        for key, value in tensors.items():
+            if key.startswith(_REF):
+                role, name = key[len(_REF):].split("/", 1)
+                self._reference.setdefault(role, {})[name] = value
         self._set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         self.step = int(meta["step"])
         self._versions = {r: int(meta["versions"].get(r, 0)) for r in self.roles}
         self._dirty = set(meta["dirty"]) & set(self.roles)
         v, state, gauss = meta["py_rng"]
         self._rng.setstate((v, tuple(state), gauss))
+        self._load_extra_state(meta.get("extra", {}))
+
+    def _extra_state(self) -> dict[str, Any]:
+        """JSON state of a subclass (e.g. a KL controller), saved in the checkpoint."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def _rng_state(self) -> dict[str, Any]:
         from deepspeed.accelerator import get_accelerator
@@ -531,6 +597,21 @@ class Learner:
         acc = get_accelerator()
         if "accelerator" in state and acc.device_name() != "cpu":
             acc.set_rng_state(state["accelerator"])
+
+
+def _merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:
+    """Counts and time summed over epochs, rates over the total, losses of the last epoch (`loss_first/...`:
+    the first epoch's, to show the descent)."""
+    if not per_epoch:
+        return {"steps": 0, "tokens": 0, "time_s": 0.0}
+    out = dict(per_epoch[-1])
+    for key in ("steps", "tokens", "seq_tokens", "time_s"):
+        out[key] = sum(m.get(key, 0) for m in per_epoch)
+    t = out["time_s"]
+    out["tokens_per_s"] = out["seq_tokens"] / t if t > 0 else 0.0
+    out["trained_tokens_per_s"] = out["tokens"] / t if t > 0 else 0.0
+    out.update({f"loss_first/{k[5:]}": v for k, v in per_epoch[0].items() if k.startswith("loss/")})
+    return out
 
 
 def _cpu(v: Any) -> Any:

@@ -5,6 +5,10 @@ import torch
 
 from agents.trajectory import ACTOR, EXPERT_VERSION, REFLECTOR, Episode, Generation, Step, Trial
 from learners.batching import (
+    dpo_pairs,
+    make_pair_batches,
+    reflection_replay,
+    retroact_samples,
     TokenSample,
     actor_samples,
     cap_length,
@@ -147,3 +151,67 @@ def test_make_batches_deterministic_with_seed():
     a = make_batches(samples, 200, rng=random.Random(5))
     b = make_batches(samples, 200, rng=random.Random(5))
     assert {r: [x.index for x in v] for r, v in a.items()} == {r: [x.index for x in v] for r, v in b.items()}
+
+
+# ---------------------------------------------------------------------------------------------- methods' data
+def _single(task: str, ret: float, turns: int, episode_id: str, source: str = "rollout") -> Episode:
+    steps = [([10 + k, 11 + k], [50 + k]) for k in range(turns)]
+    return Episode(episode_id, "textworld", task, "train", source, [_trial(0, [1, 2, 3], steps, ret)])
+
+
+def test_dpo_pairs_order_ties_and_truncation():
+    experts = {t: _single(t, 1.0, 2, f"x-{t}", "expert") for t in ("a", "b", "c")}
+    explored = [
+        _single("a", 0.0, 12, "e-a"),  # loses: (expert, explored), cut to 2 + 5 = 7 turns
+        _single("b", 1.0, 3, "e-b"),  # ties its expert: dropped
+        _single("c", 0.0, 4, "e-c"),  # loses, short enough to keep whole
+        _single("d", 0.0, 4, "e-d"),  # no expert for d
+    ]
+    pairs, counts = dpo_pairs(explored, experts, extra_turns=5)
+    assert counts == {"explored": 4, "no_expert": 1, "ties": 1, "pairs": 2, "truncated": 1}
+    (win_a, lose_a), (win_c, lose_c) = pairs
+    assert win_a.meta["episode_id"] == "x-a" and lose_a.meta["episode_id"] == "e-a"
+    assert lose_a.meta["turns"] == 7 and lose_c.meta["turns"] == 4
+    # The cut loser ends on an agent turn: its last token is trained, and it is a prefix of the full trial.
+    full = actor_samples(explored[0])[0]
+    assert lose_a.mask[-1] == 1 and full.ids[: len(lose_a)] == lose_a.ids and len(lose_a) < len(full)
+    # Both share the reset's prompt prefix.
+    assert win_a.ids[:3] == lose_a.ids[:3] == [1, 2, 3]
+    # An explored trajectory that beats a failed expert is the winner.
+    experts["a"].trials[0].ret = 0.0
+    explored[0].trials[0].ret = 1.0
+    (win, lose), *_ = dpo_pairs(explored[:1], experts)[0]
+    assert win.meta["episode_id"] == "e-a" and lose.meta["episode_id"] == "x-a"
+
+
+def test_make_pair_batches_keeps_pairs_together():
+    pairs = [(_random_samples(1, seed=i)[0], _random_samples(1, seed=100 + i)[0]) for i in range(7)]
+    batches = make_pair_batches(pairs, max_tokens=400, rng=random.Random(0))
+    seen = []
+    for b in batches:
+        k = len(b.index) // 2
+        assert b.index[:k] == b.index[k:] and b.n_padded <= 400 or k == 1
+        for row, i in enumerate(b.index[:k]):
+            assert b.input_ids[row, : len(pairs[i][0])].tolist() == pairs[i][0].ids
+            assert b.input_ids[k + row, : len(pairs[i][1])].tolist() == pairs[i][1].ids
+        seen += b.index[:k]
+    assert sorted(seen) == list(range(7))
+
+
+def test_reflection_replay_and_retroact_filters():
+    episode = _episode()  # trial 0 fails (R=0), reflection, trial 1 wins (R=1)
+    (replay,) = reflection_replay([episode])
+    assert replay.reward == 1.0 and replay.meta["has_next"]
+    kept, counts = retroact_samples([episode], alpha=1.0)
+    # The failed trial's actor sample (R = 0) is dropped; the winning trial and the useful reflection stay.
+    assert counts == {"actor_zero": 1, "reflector_unchanged": 0}
+    assert sorted((s.role, s.reward) for s in kept) == [(ACTOR, 1.0), (REFLECTOR, 1.0)]
+    # A reflection followed by no change is dropped; the code-form scaling uses R_k.
+    episode.trials[1].ret = 0.0
+    kept, counts = retroact_samples([episode])
+    assert kept == [] and counts == {"actor_zero": 2, "reflector_unchanged": 1}
+    episode.trials[0].ret, episode.trials[1].ret = 0.5, 1.0
+    kept, _ = retroact_samples([episode], alpha=1.0)
+    assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5 * 1.5]
+    kept, _ = retroact_samples([episode], alpha=1.0, scaled=False)
+    assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5]

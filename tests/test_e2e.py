@@ -9,42 +9,60 @@ import pytest
 import ray
 
 from cluster.config import load_config
-from cluster.pipeline import preflight, run_il
+from cluster.methods import run_method
+from cluster.pipeline import preflight
 from cluster.run_dir import RunDir
 
 
-@pytest.mark.slow
-def test_main_job_with_tiny_model(tmp_path):
-    cfg = load_config(None, [
-        f"run_root={tmp_path}",
-        "model.path=tiny-llama",
-        "env.kwargs={n_train: 2, n_seen: 2, n_unseen: 2}",
-        "eval.trials=2",
-        "agent.actor.max_new_tokens=12",
-        "agent.reflector.max_new_tokens=12",
-        "learner.epochs=3",
-        "learner.lr=0.01",  # a tiny random model needs a big step for its greedy output to move
-        "rollout.env_workers=1",
-        "rollout.envs_per_worker=3",
-        "ray.num_cpus=2",
-    ])
+TINY = [
+    "model.path=tiny-llama",
+    "env.kwargs={n_train: 2, n_seen: 2, n_unseen: 2}",
+    "eval.trials=2",
+    "agent.actor.max_new_tokens=12",
+    "agent.reflector.max_new_tokens=12",
+    "rollout.env_workers=1",
+    "rollout.envs_per_worker=3",
+    "ray.num_cpus=2",
+]
+
+
+def _run(overrides: list[str]) -> tuple[RunDir, list]:
+    cfg = load_config(None, TINY + overrides)
     prepared = preflight(cfg)
     run = RunDir.create(cfg)
     try:
-        rows = run_il(cfg, run, prepared)
+        rows = run_method(cfg, run, prepared)
     finally:
         ray.shutdown()
+    return run, rows
 
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    # A tiny random model needs a big step for its greedy output to move.
+    return _run(["method=sft", "eval.zero_shot=true", f"run_root={root}", "learner.epochs=3", "learner.lr=0.01"])
+
+
+def _episodes(run: RunDir, phase: str) -> list:
+    frame = pd.read_parquet(run.path / "trajectories")
+    episodes = {e.episode_id: e for e in run.store.episodes()}
+    return [episodes[i] for i in frame[frame["phase"] == phase]["episode_id"]]
+
+
+@pytest.mark.slow
+def test_sft_job_with_tiny_model(sft_run):
+    run, rows = sft_run
     # The run directory holds what it should.
     path = run.path
     assert (path / "config.yaml").is_file()
     for role in ("actor", "reflector"):
         assert (path / "adapters" / role / "v1" / "adapter_model.safetensors").is_file()
-    assert (path / "checkpoints" / "il" / "adapters.safetensors").is_file()
+    assert (path / "checkpoints" / "sft" / "adapters.safetensors").is_file()
     results = json.loads((path / "eval" / "results.json").read_text())
     assert results == rows and (path / "eval" / "table.md").read_text().startswith("| method")
     methods = {(r["method"], r["split"]) for r in rows}
-    for label in ("zero-shot ReAct", "zero-shot + reflection", "IL ReAct", "IL + reflection"):
+    for label in ("zero-shot ReAct", "zero-shot + reflection", "SFT ReAct", "SFT + reflection"):
         assert {(label, "seen"), (label, "unseen")} <= methods
     events = [m["event"] for m in run.metrics()]
     assert events.count("rollout") == 2 and "train" in events and "broadcast" in events and events[-1] == "done"
@@ -52,18 +70,56 @@ def test_main_job_with_tiny_model(tmp_path):
     # Trajectories: demos plus one episode per eval task and phase, all ids unique, readable with pandas.
     frame = pd.read_parquet(path / "trajectories")
     assert frame["episode_id"].is_unique
-    assert set(frame["phase"]) == {"demos", "eval-zero-shot", "eval-il"}
-    assert (frame["phase"] == "eval-zero-shot").sum() == (frame["phase"] == "eval-il").sum() == 4
+    assert set(frame["phase"]) == {"demos", "eval-zero-shot", "eval-sft"}
+    assert (frame["phase"] == "eval-zero-shot").sum() == (frame["phase"] == "eval-sft").sum() == 4
     assert frame[frame["phase"] == "demos"]["success"].any()
 
     # The learner's update reached the engine: steps after IL record version 1 and greedy output changed.
     episodes = {e.episode_id: e for e in run.store.episodes()}
     by_phase = {p: [episodes[i] for i in frame[frame["phase"] == p]["episode_id"]]
-                for p in ("eval-zero-shot", "eval-il")}
+                for p in ("eval-zero-shot", "eval-sft")}
     versions = {p: {s.generation.version for e in eps for t in e.trials for s in t.steps}
                 for p, eps in by_phase.items()}
-    assert versions == {"eval-zero-shot": {0}, "eval-il": {1}}
+    assert versions == {"eval-zero-shot": {0}, "eval-sft": {1}}
     before = {e.task_id: e.trials[0].steps[0].generation for e in by_phase["eval-zero-shot"]}
-    after = {e.task_id: e.trials[0].steps[0].generation for e in by_phase["eval-il"]}
+    after = {e.task_id: e.trials[0].steps[0].generation for e in by_phase["eval-sft"]}
     assert all(before[t].prompt_ids == after[t].prompt_ids for t in before)  # same first prompt, greedy
     assert any(before[t].completion_ids != after[t].completion_ids for t in before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eto", "retroformer", "retroact"])
+def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
+    sft, sft_rows = sft_run
+    run, rows = _run([
+        f"method={method}", f"run_root={tmp_path}", f"init.checkpoint={sft.path / 'checkpoints' / 'sft'}",
+        "eto.iterations=1", "eto.lr=[0.01]", "eto.epochs=2", "retroformer.rounds=1", "retroformer.trials=2",
+        "retroact.rounds=1", "retroact.trials=2",
+    ])
+    label = {"eto": "ETO", "retroformer": "Retroformer", "retroact": "RetroAct"}[method]
+    assert {(r["method"], r["split"]) for r in rows} >= {(f"{label} ReAct", "seen"), (f"{label} + reflection", "unseen")}
+    events = run.metrics()
+    assert [e["event"] for e in events].count("round") == 1 and events[-1]["event"] == "done"
+    assert events[[e["event"] for e in events].index("init")]["checkpoint"].endswith("sft")
+    # The checkpoint's adapters are published as this run's v1 and served for the training rollouts.
+    phase = "explore-1" if method != "retroformer" else "collect-1"
+    explored = _episodes(run, phase)
+    assert len(explored) == 2 and {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
+    # Same starting policy as the SFT run: the greedy first step of each eval task is what SFT's eval produced.
+    eval_phase = f"eval-{label.lower()}"
+    sft_first = {e.task_id: e.trials[0].steps[0].generation for e in _episodes(sft, "eval-sft")}
+    after = {e.task_id: e.trials[0].steps[0].generation for e in _episodes(run, eval_phase)}
+    trained = [e for e in events if e["event"] == "train"]
+    if method == "eto":
+        # Every explored trajectory of the random model loses to its expert: DPO trains on both pairs,
+        # the new actor version reaches the engine, and its greedy output differs from SFT's.
+        (round_,) = [e for e in events if e["event"] == "round"]
+        assert round_["pairs"] == 2 and trained[0]["phase"] == "dpo-1" and trained[0]["steps"] > 0
+        versions = {s.generation.version for e in _episodes(run, eval_phase) for t in e.trials for s in t.steps}
+        assert versions == {2}
+        assert any(after[t].completion_ids != sft_first[t].completion_ids for t in after)
+    else:
+        # The random model never wins, so no rating differs from 0 and no actor return is positive: the
+        # filters leave nothing to train, nothing is published, and the eval is the SFT policy's.
+        assert trained == []
+        assert all(after[t].completion_ids == sft_first[t].completion_ids for t in after)

@@ -1,0 +1,150 @@
+"""The four training pipelines of ALGORITHMS.md as short scripts over a `Session`, selected by `cfg.method`.
+
+Every pipeline starts the same way (expert demos on the training tasks, then the starting policy: IL for actor
+and reflector, or a learner checkpoint) and ends with the evaluation protocol on the held-out splits. What lies in
+between is the method: ETO's explore / pair / DPO iterations, Retroformer's reflector policy gradient with a frozen
+actor, RetroAct's off-policy joint policy gradient for both roles.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from statistics import mean
+from typing import Any
+
+from agents.trajectory import REFLECTOR, Episode
+from cluster.config import Config
+from cluster.evaluation import markdown_table
+from cluster.pipeline import Prepared, Session, derive_seed
+from cluster.progress import say
+from cluster.run_dir import RunDir
+from learners.batching import dpo_pairs, il_samples, reflection_replay, retroact_samples
+
+Rows = list[dict[str, Any]]
+
+
+def _per_iteration(values: list[float], i: int) -> float:
+    return values[min(i, len(values) - 1)]
+
+
+def log_round(session: Session, method: str, index: int, episodes: list[Episode], **fields: Any) -> None:
+    """One `round` record per training round: the mean return of its training rollouts (all trials), first and
+    final trial returns and success rate, for `retrorl report`'s plot."""
+    returns = [t.ret for e in episodes for t in e.trials]
+    session.run.log(
+        "round", method=method, round=index,
+        train_return=mean(returns) if returns else 0.0,
+        first_return=mean(e.trials[0].ret for e in episodes) if episodes else 0.0,
+        final_return=mean(e.trials[-1].ret for e in episodes) if episodes else 0.0,
+        success=mean(1.0 if e.success else 0.0 for e in episodes) if episodes else 0.0,
+        episodes=len(episodes), **fields,
+    )
+
+
+def _start(session: Session, evaluate_start: bool = True) -> tuple[list[Episode], Rows]:
+    """Demos, an optional zero-shot eval, the starting policy, an optional eval of it."""
+    cfg = session.cfg
+    demos = session.demos(session.tasks("train", cfg.env.train_tasks))
+    rows: Rows = session.evaluate("zero-shot") if cfg.eval.zero_shot else []
+    session.start_policy(demos)
+    if evaluate_start and cfg.eval.before_training:
+        rows += session.evaluate("SFT")
+    return demos, rows
+
+
+def sft(session: Session) -> Rows:
+    """IL (SFT) of actor and reflector on the expert demos: every other method's starting point."""
+    _, rows = _start(session, evaluate_start=False)
+    return rows + session.evaluate("SFT")
+
+
+def eto(session: Session) -> Rows:
+    """SFT, then N x [explore once per training task, (win, lose) pairs against the expert, DPO]."""
+    cfg, e = session.cfg, session.cfg.eto
+    demos, rows = _start(session)
+    experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
+    tasks = session.tasks("train", cfg.env.train_tasks)
+    for i in range(e.iterations):
+        settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
+        explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
+        pairs, counts = dpo_pairs(explored, experts, e.extra_turns)
+        log_round(session, "eto", i + 1, explored, **counts)
+        say(f"[eto {i + 1}] {counts}")
+        if not pairs:
+            say(f"[eto {i + 1}] no pairs (every explored trajectory tied its expert); nothing to train")
+            continue
+        session.train(f"dpo-{i + 1}", "train_dpo", pairs, beta=_per_iteration(e.beta, i),
+                      epochs=e.epochs, lr=_per_iteration(e.lr, i),
+                      max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
+        session.checkpoint(f"eto-{i + 1}")
+    return rows + session.evaluate("ETO")
+
+
+def retroformer(session: Session) -> Rows:
+    """Frozen actor; rounds of multi-trial rollouts whose reflections, rated R_{k+1} - R_k, fill a replay set
+    the reflector is trained on by policy gradient with a KL penalty to its starting point."""
+    cfg, r = session.cfg, session.cfg.retroformer
+    _, rows = _start(session)
+    session.call("set_reference", [REFLECTOR])  # the KL penalty's reference: the reflector as RL starts
+    tasks = session.tasks("train", cfg.env.train_tasks)
+    replay = []
+    for i in range(r.rounds):
+        settings = session.settings(r.trials, reflector_temperature=r.temperature,
+                                    seed=derive_seed(cfg.seed, "retroformer", i))
+        episodes = session.rollout(tasks, f"collect-{i + 1}", r.trials, settings)
+        new = reflection_replay(episodes)
+        replay += new
+        log_round(session, "retroformer", i + 1, episodes, reflections=len(new),
+                  improved=sum(s.reward > 0 for s in new), worsened=sum(s.reward < 0 for s in new))
+        if not any(s.reward != 0 for s in replay):
+            say(f"[retroformer {i + 1}] every rating is 0 so far: no gradient; collecting again")
+            continue
+        session.train(f"reflector-pg-{i + 1}", "train_reflector_pg", replay, epochs=r.epochs, lr=r.lr,
+                      baseline=r.baseline, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
+        session.checkpoint(f"retroformer-{i + 1}")
+    return rows + session.evaluate("Retroformer")
+
+
+def retroact(session: Session) -> Rows:
+    """IL for both roles, then rounds of exploration at temperature 1 with reflections, stored with their
+    behaviour log-probs and versions, and the off-policy joint update with the IL regulariser."""
+    cfg, r = session.cfg, session.cfg.retroact
+    demos, rows = _start(session)
+    imitation = il_samples(demos)
+    tasks = session.tasks("train", cfg.env.train_tasks)
+    for i in range(r.rounds):
+        settings = session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,
+                                    seed=derive_seed(cfg.seed, "retroact", i))
+        episodes = session.rollout(tasks, f"explore-{i + 1}", r.trials, settings)
+        samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward)
+        log_round(session, "retroact", i + 1, episodes, rl_samples=len(samples), **counts)
+        if not samples:
+            say(f"[retroact {i + 1}] no sample passed the filters (no positive return); nothing to train")
+            continue
+        session.train(f"retroact-{i + 1}", "train_retroact", samples, imitation, epochs=r.epochs, lr=r.lr,
+                      eps=r.eps, il_coef=r.il_coef, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
+        session.checkpoint(f"retroact-{i + 1}")
+    return rows + session.evaluate("RetroAct")
+
+
+PIPELINES: dict[str, Callable[[Session], Rows]] = {
+    "sft": sft, "eto": eto, "retroformer": retroformer, "retroact": retroact,
+}
+
+
+def run_method(cfg: Config, run: RunDir, prepared: Prepared) -> Rows:
+    """Run cfg.method end to end; the evaluation rows go to RUN/eval/ and the terminal."""
+    t0 = time.perf_counter()
+    session = Session(cfg, run, prepared)
+    try:
+        rows = PIPELINES[cfg.method](session)
+    finally:
+        session.close()
+    table = markdown_table(rows)
+    run.write_json("eval/results.json", rows)
+    run.write_text("eval/table.md", table)
+    run.log("done", method=cfg.method, seconds=time.perf_counter() - t0)
+    say("\n" + table)
+    say(f"finished in {time.perf_counter() - t0:.0f}s; results in {run.path / 'eval'}")
+    return rows

@@ -1,0 +1,247 @@
+"""`retrorl report RUN_DIR... [--out DIR]`: the comparison table across runs and a plot, from the runs' files only.
+
+Reads, per run directory (cluster/run_dir.py), and writes nothing into it unless it is the output folder:
+  RUN/config.yaml        `name`, `method`, `seed`
+  RUN/eval/results.json  rows of cluster.evaluation.evaluate(): the table, and `returns_per_trial` for panel (a)
+  RUN/metrics.jsonl      `round` events (`train_return` per training round) for panel (b); bad lines are skipped
+Writes OUT/report.md (also printed) and OUT/report.png, each atomically, and only once every run has been read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RATES = ("IR", "FR", "AR", "success")  # shown x100
+COLUMNS = ("split", "run", "config method", "seed", "method", "episodes", "trials", "IR", "FR", "AR", "success",
+           "avg_steps", "reflection_improved")
+
+
+class ReportError(Exception):
+    """A run directory the report cannot read: the message names the path and what is missing."""
+
+
+@dataclass
+class RunData:
+    path: Path
+    name: str  # the run directory's name (config name + start stamp), unique per run
+    method: str  # config `method`
+    seed: Any
+    rows: list[dict[str, Any]]
+    rounds: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # event method -> (round, return)
+
+
+def load_run(path: str | Path) -> RunData:
+    given = str(path)
+    root = Path(path)
+    if not root.is_dir():
+        raise ReportError(f"{given}: no such run directory")
+    results = root / "eval" / "results.json"
+    if not results.is_file():
+        raise ReportError(f"{given}: missing eval/results.json (evaluate the run first)")
+    try:
+        rows = json.loads(results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{results}: unreadable results ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ReportError(f"{results}: expected a list of result rows")
+    config_path = root / "config.yaml"
+    if not config_path.is_file():
+        raise ReportError(f"{given}: missing config.yaml")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ReportError(f"{config_path}: unreadable config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{config_path}: expected a mapping")
+    return RunData(path=root.resolve(), name=root.resolve().name, method=str(config.get("method", "-")),
+                   seed=config.get("seed", "-"), rows=rows, rounds=_rounds(root / "metrics.jsonl"))
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """As RunDir.metrics(), without RunDir (whose constructor creates folders): unparseable lines are skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _rounds(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """train_return per round, per logged method; a round logged twice (a resumed run) keeps its last record."""
+    by_method: dict[str, dict[int, float]] = {}
+    for record in _metrics(path):
+        if record.get("event") != "round":
+            continue
+        step, ret = record.get("round"), _number(record.get("train_return"))
+        if isinstance(step, bool) or not isinstance(step, int) or ret is None:
+            continue
+        by_method.setdefault(str(record.get("method", "-")), {})[step] = ret
+    return {m: sorted(points.items()) for m, points in by_method.items()}
+
+
+def _names(runs: Sequence[RunData]) -> list[str]:
+    """Run directory names, or full paths where two runs given share a name."""
+    names = [r.name for r in runs]
+    return [str(r.path) if names.count(r.name) > 1 else r.name for r in runs]
+
+
+def _cell(column: str, value: Any) -> str:
+    if column in RATES or column == "reflection_improved":
+        number = _number(value)
+        return "-" if number is None else f"{100 * number:.1f}"
+    if column == "avg_steps":
+        number = _number(value)
+        return "-" if number is None else f"{number:.1f}"
+    return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """One entry per (run, method label, split): sorted by split, then the order runs were given, then file order."""
+    entries = []
+    for run_index, (run, name) in enumerate(zip(runs, _names(runs))):
+        for row_index, row in enumerate(run.rows):
+            entries.append(((str(row.get("split", "-")), run_index, row_index),
+                            {**row, "run": name, "config method": run.method, "seed": run.seed}))
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
+
+
+def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None) -> str:
+    lines = ["# retrorl report", "", "Runs:"]
+    lines += [f"- `{name}`: {run.path} (method {run.method}, seed {run.seed})" for run, name in zip(runs, _names(runs))]
+    lines += ["", "Returns and rates x100; avg_steps in env steps per trial.", "",
+              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in table_rows(runs):
+        lines.append("| " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |")
+    lines.append("")
+    if png_name:
+        lines += [f"![return per trial and per training round]({png_name})", ""]
+    if skipped:
+        lines.append("Not in the return-per-trial plot (their results.json rows have no `returns_per_trial`; "
+                     "re-evaluate the run to plot them):")
+        lines += [f"- {s}" for s in skipped]
+        lines.append("")
+    no_rounds = [name for run, name in zip(runs, _names(runs)) if not run.rounds]
+    if no_rounds:
+        lines += ["No training rounds in metrics.jsonl: " + ", ".join(f"`{n}`" for n in no_rounds), ""]
+    return "\n".join(lines)
+
+
+def _curve(row: dict[str, Any]) -> list[float] | None:
+    values = row.get("returns_per_trial")
+    if not isinstance(values, list) or not values:
+        return None
+    numbers = [_number(v) for v in values]
+    return None if any(n is None for n in numbers) else numbers  # type: ignore[return-value]
+
+
+def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
+    """PNG bytes of the two panels, and the (run, label, split) rows left out of panel (a)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(14, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    per_trial, per_round = fig.subplots(1, 2)
+    colours = [f"C{i % 10}" for i in range(len(runs))]  # panel (b): one colour per run
+    styles = ["-", "--", ":", "-."]  # panel (a): one line style per split, one colour per (run, label)
+    splits = sorted({str(r.get("split", "-")) for run in runs for r in run.rows})
+    curve_colours: dict[tuple[int, str], str] = {}
+    skipped = []
+    for run_index, (run, name) in enumerate(zip(runs, _names(runs))):
+        for row in run.rows:
+            label, split = str(row.get("method", "-")), str(row.get("split", "-"))
+            curve = _curve(row)
+            if curve is None:
+                skipped.append(f"`{name}` / {label} / {split}")
+                continue
+            colour = curve_colours.setdefault((run_index, label), f"C{len(curve_colours) % 10}")
+            single = len(curve) == 1  # a ReAct row: its one trial, drawn as a hollow square around that point
+            per_trial.plot(range(1, len(curve) + 1), [100 * v for v in curve], color=colour,
+                           marker="s" if single else "o", markersize=11 if single else 6,
+                           markerfacecolor="none" if single else colour,
+                           linestyle=styles[splits.index(split) % len(styles)], label=f"{name}: {label} ({split})")
+    per_trial.set_title("(a) mean return per trial (eval)")
+    per_trial.set_xlabel("trial")
+    per_trial.set_ylabel("mean return x100 (padded after a win)")
+    per_trial.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if per_trial.lines:
+        per_trial.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    else:
+        per_trial.text(0.5, 0.5, "no rows with returns_per_trial", ha="center", va="center",
+                       transform=per_trial.transAxes)
+
+    for run, name, colour in zip(runs, _names(runs), colours):
+        for index, (method, points) in enumerate(sorted(run.rounds.items())):
+            per_round.plot([p[0] for p in points], [100 * p[1] for p in points], color=colour, marker="o",
+                           linestyle=styles[index % len(styles)], label=f"{name}: {method}")
+    per_round.set_title("(b) train_return per training round")
+    per_round.set_xlabel("round")
+    per_round.set_ylabel("mean training return x100")
+    per_round.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if per_round.lines:
+        per_round.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    else:
+        per_round.text(0.5, 0.5, "no training rounds", ha="center", va="center", transform=per_round.transAxes)
+    for ax in (per_trial, per_round):
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue(), skipped
+
+
+def default_out(run_dirs: Sequence[str | Path]) -> Path:
+    return Path(run_dirs[0]) / "eval" if len(run_dirs) == 1 else Path("report")
+
+
+def report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, Path, Path]:
+    """Read every run, render both outputs in memory, then write them; a ReportError leaves nothing written."""
+    from rollout.store import write_atomic
+
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    runs = [load_run(p) for p in run_dirs]
+    out_dir = Path(out) if out is not None else default_out(run_dirs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"{out_dir}: --out exists and is not a directory")
+    png, skipped = plot(runs)
+    text = markdown(runs, skipped, "report.png")
+    md_path, png_path = out_dir / "report.md", out_dir / "report.png"
+    write_atomic(png_path, png)
+    write_atomic(md_path, text.encode())
+    return text, md_path, png_path
+
+
+def main(run_dirs: Sequence[str], out: str | None = None) -> int:
+    import sys
+
+    try:
+        text, md_path, png_path = report(run_dirs, out)
+    except ReportError as exc:
+        print(f"retrorl: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"wrote {md_path} and {png_path}")
+    return 0

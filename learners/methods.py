@@ -1,0 +1,178 @@
+"""The methods' updates on top of the learner's mechanics (ALGORITHMS.md sections 2-4).
+
+`MethodLearner` is the learner actor the pipelines start: `train_il` (IL / SFT) comes from `Learner`; this adds
+ETO's DPO, Retroformer's reflector policy gradient and RetroAct's off-policy joint policy gradient. Each is one
+short loop of `fit` steps over (batch, objective) parts; the losses themselves are the pure functions in losses.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from agents.trajectory import REFLECTOR
+from learners.batching import Batch, TokenSample, make_batches, make_pair_batches
+from learners.learner import Learner, Objective, _merge_epochs
+from learners.losses import (
+    AdaptiveKLController,
+    advantages,
+    dpo_loss,
+    il_loss,
+    masked_sum,
+    offpolicy_pg_loss,
+    reflection_pg_loss,
+)
+
+
+def _named(name: str, fn: Objective) -> Objective:
+    fn.__name__ = name  # `fit` tags its loss and stats with the objective's name
+    return fn
+
+
+class MethodLearner(Learner):
+    def __init__(self, *args: Any, kl_coef: float = 0.2, target_kl: float | None = 0.1,
+                 kl_horizon: int = 10000, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kl = AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"kl": self.kl.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if "kl" in state:
+            self.kl.load_state_dict(state["kl"])
+
+    # ------------------------------------------------------------------ ETO
+    def train_dpo(
+        self,
+        pairs: Sequence[tuple[TokenSample, TokenSample]],
+        beta: float,
+        epochs: int = 1,
+        lr: float | None = None,
+        max_tokens_per_batch: int = 4096,
+    ) -> dict[str, float]:
+        """DPO over whole trajectories; the reference is this policy as the call starts (ETO: pi_ref := pi_theta
+        at the start of each iteration), scored once up front. Pairs with a sample over the length cap are dropped."""
+        flat = [s for pair in pairs for s in pair]
+        kept, counts = self.prepare(flat)
+        keep = {id(s) for s in kept}
+        pairs = [p for p in pairs if id(p[0]) in keep and id(p[1]) in keep]
+        scored = self.with_logprobs([s for p in pairs for s in p])  # current policy = the reference
+        pairs = [(scored[2 * i], scored[2 * i + 1]) for i in range(len(pairs))]
+        self.set_lr(self.lr if lr is None else lr)
+
+        def dpo(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+            mask = batch.loss_mask[:, 1:]
+            policy = masked_sum(lp, mask)
+            ref = masked_sum(batch.ref_logprobs[:, 1:], mask)
+            k = policy.shape[0] // 2  # rows: chosen first, then rejected (make_pair_batches)
+            loss, chosen, rejected = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta)
+            return loss, k, {"reward_accuracy": float((chosen > rejected).float().mean()),
+                             "reward_margin": float((chosen - rejected).mean())}
+
+        objective = _named("dpo", dpo)
+        per_epoch = [
+            self.fit([[(b, objective)]
+                      for b in make_pair_batches(pairs, max_tokens_per_batch, self.pad_id, self._rng)])
+            for _ in range(epochs)
+        ]
+        return {**_merge_epochs(per_epoch), **counts, "pairs": len(pairs), "beta": beta}
+
+    # ------------------------------------------------------------------ Retroformer
+    def train_reflector_pg(
+        self,
+        samples: Sequence[TokenSample],
+        epochs: int = 1,
+        lr: float | None = None,
+        baseline: str = "batch",
+        max_tokens_per_batch: int = 4096,
+    ) -> dict[str, float]:
+        """Policy gradient on the replay set (x, y, rating): advantage = rating - baseline (the replay set's mean,
+        or per task), plus the KL penalty to the reference (`set_reference`) with the adaptive coefficient."""
+        if any(s.role != REFLECTOR for s in samples):
+            raise ValueError("Retroformer trains the reflector only; got samples of other roles")
+        kept, counts = self.prepare(samples)
+        if not kept:
+            return {"steps": 0, **counts}
+        groups = [s.meta["task_id"] for s in kept] if baseline == "task" else None
+        adv = advantages(torch.tensor([s.reward for s in kept], dtype=torch.float32), groups)
+        kept = [s for s in self.with_logprobs(kept, reference=True)]
+        for s, a in zip(kept, adv.tolist()):
+            s.reward = a
+        self.set_lr(self.lr if lr is None else lr)
+
+        def pg(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+            coef = self.kl.value
+            loss, n, kl = reflection_pg_loss(lp, batch.ref_logprobs[:, 1:], batch.loss_mask[:, 1:],
+                                             batch.rewards, coef)
+            self.kl.update(float(kl), batch.input_ids.shape[0])
+            return loss, n, {"kl": float(kl), "kl_coef": coef}
+
+        objective = _named("pg", pg)
+        per_epoch = [
+            self.fit([[(b, objective)] for b in make_batches(kept, max_tokens_per_batch, self.pad_id,
+                                                             self._rng)[REFLECTOR]])
+            for _ in range(epochs)
+        ]
+        return {**_merge_epochs(per_epoch), **counts, "mean_rating": float(torch.tensor(
+            [s.reward for s in samples]).mean()), "kl_coef_end": self.kl.value}
+
+    # ------------------------------------------------------------------ RetroAct
+    def train_retroact(
+        self,
+        rl_samples: Sequence[TokenSample],
+        il_samples: Sequence[TokenSample],
+        epochs: int = 1,
+        lr: float | None = None,
+        eps: float = 0.3,
+        il_coef: float = 1.0,
+        max_tokens_per_batch: int = 4096,
+    ) -> dict[str, float]:
+        """Off-policy joint policy gradient for every role with RL samples: each step pairs a role's RL batch
+        (clipped, detached importance weight against the behaviour log-probs) with one of its IL batches,
+        cycled (oversampled) so every RL batch has one: L = L_RL + il_coef * L_IL."""
+        rl, counts = self.prepare(rl_samples)
+        il, il_counts = self.prepare(il_samples)
+        if any(s.logprobs is None for s in rl):
+            raise ValueError("RetroAct needs the behaviour log-probs recorded at sampling time")
+        self.set_lr(self.lr if lr is None else lr)
+
+        def offpolicy(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+            mask = batch.loss_mask[:, 1:]
+            loss, n = offpolicy_pg_loss(lp, batch.behaviour_logprobs[:, 1:], mask, batch.rewards, eps)
+            ratio = torch.exp(lp.detach() - batch.behaviour_logprobs[:, 1:])
+            clipped = ((ratio < 1 - eps) | (ratio > 1 + eps)) & mask.bool()
+            return loss, n, {"clip_frac": float(clipped.sum()) / max(n, 1)}
+
+        def imitation(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int]:
+            loss, n = il_loss(lp, batch.loss_mask[:, 1:])
+            return il_coef * loss, n
+
+        rl_obj, il_obj = _named("rl", offpolicy), _named("il", imitation)
+        per_epoch = []
+        for _ in range(epochs):
+            rl_batches = make_batches(rl, max_tokens_per_batch, self.pad_id, self._rng)
+            il_streams = {role: self._cycle(il, role, max_tokens_per_batch) for role in rl_batches}
+            steps = []
+            for step in self._steps(rl_batches):
+                parts: list[tuple[Batch, Objective]] = []
+                for role, batch in step.items():
+                    parts.append((batch, rl_obj))
+                    il_batch = next(il_streams[role], None)
+                    if il_batch is not None:
+                        parts.append((il_batch, il_obj))
+                steps.append(parts)
+            per_epoch.append(self.fit(steps, tag=lambda b, obj: f"{obj.__name__}/{b.role}"))
+        return {**_merge_epochs(per_epoch), **counts, **{f"il_{k}": v for k, v in il_counts.items()},
+                "rl_samples": len(rl)}
+
+    def _cycle(self, samples: Sequence[TokenSample], role: str, max_tokens: int) -> Iterator[Batch]:
+        """Endless IL batches of one role, reshuffled on every pass (empty when the role has no IL data)."""
+        mine = [s for s in samples if s.role == role]
+        if not mine:
+            return iter(())
+        return itertools.chain.from_iterable(
+            make_batches(mine, max_tokens, self.pad_id, self._rng)[role] for _ in itertools.count())

@@ -1,0 +1,113 @@
+"""The methods' updates on a real MethodLearner (PEFT + DeepSpeed, CPU) with the tiny Llama: each moves the policy
+the way its objective says, touches only the roles it trains, and checkpoints its extra state."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from agents.model import TINY_MODEL, resolve_model
+from agents.trajectory import ACTOR, REFLECTOR
+from learners.batching import TokenSample
+from learners.methods import MethodLearner
+
+
+@pytest.fixture(scope="module")
+def tiny_path() -> str:
+    return str(resolve_model(TINY_MODEL))
+
+
+def make(tiny_path: str, tmp_path, **kw) -> MethodLearner:
+    kw = {"dtype": "float32", "lr": 1e-2, "seed": 0, "output_dir": tmp_path / "learner", "lora_dropout": 0.0, **kw}
+    return MethodLearner(tiny_path, **kw)
+
+
+def sample(role: str, prompt: list[int], completion: list[int], **kw) -> TokenSample:
+    return TokenSample(prompt + completion, [0] * len(prompt) + [1] * len(completion), role, **kw)
+
+
+def seqlp(learner: MethodLearner, samples: list[TokenSample]) -> list[float]:
+    return learner.sequence_logprobs(samples)
+
+
+def test_dpo_raises_chosen_over_rejected_against_the_start(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    rng = random.Random(0)
+    pairs = []
+    for i in range(4):
+        prompt = [rng.randint(100, 4000) for _ in range(10 + i)]
+        chosen = [rng.randint(100, 4000) for _ in range(6)]
+        rejected = [rng.randint(100, 4000) for _ in range(7)]
+        pairs.append((sample(ACTOR, prompt, chosen), sample(ACTOR, prompt, rejected)))
+    flat = [s for p in pairs for s in p]
+    before = seqlp(learner, flat)
+    reflector = learner.adapter_tensors(REFLECTOR)
+    m = learner.train_dpo(pairs, beta=0.5, epochs=3, lr=5e-3, max_tokens_per_batch=64)
+    after = seqlp(learner, flat)
+    margin = lambda lp: [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs))]  # noqa: E731
+    assert all(a > b for a, b in zip(margin(after), margin(before)))
+    assert m["pairs"] == 4 and m["steps"] > 3 and m["reward_accuracy/actor"] > 0.5
+    # The first step's reference is the policy itself: loss log 2 before anything moved.
+    assert m["loss_first/actor"] < 0.6931 + 1e-3
+    assert all(torch.equal(reflector[k], v) for k, v in learner.adapter_tensors(REFLECTOR).items())
+
+
+def test_retroact_raises_rewarded_actions_and_keeps_il_term(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    prompt = list(range(200, 212))
+    good, bad = [301, 302, 303, 304], [401, 402, 403, 404]
+    probe = [sample(ACTOR, prompt, good), sample(ACTOR, prompt, bad)]
+    base_lp = learner.token_logprobs(probe)
+    rl = [sample(ACTOR, prompt, good, logprobs=base_lp[0].tolist(), reward=1.0)]
+    il = [sample(ACTOR, [7, 8, 9, 10], [501, 502, 503])]
+    before = seqlp(learner, probe + il)
+    reflector = learner.adapter_tensors(REFLECTOR)
+    m = learner.train_retroact(rl, il, epochs=4, lr=5e-3, eps=0.3, il_coef=1.0)
+    after = seqlp(learner, probe + il)
+    assert after[0] > before[0]  # the rewarded completion became likelier
+    assert after[2] > before[2]  # and the IL regulariser trained its own data
+    assert m["steps"] == 4 and "loss/rl/actor" in m and "loss/il/actor" in m
+    # The weight clips at 1 + eps once the policy has moved past it from the behaviour policy.
+    assert m["clip_frac/rl/actor"] > 0.0
+    # No reflector sample: the reflector adapter never moved.
+    assert all(torch.equal(reflector[k], v) for k, v in learner.adapter_tensors(REFLECTOR).items())
+
+
+def test_retroact_requires_behaviour_logprobs(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    with pytest.raises(ValueError, match="behaviour log-probs"):
+        learner.train_retroact([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)], [], epochs=1)
+
+
+def test_reflector_pg_follows_ratings_with_kl_and_checkpoints_it(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path, target_kl=1e-4, kl_horizon=10)
+    prompt = list(range(300, 316))
+    helped = sample(REFLECTOR, prompt, [601, 602, 603, 604, 605], reward=1.0, meta={"task_id": "t"})
+    hurt = sample(REFLECTOR, prompt, [701, 702, 703, 704, 705], reward=-1.0, meta={"task_id": "t"})
+    learner.set_reference([REFLECTOR])
+    actor = learner.adapter_tensors(ACTOR)
+    before = seqlp(learner, [helped, hurt])
+    m = learner.train_reflector_pg([helped, hurt], epochs=4, lr=5e-3)
+    after = seqlp(learner, [helped, hurt])
+    assert after[0] > before[0] and after[1] < before[1]
+    # Step 1 starts at the reference (KL 0, coefficient down 4 %), later steps sit above the target (up 4 % each).
+    assert m["kl/reflector"] > 0 and m["kl_coef_end"] > 0.2
+    assert all(torch.equal(actor[k], v) for k, v in learner.adapter_tensors(ACTOR).items())
+    # The reference still scores as the policy did before training.
+    ref = learner.token_logprobs([helped], reference=True)[0].sum()
+    assert float(ref) == pytest.approx(before[0], abs=1e-4)
+
+    path = learner.save_checkpoint(tmp_path / "ck")
+    fresh = make(tiny_path, tmp_path / "fresh")
+    fresh.load_checkpoint(path)
+    assert fresh.kl.value == pytest.approx(learner.kl.value)
+    assert float(fresh.token_logprobs([helped], reference=True)[0].sum()) == pytest.approx(float(ref), abs=1e-5)
+    assert seqlp(fresh, [helped]) == pytest.approx(seqlp(learner, [helped]), abs=1e-5)
+
+
+def test_reflector_pg_refuses_actor_samples(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    with pytest.raises(ValueError, match="reflector only"):
+        learner.train_reflector_pg([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)])

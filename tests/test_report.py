@@ -1,0 +1,213 @@
+"""`retrorl report`: run directories written from real `evaluate()` rows of hand-built episodes; no Ray, no model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, Step, Trial
+from cluster import cli
+from cluster.evaluation import evaluate, padded_returns, summarise
+
+K = 3
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _generation(role: str, text: str) -> Generation:
+    return Generation(role=role, prompt_ids=[1, 2], completion_ids=[3], logprobs=[-0.5], version=0, text=text)
+
+
+def _episode(task: str, split: str, trials: list[tuple[float, int]]) -> Episode:
+    """trials: (return, steps) per trial; a return of 1.0 is a win and must be the last trial (episodes stop there).
+    Every trial but the last gets a reflection, as the rollout writes one after each failed trial with trials left."""
+    built = []
+    for i, (ret, n_steps) in enumerate(trials):
+        steps = [Step(observation="obs", action="look", thought="t", reward=0.0, score=0.0, valid=True,
+                      format_ok=j != 0, generation=_generation(ACTOR, "Action: look")) for j in range(n_steps)]
+        last = i == len(trials) - 1
+        built.append(Trial(index=i, memory=[], steps=steps, ret=ret, success=ret >= 1.0, format_errors=1,
+                           reflection=None if last else _generation(REFLECTOR, "try the key")))
+    return Episode(episode_id=f"{task}-{split}", env="textworld", task_id=task, split=split, source="rollout",
+                   trials=built)
+
+
+# run A: a win at trial 1 (stops), a win at trial 3 after two reflections, partial returns, a win at trial 2
+EPISODES_A = [
+    _episode("a1", "seen", [(1.0, 4)]),
+    _episode("a2", "seen", [(0.0, 6), (0.5, 5), (1.0, 3)]),
+    _episode("a3", "unseen", [(0.2, 8), (0.2, 8), (0.4, 7)]),
+    _episode("a4", "unseen", [(0.0, 9), (1.0, 2)]),
+]
+EPISODES_B = [
+    _episode("b1", "seen", [(0.5, 5), (0.25, 5), (0.75, 5)]),
+    _episode("b2", "seen", [(0.0, 10), (0.0, 10), (0.0, 10)]),
+    _episode("b3", "unseen", [(0.6, 4), (1.0, 3)]),
+]
+ROUNDS_B = [(1, 0.1), (2, 0.35), (3, 0.5)]
+
+
+def _write_run(path: Path, method: str, seed: int, episodes: list[Episode], label: str,
+               rounds: list[tuple[int, float]]) -> list[dict]:
+    rows = evaluate(episodes, label, K)
+    (path / "eval").mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": method, "name": path.name}))
+    (path / "eval" / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
+    lines = [json.dumps({"event": "demos", "tasks": 4})]
+    for r, ret in rounds:
+        lines.append(json.dumps({"event": "round", "method": method, "round": r, "train_return": ret,
+                                 "first_return": ret / 2, "final_return": ret, "success": 0.0}))
+        lines.append(json.dumps({"event": "eval", "label": f"{label} r{r}", "round": r, "rows": rows}))
+    lines.append('{"event": "round", "method": "ret')  # cut by a crash mid-write: skipped
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path]:
+    run_a, run_b = tmp_path / "sft-20260101-000000", tmp_path / "retroact-20260101-000000"
+    _write_run(run_a, "sft", 0, EPISODES_A, "SFT", [])
+    _write_run(run_b, "retroact", 7, EPISODES_B, "RetroAct", ROUNDS_B)
+    return run_a, run_b
+
+
+@pytest.fixture(autouse=True)
+def _no_config(monkeypatch):
+    """`report` must not load a config (nor run preflight, a model or Ray)."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("report loaded a config")
+    monkeypatch.setattr(cli, "load_config", refuse)
+
+
+def _table(md: str) -> list[dict[str, str]]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _expected(episodes: list[Episode], split: str, trials: int) -> dict[str, str]:
+    """Computed from the episodes here, independently of summarise(), over the first `trials` trials: a one-trial
+    (ReAct) row has its own steps and no reflections ("-")."""
+    eps = [e for e in episodes if e.split == split]
+    padded = []
+    for e in eps:
+        rets = [t.ret for t in e.trials][:trials]
+        padded.append(rets + [rets[-1]] * (trials - len(rets)))
+    n = len(eps)
+    steps = sum(len(t.steps) for e in eps for t in e.trials[:trials])
+    pairs = [(t.ret, e.trials[i + 1].ret) for e in eps for i, t in enumerate(e.trials[:trials][:-1])]
+
+    def x100(v: float) -> str:
+        return f"{100 * v:.1f}"
+
+    return {
+        "episodes": str(n), "trials": str(trials),
+        "IR": x100(sum(p[0] for p in padded) / n),
+        "FR": x100(sum(p[-1] for p in padded) / n),
+        "AR": x100(sum(sum(p) / trials for p in padded) / n),
+        "success": x100(sum(any(t.ret >= 1.0 for t in e.trials[:trials]) for e in eps) / n),
+        "avg_steps": f"{steps / sum(len(e.trials[:trials]) for e in eps):.1f}",
+        "reflection_improved": x100(sum(b > a for a, b in pairs) / len(pairs)) if pairs else "-",
+    }
+
+
+def test_returns_per_trial_pads_after_a_win():
+    win_first = EPISODES_A[0]  # one trial, won: the two trials it skipped count as that win
+    assert padded_returns(win_first, K) == [1.0, 1.0, 1.0]
+    assert summarise([win_first], K)["returns_per_trial"] == [1.0, 1.0, 1.0]
+    win_second = EPISODES_A[3]
+    assert summarise([win_second], K)["returns_per_trial"] == [0.0, 1.0, 1.0]
+    both = summarise([EPISODES_A[2], win_second], K)
+    assert both["returns_per_trial"] == pytest.approx([0.1, 0.6, 0.7])
+    assert both["returns_per_trial"][0] == pytest.approx(both["IR"])
+    assert both["returns_per_trial"][-1] == pytest.approx(both["FR"])
+    assert sum(both["returns_per_trial"]) / K == pytest.approx(both["AR"])
+    assert summarise([win_second], 1)["returns_per_trial"] == [0.0]
+
+
+def test_report_table_and_plot(runs, tmp_path, capsys):
+    run_a, run_b = runs
+    results = {run.name: json.loads((run / "eval" / "results.json").read_text()) for run in runs}
+    out = tmp_path / "out"
+    assert cli.main(["report", str(run_a), str(run_b), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert md in printed
+
+    table = _table(md)
+    assert len(table) == 2 * 2 * 2  # runs x labels x splits
+    # sorted by split, then by the order the runs were given, then ReAct before + reflection
+    assert [(r["split"], r["run"], r["method"]) for r in table] == [
+        (split, run.name, f"{label} {kind}")
+        for split in ("seen", "unseen")
+        for run, label in ((run_a, "SFT"), (run_b, "RetroAct"))
+        for kind in ("ReAct", "+ reflection")
+    ]
+    for row in table:
+        run_episodes = EPISODES_A if row["run"] == run_a.name else EPISODES_B
+        assert (row["config method"], row["seed"]) == (("sft", "0") if row["run"] == run_a.name else ("retroact", "7"))
+        trials = 1 if row["method"].endswith("ReAct") else K
+        expected = _expected(run_episodes, row["split"], trials)
+        assert {k: row[k] for k in expected} == expected, row
+        # and every number is the one evaluate() wrote to results.json, x100 (avg_steps as is)
+        source = next(r for r in results[row["run"]] if (r["method"], r["split"]) == (row["method"], row["split"]))
+        for key in ("IR", "FR", "AR", "success", "reflection_improved"):
+            assert row[key] == ("-" if source[key] is None else f"{100 * source[key]:.1f}")
+        assert row["avg_steps"] == f"{source['avg_steps']:.1f}"
+    # spot values, by hand: run A seen with reflection: padded [1,1,1] and [0,.5,1]
+    seen_a = next(r for r in table if r["run"] == run_a.name and r["split"] == "seen" and "reflection" in r["method"])
+    assert (seen_a["IR"], seen_a["FR"], seen_a["AR"], seen_a["success"]) == ("50.0", "100.0", "75.0", "100.0")
+    assert "No training rounds in metrics.jsonl: `" + run_a.name + "`" in md
+    assert "returns_per_trial" not in md  # every row had its curve: nothing skipped
+
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+    from PIL import Image
+
+    with Image.open(out / "report.png") as image:
+        image.verify()
+    with Image.open(out / "report.png") as image:
+        width, height = image.size
+        assert width > 800 and height > 300
+        assert len(image.convert("L").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50  # drawn, not blank
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_rows_without_curve_are_skipped_and_named(runs, tmp_path, capsys):
+    run_a, _ = runs
+    results = run_a / "eval" / "results.json"
+    rows = json.loads(results.read_text())
+    for row in rows:
+        if row["split"] == "unseen":
+            del row["returns_per_trial"]  # a results.json written before returns_per_trial existed
+    results.write_text(json.dumps(rows))
+    assert cli.main(["report", str(run_a)]) == 0
+    md = (run_a / "eval" / "report.md").read_text()  # one run: defaults to RUN/eval
+    assert (run_a / "eval" / "report.png").read_bytes().startswith(PNG_MAGIC)
+    assert "no `returns_per_trial`" in md
+    assert f"- `{run_a.name}` / SFT ReAct / unseen" in md and f"- `{run_a.name}` / SFT + reflection / unseen" in md
+    assert "/ SFT ReAct / seen" not in md
+    assert len(_table(md)) == 4  # still in the table
+
+
+def test_missing_run_is_exit_2_and_writes_nothing(runs, tmp_path, capsys, monkeypatch):
+    run_a, run_b = runs
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-run"
+    assert cli.main(["report", str(run_a), str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"retrorl: error: {missing}: no such run directory"]
+    assert not out.exists()
+
+    (run_b / "eval" / "results.json").unlink()
+    assert cli.main(["report", str(run_a), str(run_b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"retrorl: error: {run_b}: missing eval/results.json (evaluate the run first)"
+    assert cli.main(["report", str(run_b)]) == 2
+    capsys.readouterr()
+    for run in runs:
+        assert not list(run.rglob("report.*"))
+    assert not (tmp_path / "report").exists()  # the several-runs default, ./report
