@@ -123,7 +123,7 @@ class RetroformerCfg(_Strict):
     target_kl: float | None = Field(0.1, gt=0)  # adaptive toward this KL; null keeps kl_coef fixed
     kl_horizon: int = Field(10000, ge=1)
     reward_model: bool = False  # train a classifier on rating > 0 (the paper's reward model)
-    best_of_n: int = Field(1, ge=1)  # reflections sampled at evaluation; >1 picks the reward model's best
+    best_of_n: int = Field(1, ge=1)  # reflections sampled at evaluation (at `temperature`); >1: the reward model's best
 
 
 class RetroActCfg(_Strict):
@@ -166,11 +166,13 @@ class Config(_Strict):
     def _check(self) -> "Config":
         if self.agent.actor.max_new_tokens >= self.agent.max_context_tokens:
             raise ValueError("agent.actor.max_new_tokens must be below agent.max_context_tokens")
-        if self.retroformer.reward_model:
-            raise ValueError("retroformer.reward_model is not implemented yet; set it to false")
-        if self.retroformer.best_of_n > 1 and not self.retroformer.reward_model:
+        r = self.retroformer
+        if r.best_of_n > 1 and not r.reward_model:
             raise ValueError("retroformer.best_of_n > 1 ranks reflections with the reward model: set "
                              "retroformer.reward_model=true")
+        if r.best_of_n > 1 and r.temperature == 0:
+            raise ValueError("retroformer.best_of_n > 1 samples its candidates at retroformer.temperature: set it "
+                             "above 0")
         if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")

@@ -89,6 +89,7 @@ def retroformer(session: Session) -> Rows:
     session.call("set_reference", [REFLECTOR])  # the KL penalty's reference: the reflector as RL starts
     tasks = session.tasks("train", cfg.env.train_tasks)
     replay = []
+    ranker_ready = False
     for i in range(r.rounds):
         settings = session.settings(r.trials, reflector_temperature=r.temperature,
                                     seed=derive_seed(cfg.seed, "retroformer", i))
@@ -102,8 +103,19 @@ def retroformer(session: Session) -> Rows:
             continue
         session.train(f"reflector-pg-{i + 1}", "train_reflector_pg", replay, epochs=r.epochs, lr=r.lr,
                       baseline=r.baseline, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
+        if r.reward_model:
+            metrics = session.call("train_reward_model", replay)
+            ranker_ready = ranker_ready or bool(metrics["trained"])
+            session.run.log("train", phase=f"reward-model-{i + 1}", **metrics)
+            say(f"[reward-model {i + 1}] {metrics}")
         session.checkpoint(f"retroformer-{i + 1}")
-    return rows + session.evaluate("Retroformer")
+    rows += session.evaluate("Retroformer")
+    if r.best_of_n > 1 and not ranker_ready:
+        say("[retroformer] no best-of-n eval: the replay never held both helpful and unhelpful reflections, "
+            "so there is no reward model to rank with")
+    elif r.best_of_n > 1:
+        rows += session.evaluate(f"Retroformer best-of-{r.best_of_n}", best_of=r.best_of_n, temperature=r.temperature)
+    return rows
 
 
 def retroact(session: Session) -> Rows:

@@ -26,7 +26,7 @@ from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
 from cluster.runtime import init_ray, start_actors
 from envs import TextEnv, make_env
-from learners.batching import il_samples
+from learners.batching import generation_sample, il_samples
 from rollout.engine import SamplingParams
 from rollout.runner import EpisodeRunner, RolloutSettings
 
@@ -125,9 +125,9 @@ class Session:
         )
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
-                settings: RolloutSettings | None = None) -> list[Episode]:
+                settings: RolloutSettings | None = None, rank: Any = None) -> list[Episode]:
         runner = EpisodeRunner(self.actors.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
-                               self.formatter, self.cfg.env.name, settings or self.settings(trials))
+                               self.formatter, self.cfg.env.name, settings or self.settings(trials), rank)
         progress = Progress(phase, len(tasks))
 
         def keep(episode: Episode) -> None:  # each finished episode is on disk before the next one is counted
@@ -143,10 +143,17 @@ class Session:
             f"mean engine batch {batch:.1f}, adapter versions {s['versions']}")
         return episodes
 
-    def evaluate(self, label: str) -> list[dict[str, Any]]:
-        """The evaluation protocol on the held-out splits, greedy, K = eval.trials with reflections."""
+    def evaluate(self, label: str, best_of: int = 1, temperature: float = 0.0) -> list[dict[str, Any]]:
+        """The evaluation protocol on the held-out splits, greedy, K = eval.trials with reflections. With
+        `best_of` > 1 each reflection is the learner reward model's pick of that many sampled at `temperature`."""
         phase = f"eval-{label.lower().replace(' ', '-')}"
-        rows = evaluate(self.rollout(self.eval_tasks(), phase, self.cfg.eval.trials), label, self.cfg.eval.trials)
+        trials = self.cfg.eval.trials
+        settings, rank = None, None
+        if best_of > 1:
+            settings = replace(self.settings(trials, reflector_temperature=temperature),
+                               reflection_candidates=best_of)
+            rank = self.rank_reflections
+        rows = evaluate(self.rollout(self.eval_tasks(), phase, trials, settings, rank), label, trials)
         self.run.log("eval", label=label, rows=rows)
         return rows
 
@@ -193,6 +200,11 @@ class Session:
         if metrics.get("steps"):
             self.broadcast()
         return metrics
+
+    async def rank_reflections(self, candidates: list[Any]) -> int:
+        """Index of the candidate reflection the learner's reward model scores highest."""
+        scores = await self.actors.learner.score_reflections.remote([generation_sample(g) for g in candidates])
+        return max(range(len(scores)), key=scores.__getitem__)
 
     def checkpoint(self, name: str) -> str:
         return str(self.call("save_checkpoint", self.run.path / "checkpoints" / name))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agents.trajectory import ACTOR, REFLECTOR, Episode, Trial
+from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, Trial
 from learners.losses import retroact_reflection_reward
 
 
@@ -84,6 +84,19 @@ def actor_samples(episode: Episode) -> list[TokenSample]:
     return [trial_sample(episode, t) for t in episode.trials if t.steps]
 
 
+def generation_sample(gen: Generation, reward: float = 0.0, meta: dict[str, Any] | None = None) -> TokenSample:
+    """One model call as a sample: prompt + completion, mask and behaviour log-probs on the completion."""
+    n_prompt = len(gen.prompt_ids)
+    return TokenSample(
+        ids=list(gen.prompt_ids) + list(gen.completion_ids),
+        mask=[0] * n_prompt + [1] * len(gen.completion_ids),
+        role=gen.role,
+        logprobs=[0.0] * n_prompt + list(gen.logprobs),
+        reward=reward,
+        meta=dict(meta or {}),
+    )
+
+
 def reflector_samples(episode: Episode) -> list[TokenSample]:
     """One sample per trial with a reflection: prompt + completion, mask on the completion.
 
@@ -95,20 +108,10 @@ def reflector_samples(episode: Episode) -> list[TokenSample]:
         gen = trial.reflection
         if gen is None:
             continue
-        ids = list(gen.prompt_ids) + list(gen.completion_ids)
-        n_prompt = len(gen.prompt_ids)
-        rating = trials[i + 1].ret - trial.ret if i + 1 < len(trials) else 0.0
-        out.append(
-            TokenSample(
-                ids=ids,
-                mask=[0] * n_prompt + [1] * len(gen.completion_ids),
-                role=REFLECTOR,
-                logprobs=[0.0] * n_prompt + list(gen.logprobs),
-                reward=rating,
-                meta={**_meta(episode, trial.index, version=gen.version), "has_next": i + 1 < len(trials),
-                      "ret": trial.ret},
-            )
-        )
+        has_next = i + 1 < len(trials)
+        rating = trials[i + 1].ret - trial.ret if has_next else 0.0
+        meta = {**_meta(episode, trial.index, version=gen.version), "has_next": has_next, "ret": trial.ret}
+        out.append(generation_sample(gen, rating, meta))
     return out
 
 

@@ -37,13 +37,18 @@ class MethodLearner(Learner):
                  kl_horizon: int = 10000, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kl = AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+        self._reward_model: dict[str, torch.Tensor] | None = None  # Retroformer's optional rating classifier
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict()}
+        rm = self._reward_model
+        return {"kl": self.kl.state_dict(),
+                "reward_model": None if rm is None else {k: v.tolist() for k, v in rm.items()}}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         if "kl" in state:
             self.kl.load_state_dict(state["kl"])
+        rm = state.get("reward_model")
+        self._reward_model = None if rm is None else {k: torch.tensor(v) for k, v in rm.items()}
 
     # ------------------------------------------------------------------ ETO
     def train_dpo(
@@ -119,6 +124,61 @@ class MethodLearner(Learner):
         ]
         return {**_merge_epochs(per_epoch), **counts, "mean_rating": float(torch.tensor(
             [s.reward for s in samples]).mean()), "kl_coef_end": self.kl.value}
+
+    # ------------------------------------------------------------------ Retroformer's reward model
+    @torch.no_grad()
+    def _features(self, samples: Sequence[TokenSample]) -> torch.Tensor:
+        """[N, hidden]: the base model's last hidden state (adapters off: a fixed encoder) averaged over each
+        sample's trained tokens. Under causal attention those positions have read the whole prompt as well."""
+        was_training = self.engine.training
+        self.engine.eval()
+        out = []
+        try:
+            with self.peft.disable_adapter():
+                decoder = self.peft.get_base_model().get_decoder()
+                for s in samples:  # one sequence per forward: replay sets are small, and no padding to mask
+                    ids = torch.tensor([s.ids], device=self.device)
+                    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
+                    mask = torch.tensor(s.mask, device=self.device, dtype=torch.bool)
+                    out.append(hidden[mask].float().mean(0).cpu())
+        finally:
+            self.engine.train(was_training)
+        return torch.stack(out)
+
+    def train_reward_model(self, samples: Sequence[TokenSample], steps: int = 300, lr: float = 0.05,
+                           weight_decay: float = 1e-2) -> dict[str, float]:
+        """Retroformer's reward model: a classifier of rating > 0 on (reflection prompt, reflection). Here a
+        class-balanced logistic regression on frozen base-model features; it ranks best-of-n reflections."""
+        kept, counts = self.prepare(samples)
+        labels = torch.tensor([1.0 if s.reward > 0 else 0.0 for s in kept])
+        n_pos = int(labels.sum())
+        if n_pos == 0 or n_pos == len(kept):
+            return {"trained": 0, "positives": n_pos, "samples": len(kept), **counts}
+        x = self._features(kept)
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        z = (x - mean) / std
+        w = torch.zeros(z.shape[1], requires_grad=True)
+        b = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+        pos_weight = torch.tensor((len(kept) - n_pos) / n_pos)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels, pos_weight=pos_weight)
+            loss.backward()
+            opt.step()
+        self._reward_model = {"mean": mean, "std": std, "w": w.detach(), "b": b.detach()}
+        accuracy = float(((z @ w + b > 0).float() == labels).float().mean())
+        return {"trained": 1, "positives": n_pos, "samples": len(kept), "loss": float(loss),
+                "train_accuracy": accuracy, **counts}
+
+    def score_reflections(self, samples: Sequence[TokenSample]) -> list[float]:
+        """P(rating > 0) per sample under the reward model."""
+        rm = self._reward_model
+        if rm is None:
+            raise RuntimeError("no reward model: train_reward_model first (it needs both helpful and unhelpful "
+                               "reflections in the replay set)")
+        z = (self._features(samples) - rm["mean"]) / rm["std"]
+        return torch.sigmoid(z @ rm["w"] + rm["b"]).tolist()
 
     # ------------------------------------------------------------------ RetroAct
     def train_retroact(

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from agents.actor import ActorPrompt
 from agents.chat import ChatFormatter
@@ -34,6 +34,7 @@ class RolloutSettings:
     show_actions: bool = True
     max_steps: int | None = None  # cap on steps per trial below the task's own limit (None: the task's limit)
     seed: int = 0
+    reflection_candidates: int = 1  # >1: sample this many reflections and keep the one `rank` picks (best-of-n)
 
 
 @dataclass
@@ -68,9 +69,13 @@ class EpisodeRunner:
         formatter: ChatFormatter,
         env_name: str,
         settings: RolloutSettings,
+        rank: Callable[[list[Generation]], Awaitable[int]] | None = None,
     ) -> None:
         if not engines or not workers:
             raise ValueError("the runner needs at least one engine and one env worker")
+        if settings.reflection_candidates > 1 and (rank is None or settings.reflector.temperature == 0):
+            raise ValueError("best-of-n reflections need a rank function and a reflector temperature > 0")
+        self.rank = rank
         self.engines = list(engines)
         self.in_flight = [0] * len(self.engines)
         self.slots = [(w, s) for s in range(envs_per_worker) for w in workers]  # interleaved: spread over workers
@@ -101,6 +106,15 @@ class EpisodeRunner:
         return Generation(role, ids, result.completion_ids, result.logprobs, result.version, text,
                           result.finish_reason)
 
+    async def _reflect(self, prompt_ids: list[int], stats: RolloutStats) -> Generation:
+        n = self.settings.reflection_candidates
+        if n == 1:
+            return await self._generate(prompt_ids, REFLECTOR, self.settings.reflector, stats)
+        candidates = await asyncio.gather(
+            *(self._generate(prompt_ids, REFLECTOR, self.settings.reflector, stats) for _ in range(n)))
+        assert self.rank is not None
+        return candidates[await self.rank(list(candidates))]
+
     async def run_episode(self, task_id: str, split: str, slot, stats: RolloutStats, tags: dict) -> Episode:
         worker, index = slot
         cfg = self.settings
@@ -126,7 +140,7 @@ class EpisodeRunner:
                 break
             if cfg.reflect:
                 prompt_ids = self.reflector_prompt.build(instruction, first_obs, trial, memory.render())
-                trial.reflection = await self._generate(prompt_ids, REFLECTOR, cfg.reflector, stats)
+                trial.reflection = await self._reflect(prompt_ids, stats)
                 memory.add(trial.reflection.text)
         return episode
 

@@ -61,3 +61,20 @@ def test_cli_bad_env_options_exit_2_before_any_run_dir(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "n_trian" in err and "n_train" in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", ["configs/default.yaml", "configs/sciworld.yaml"])
+@pytest.mark.parametrize("method", ["sft", "eto", "retroformer", "retroact"])
+def test_shipped_configs_load_for_every_method(path, method):
+    cfg = load_config(path, [f"method={method}"])
+    assert cfg.method == method and cfg.run_name == f"{cfg.env.name}-{method}"
+
+
+def test_method_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="reward_model"):
+        load_config(None, ["retroformer.best_of_n=4"])
+    with pytest.raises(ConfigError, match="init.checkpoint"):
+        load_config(None, [f"init.checkpoint={tmp_path}"])
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, ["method=ppo"])
+    assert main(["train", "--method", "eto", "--set", f"init.checkpoint={tmp_path}"]) == 2

@@ -91,10 +91,14 @@ def test_sft_job_with_tiny_model(sft_run):
 @pytest.mark.parametrize("method", ["eto", "retroformer", "retroact"])
 def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
     sft, sft_rows = sft_run
-    run, rows = _run([
+    _check_method(sft, tmp_path, method, [])
+
+
+def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDir:
+    run, rows = _run(extra + [
         f"method={method}", f"run_root={tmp_path}", f"init.checkpoint={sft.path / 'checkpoints' / 'sft'}",
         "eto.iterations=1", "eto.lr=[0.01]", "eto.epochs=2", "retroformer.rounds=1", "retroformer.trials=2",
-        "retroact.rounds=1", "retroact.trials=2",
+        "retroact.rounds=1", "retroact.trials=2", "retroformer.reward_model=true", "retroformer.best_of_n=2",
     ])
     label = {"eto": "ETO", "retroformer": "Retroformer", "retroact": "RetroAct"}[method]
     assert {(r["method"], r["split"]) for r in rows} >= {(f"{label} ReAct", "seen"), (f"{label} + reflection", "unseen")}
@@ -123,3 +127,16 @@ def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
         # filters leave nothing to train, nothing is published, and the eval is the SFT policy's.
         assert trained == []
         assert all(after[t].completion_ids == sft_first[t].completion_ids for t in after)
+    return run
+
+
+@pytest.mark.slow
+def test_shared_adapter_from_scratch(tmp_path):
+    """One adapter serves both roles: IL and DPO train it, and both roles' versions move together."""
+    sft, _ = _run(["method=sft", f"run_root={tmp_path / 'sft'}", "learner.shared_adapter=true",
+                   "learner.epochs=2", "learner.lr=0.01"])
+    run = _check_method(sft, tmp_path, "eto", ["learner.shared_adapter=true"])
+    broadcasts = [e["versions"] for e in run.metrics() if e["event"] == "broadcast"]
+    assert broadcasts == [{"actor": 1, "reflector": 1}, {"actor": 2, "reflector": 2}]
+    reflections = {t.reflection.version for e in _episodes(run, "eval-eto") for t in e.trials if t.reflection}
+    assert reflections <= {2}

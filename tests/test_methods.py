@@ -111,3 +111,29 @@ def test_reflector_pg_refuses_actor_samples(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path)
     with pytest.raises(ValueError, match="reflector only"):
         learner.train_reflector_pg([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)])
+
+
+def test_reward_model_ranks_helpful_reflections_and_checkpoints(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    rng = random.Random(1)
+    helpful = [601, 602, 603, 604]  # reflections that preceded an improved trial share these tokens
+    unhelpful = [701, 702, 703, 704]
+
+    def reflection(good: bool) -> TokenSample:
+        prompt = [rng.randint(100, 4000) for _ in range(rng.randint(8, 14))]
+        body = (helpful if good else unhelpful) + [rng.randint(100, 4000) for _ in range(3)]
+        return sample(REFLECTOR, prompt, body, reward=1.0 if good else 0.0)
+
+    with pytest.raises(RuntimeError, match="train_reward_model"):
+        learner.score_reflections([reflection(True)])
+    assert learner.train_reward_model([reflection(False) for _ in range(4)])["trained"] == 0  # one class only
+    train = [reflection(i % 3 == 0) for i in range(12)]
+    m = learner.train_reward_model(train)
+    assert m["trained"] == 1 and m["positives"] == 4 and m["train_accuracy"] == 1.0
+    held_out = [reflection(True), reflection(False), reflection(True), reflection(False)]
+    scores = learner.score_reflections(held_out)
+    assert min(scores[0], scores[2]) > max(scores[1], scores[3])
+    # A checkpoint carries the reward model: a restored learner ranks the same way.
+    fresh = make(tiny_path, tmp_path / "fresh")
+    fresh.load_checkpoint(learner.save_checkpoint(tmp_path / "ck"))
+    assert fresh.score_reflections(held_out) == pytest.approx(scores, abs=1e-6)

@@ -1,0 +1,69 @@
+"""The episode runner against real Ray actors (HF engine with the tiny model, TextWorld env worker): best-of-n
+reflections keep the candidate the rank function picks, and refuse to run without one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from agents.chat import ChatFormatter
+from agents.model import TINY_MODEL, load_tokenizer, resolve_model
+from agents.trajectory import REFLECTOR
+from envs import make_env
+from rollout.engine import SamplingParams
+from rollout.hf_engine import HFEngine
+from rollout.runner import EpisodeRunner, RolloutSettings
+from rollout.workers import EnvWorker
+
+ENV_KWARGS = {"n_train": 2, "n_seen": 1, "n_unseen": 1}
+
+
+@pytest.fixture(scope="module")
+def actors():
+    path = str(resolve_model(TINY_MODEL))
+    make_env("textworld", **ENV_KWARGS).prepare()  # games built once, outside the actors
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        engine = ray.remote(HFEngine).options(num_cpus=0).remote(path, dtype="float32", threads=2, seed=0)
+        worker = ray.remote(EnvWorker).options(num_cpus=0).remote("textworld", ENV_KWARGS, 2)
+        yield engine, worker, ChatFormatter(load_tokenizer(path))
+    finally:
+        ray.shutdown()
+
+
+def _settings(candidates: int, temperature: float) -> RolloutSettings:
+    return RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=8),
+                           reflector=SamplingParams(temperature, max_new_tokens=8), max_steps=2,
+                           reflection_candidates=candidates, seed=3)
+
+
+def test_best_of_n_keeps_the_ranked_candidate(actors):
+    engine, worker, formatter = actors
+    offered: list[list] = []
+
+    async def longest_text(candidates):  # any deterministic choice; here the longest decoded reflection
+        offered.append(candidates)
+        return max(range(len(candidates)), key=lambda i: (len(candidates[i].text), -i))
+
+    runner = EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 1.0), rank=longest_text)
+    tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")]
+    episodes, stats = asyncio.run(runner.run(tasks))
+    reflections = [t.reflection for e in episodes for t in e.trials if t.reflection is not None]
+    assert reflections and len(offered) == len(reflections)  # the tiny model never wins: one per episode
+    for chosen in reflections:
+        (candidates,) = [c for c in offered if any(g is chosen for g in c)]
+        assert len(candidates) == 3 and all(c.role == REFLECTOR for c in candidates)
+        assert len({tuple(c.prompt_ids) for c in candidates}) == 1  # all answer the same reflection prompt
+        assert len(chosen.text) == max(len(c.text) for c in candidates)
+    # Sampled at T = 1 with distinct seeds: the candidates differ, so the choice is a real choice.
+    assert any(len({tuple(c.completion_ids) for c in cands}) > 1 for cands in offered)
+
+
+def test_best_of_n_needs_a_ranker_and_sampling(actors):
+    engine, worker, formatter = actors
+    with pytest.raises(ValueError, match="rank function"):
+        EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 1.0))
+    with pytest.raises(ValueError, match="temperature"):
+        EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 0.0), rank=lambda c: 0)
