@@ -315,20 +315,19 @@ def main() -> None:
     dpo_bs = max(1, round(len(pairs) / max(len(dpo_batches), 1)))
     beta, dpo_lr = cfg.eto.beta[0], cfg.eto.lr[0]
 
-    def build_trainers() -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def build_trainers() -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         if "sft" in which:
-            for mode in sft_modes:
-                out[f"trl_sft_{mode}"] = trl_sft(model_path, dtype, tokenizer, samples, lora, sft_bs, lc.lr,
-                                                 lc.grad_clip, mode, f"{tmp.name}/sft_{mode}")
+            out["sft"] = {f"trl_{mode}": trl_sft(model_path, dtype, tokenizer, samples, lora, sft_bs, lc.lr,
+                                                  lc.grad_clip, mode, f"{tmp.name}/sft_{mode}") for mode in sft_modes}
         if "dpo" in which:
-            out["trl_dpo"] = trl_dpo(model_path, dtype, tokenizer, pairs, lora, dpo_bs, dpo_lr, lc.grad_clip, beta,
-                                     learner.pad_id, f"{tmp.name}/dpo")
+            out["dpo"] = {"trl": trl_dpo(model_path, dtype, tokenizer, pairs, lora, dpo_bs, dpo_lr, lc.grad_clip,
+                                         beta, learner.pad_id, f"{tmp.name}/dpo")}
         return out
 
     with single_process_env():
         trainers = build_trainers()
-    for trainer in trainers.values():
+    for trainer in (t for by_mode in trainers.values() for t in by_mode.values()):
         if trainer.accelerator.distributed_type.value != "NO":
             raise RuntimeError(f"TRL runs as {trainer.accelerator.distributed_type}, not a single process")
         trainer.remove_callback(PrinterCallback)  # no metrics dict printed after every run
@@ -359,28 +358,29 @@ def main() -> None:
     # Warm-up: one step each, off the clock.
     for task in which:
         ours(task, warmup=True)
-    for trainer in trainers.values():
-        run_trl(trainer, max_steps=1)
+    for by_mode in trainers.values():
+        for trainer in by_mode.values():
+            run_trl(trainer, max_steps=1)
 
     runs: list[dict[str, Any]] = []
     matmul: list[float] = []
     for i in range(args.pairs):
         matmul.append(matmul_flops(dtype, args.matmul_size))
         for task in which:
-            modes = ["ours"] + [n for n in trainers if n.startswith(f"trl_{task}")]
-            for mode in modes:
+            for mode in ["ours", *trainers[task]]:
                 extra: dict[str, Any] = {}
                 if mode == "ours":
                     seconds, m = ours(task)
                     extra["padding_frac"] = m.get("padding_frac")
                     extra["steps"] = m.get("steps")
                 else:
-                    collator = trainers[mode].data_collator
-                    collator.padded = 0
-                    seconds = run_trl(trainers[mode])
-                    extra["steps"] = trainers[mode].state.global_step
+                    trainer = trainers[task][mode]
+                    trainer.data_collator.padded = 0
+                    seconds = run_trl(trainer)
+                    extra["steps"] = trainer.state.global_step
                     n_tok = sum(len(s) for s in work[task][0])
-                    extra["padding_frac"] = 1.0 - n_tok / collator.padded if collator.padded else None
+                    padded = trainer.data_collator.padded
+                    extra["padding_frac"] = 1.0 - n_tok / padded if padded else None
                 seqs, flops = work[task]
                 row = {"pair": i, "task": task, "mode": mode, "seconds": seconds,
                        "trained_tokens_per_s": sum(s.n_trained for s in seqs) / seconds,
@@ -388,7 +388,7 @@ def main() -> None:
                        "flops_per_s": flops / seconds, **extra}
                 runs.append(row)
                 pad = "" if row["padding_frac"] is None else f"  pad {row['padding_frac']:5.1%}"
-                print(f"pair {i} {task} {mode:22s} {seconds:7.2f}s  {row['trained_tokens_per_s']:8.1f} trained tok/s  "
+                print(f"pair {i} {task} {mode:16s} {seconds:7.2f}s  {row['trained_tokens_per_s']:8.1f} trained tok/s  "
                       f"{row['tokens_per_s']:8.1f} tok/s  {row['flops_per_s'] / 1e9:7.2f} GFLOP/s{pad}", flush=True)
     tmp.cleanup()
 
@@ -403,7 +403,7 @@ def main() -> None:
 
     print(f"\nmatmul {args.matmul_size}^3 {str(dtype).replace('torch.', '')}: {peak / 1e9:.1f} GFLOP/s (median of "
           f"{len(matmul)})")
-    print(f"{'':8s}{'mode':24s}{'trained tok/s':>14s}{'tok/s':>10s}{'GFLOP/s':>10s}{'efficiency':>11s}"
+    print(f"{'':8s}{'mode':18s}{'trained tok/s':>14s}{'tok/s':>10s}{'GFLOP/s':>10s}{'efficiency':>11s}"
           f"{'speed-up':>10s}")
     summary: dict[str, Any] = {
         "benchmark": "learner", "model": args.model, "dtype": str(dtype).replace("torch.", ""), "pairs": args.pairs,
@@ -413,11 +413,11 @@ def main() -> None:
         "dpo_pair_counts": pair_counts,
     }
     for task in which:
-        trl_modes = [n for n in trainers if n.startswith(f"trl_{task}")]
+        trl_modes = list(trainers[task])
         for mode in ["ours"] + trl_modes:
             tps, fps = median(task, mode, "trained_tokens_per_s"), median(task, mode, "flops_per_s")
             sp = ratio(task, mode) if mode != "ours" else None
-            print(f"{task:8s}{mode:24s}{tps:14.1f}{median(task, mode, 'tokens_per_s'):10.1f}{fps / 1e9:10.2f}"
+            print(f"{task:8s}{mode:18s}{tps:14.1f}{median(task, mode, 'tokens_per_s'):10.1f}{fps / 1e9:10.2f}"
                   f"{fps / peak:11.3f}{'' if sp is None else f'{sp:9.2f}x':>10s}")
             key = f"{task}_{mode}"
             summary[f"{key}_trained_tokens_per_s"] = tps

@@ -29,12 +29,16 @@ PAIRS = {
 
 
 @pytest.fixture
-def trainer(tiny_model_path, tmp_path):
+def trainer(tiny_model_path, tmp_path, monkeypatch):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    # A Learner built earlier in this process leaves DeepSpeed's single-rank variables set; accelerate would then
+    # treat the Trainer as one rank of a multi-process job and wrap the model in DDP. TRL runs as a plain process.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     args = DPOConfig(
         output_dir=str(tmp_path),
