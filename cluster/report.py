@@ -154,11 +154,26 @@ def _curve(row: dict[str, Any]) -> list[float] | None:
     return None if any(n is None for n in numbers) else numbers  # type: ignore[return-value]
 
 
+def _finish_axis(ax, title: str, xlabel: str, ylabel: str, empty: str) -> None:
+    """Shared axis dressing: titles, integer x ticks, 0-100 y range, a legend below, or a note when empty."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+
+
 def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
     """PNG bytes of the two panels, and the (run, label, split) rows left out of panel (a)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(14, 6), dpi=100)
     FigureCanvasAgg(fig)
@@ -181,31 +196,15 @@ def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
                            marker="s" if single else "o", markersize=11 if single else 6,
                            markerfacecolor="none" if single else colour,
                            linestyle=styles[splits.index(split) % len(styles)], label=f"{name}: {label} ({split})")
-    per_trial.set_title("(a) mean return per trial (eval)")
-    per_trial.set_xlabel("trial")
-    per_trial.set_ylabel("mean return x100 (padded after a win)")
-    per_trial.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if per_trial.lines:
-        per_trial.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
-    else:
-        per_trial.text(0.5, 0.5, "no rows with returns_per_trial", ha="center", va="center",
-                       transform=per_trial.transAxes)
+    _finish_axis(per_trial, "(a) mean return per trial (eval)", "trial", "mean return x100 (padded after a win)",
+                 "no rows with returns_per_trial")
 
     for run, name, colour in zip(runs, _names(runs), colours):
         for index, (method, points) in enumerate(sorted(run.rounds.items())):
             per_round.plot([p[0] for p in points], [100 * p[1] for p in points], color=colour, marker="o",
                            linestyle=styles[index % len(styles)], label=f"{name}: {method}")
-    per_round.set_title("(b) train_return per training round")
-    per_round.set_xlabel("round")
-    per_round.set_ylabel("mean training return x100")
-    per_round.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if per_round.lines:
-        per_round.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
-    else:
-        per_round.text(0.5, 0.5, "no training rounds", ha="center", va="center", transform=per_round.transAxes)
-    for ax in (per_trial, per_round):
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
+    _finish_axis(per_round, "(b) train_return per training round", "round", "mean training return x100",
+                 "no training rounds")
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})

@@ -9,7 +9,7 @@ sorted by length and right-padded under a token budget so padding waste stays sm
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,22 +220,37 @@ def make_batches(
     for role, idx in by_role.items():
         if rng is not None:
             rng.shuffle(idx)
-        idx.sort(key=lambda i: len(samples[i]))  # stable: the shuffle decides ties
-        groups: list[list[int]] = []
-        cur: list[int] = []
-        for i in idx:
-            n = len(samples[i])  # ascending, so n is the width of cur + [i]
-            full = max_batch_size is not None and len(cur) >= max_batch_size
-            if cur and (full or (len(cur) + 1) * n > max_tokens):
-                groups.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            groups.append(cur)
-        if rng is not None:
-            rng.shuffle(groups)
+        groups = _group_by_width(idx, lambda i: len(samples[i]), 1, max_tokens, rng, max_batch_size)
         out[role] = [collate([samples[i] for i in g], g, pad_id) for g in groups]
     return out
+
+
+def _group_by_width(
+    order: list[int],
+    width: Callable[[int], int],
+    rows_per_item: int,
+    max_tokens: int,
+    rng: random.Random | None,
+    max_items: int | None = None,
+) -> list[list[int]]:
+    """Items sorted by width (stable: a prior shuffle of `order` decides ties), cut into groups whose padded size
+    (rows x widest row) stays <= max_tokens; an item over the budget gets a group of its own. With `rng`, the
+    group order is shuffled too."""
+    order = sorted(order, key=width)
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        full = max_items is not None and len(cur) >= max_items
+        # ascending, so width(i) is the width of cur + [i]
+        if cur and (full or rows_per_item * (len(cur) + 1) * width(i) > max_tokens):
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    if rng is not None:
+        rng.shuffle(groups)
+    return groups
 
 
 def padding_fraction(batches: Iterable[Batch]) -> float:
@@ -296,19 +311,7 @@ def make_pair_batches(
     order = list(range(len(pairs)))
     if rng is not None:
         rng.shuffle(order)
-    width = {i: max(len(pairs[i][0]), len(pairs[i][1])) for i in order}
-    order.sort(key=width.__getitem__)
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and 2 * (len(cur) + 1) * width[i] > max_tokens:
-            groups.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        groups.append(cur)
-    if rng is not None:
-        rng.shuffle(groups)
+    groups = _group_by_width(order, lambda i: max(len(pairs[i][0]), len(pairs[i][1])), 2, max_tokens, rng)
     return [collate([pairs[i][0] for i in g] + [pairs[i][1] for i in g], g + g, pad_id) for g in groups]
 
 
