@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/rollout.py
+	$(PY) benchmarks/learner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

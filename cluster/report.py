@@ -165,6 +165,8 @@ def _finish_axis(ax, title: str, xlabel: str, ylabel: str, empty: str) -> None:
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     if ax.lines:
+        xs = [x for line in ax.lines for x in line.get_xdata()]
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)  # whole trials / rounds, even for a single point
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
     else:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Copies the small files of finished runs into results/<run>/ (config, metrics, eval rows and table) and renders
+# the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories with the
+# current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
+# Trajectories, adapters and checkpoints stay in the run folders.
+# usage: results/collect.sh RUN_DIR...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dirs=()
+for run in "$@"; do
+  name=$(basename "$run")
+  mkdir -p "results/$name/eval"
+  cp "$run/config.yaml" "$run/metrics.jsonl" "results/$name/"
+  .venv/bin/python - "$run" "results/$name" <<'PY'
+import json, sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from agents.trajectory import Episode
+from cluster.evaluation import evaluate, markdown_table
+from rollout.store import write_atomic
+
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+trials = yaml.safe_load((run / "config.yaml").read_text())["eval"]["trials"]
+frame = pd.read_parquet(run / "trajectories")
+labels = [json.loads(line)["label"] for line in (run / "metrics.jsonl").read_text().splitlines()
+          if '"event": "eval"' in line]
+rows = []
+for label in labels:
+    phase = f"eval-{label.lower().replace(' ', '-')}"
+    episodes = [Episode.from_dict(json.loads(r)) for r in frame[frame["phase"] == phase]["record"]]
+    rows += evaluate(episodes, label, trials)
+write_atomic(out / "eval" / "results.json", (json.dumps(rows, indent=2, sort_keys=True) + "\n").encode())
+write_atomic(out / "eval" / "table.md", markdown_table(rows).encode())
+PY
+  dirs+=("results/$name")
+done
+.venv/bin/retrorl report "${dirs[@]}" --out results
