@@ -51,6 +51,9 @@ class AgentCfg(_Strict):
 
 
 class RolloutCfg(_Strict):
+    # Engine dtype (default: model.dtype). float32 makes greedy decoding independent of batch composition: on the
+    # SFT actor, 0 of 48 greedy completions changed between batched and one-at-a-time decoding vs 2 of 48 in bf16.
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None
     engines: int = Field(1, ge=1)
     engine_cpus: float = Field(1, ge=0)  # Ray CPU reservation per engine replica
     threads: int | None = None  # torch threads per engine; default: all cores of the node

@@ -71,7 +71,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
         .options(num_cpus=cfg.rollout.engine_cpus, runtime_env=runtime_env)
         .remote(
             model_path,
-            dtype=cfg.model.dtype,
+            dtype=cfg.rollout.dtype or cfg.model.dtype,
             lora=lora,
             threads=cfg.rollout.threads or os.cpu_count(),
             max_batch_size=cfg.rollout.max_batch_size,

@@ -135,7 +135,8 @@ def test_shared_adapter_from_scratch(tmp_path):
     """One adapter serves both roles: IL and DPO train it, and both roles' versions move together."""
     sft, _ = _run(["method=sft", f"run_root={tmp_path / 'sft'}", "learner.shared_adapter=true",
                    "learner.epochs=2", "learner.lr=0.01"])
-    run = _check_method(sft, tmp_path, "eto", ["learner.shared_adapter=true"])
+    # Engines in fp32 beside a learner in the model's dtype: the published fp32 LoRA tensors serve as they are.
+    run = _check_method(sft, tmp_path, "eto", ["learner.shared_adapter=true", "rollout.dtype=float32"])
     broadcasts = [e["versions"] for e in run.metrics() if e["event"] == "broadcast"]
     assert broadcasts == [{"actor": 1, "reflector": 1}, {"actor": 2, "reflector": 2}]
     reflections = {t.reflection.version for e in _episodes(run, "eval-eto") for t in e.trials if t.reflection}
