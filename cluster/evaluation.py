@@ -51,6 +51,11 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def eval_phase(label: str) -> str:
+    """The trajectory-store phase of an evaluation labelled `label` ("SFT" -> "eval-sft")."""
+    return f"eval-{label.lower().replace(' ', '-')}"
+
+
 def evaluate(episodes: Iterable[Episode], label: str, trials: int) -> list[dict[str, Any]]:
     """Two rows per split from one K-trial run with reflections: its first trial alone is the ReAct agent
     (greedy retries without memory would repeat it), and all K trials are the agent with its reflector."""

@@ -21,7 +21,7 @@ from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
 from cluster.config import Config
-from cluster.evaluation import evaluate
+from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
 from cluster.runtime import init_ray, start_actors
@@ -146,7 +146,7 @@ class Session:
     def evaluate(self, label: str, best_of: int = 1, temperature: float = 0.0) -> list[dict[str, Any]]:
         """The evaluation protocol on the held-out splits, greedy, K = eval.trials with reflections. With
         `best_of` > 1 each reflection is the learner reward model's pick of that many sampled at `temperature`."""
-        phase = f"eval-{label.lower().replace(' ', '-')}"
+        phase = eval_phase(label)
         trials = self.cfg.eval.trials
         settings, rank = None, None
         if best_of > 1:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cluster.run_dir import read_metrics
 
 RATES = ("IR", "FR", "AR", "success")  # shown x100
 COLUMNS = ("split", "run", "config method", "seed", "method", "episodes", "trials", "IR", "FR", "AR", "success",
@@ -38,46 +40,30 @@ class RunData:
     rounds: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # event method -> (round, return)
 
 
+def _read(path: Path, given: str, parse: Callable[[str], Any], kind: str, hint: str = "") -> Any:
+    """A run file parsed, or one ReportError naming the run and the file (missing or unreadable)."""
+    if not path.is_file():
+        relative = path.relative_to(Path(given)).as_posix()
+        raise ReportError(f"{given}: missing {relative}" + (f" ({hint})" if hint else ""))
+    try:
+        return parse(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ReportError(f"{path}: unreadable {kind} ({exc})") from None
+
+
 def load_run(path: str | Path) -> RunData:
     given = str(path)
     root = Path(path)
     if not root.is_dir():
         raise ReportError(f"{given}: no such run directory")
-    results = root / "eval" / "results.json"
-    if not results.is_file():
-        raise ReportError(f"{given}: missing eval/results.json (evaluate the run first)")
-    try:
-        rows = json.loads(results.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{results}: unreadable results ({exc})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ReportError(f"{results}: expected a list of result rows")
-    config_path = root / "config.yaml"
-    if not config_path.is_file():
-        raise ReportError(f"{given}: missing config.yaml")
-    try:
-        config = yaml.safe_load(config_path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ReportError(f"{config_path}: unreadable config ({exc})") from None
+    results = _read(root / "eval" / "results.json", given, json.loads, "results", "evaluate the run first")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ReportError(f"{root / 'eval' / 'results.json'}: expected a list of result rows")
+    config = _read(root / "config.yaml", given, yaml.safe_load, "config")
     if not isinstance(config, dict):
-        raise ReportError(f"{config_path}: expected a mapping")
+        raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
     return RunData(path=root.resolve(), name=root.resolve().name, method=str(config.get("method", "-")),
-                   seed=config.get("seed", "-"), rows=rows, rounds=_rounds(root / "metrics.jsonl"))
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """As RunDir.metrics(), without RunDir (whose constructor creates folders): unparseable lines are skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(root / "metrics.jsonl"))
 
 
 def _number(value: Any) -> float | None:
@@ -89,7 +75,7 @@ def _number(value: Any) -> float | None:
 def _rounds(path: Path) -> dict[str, list[tuple[int, float]]]:
     """train_return per round, per logged method; a round logged twice (a resumed run) keeps its last record."""
     by_method: dict[str, dict[int, float]] = {}
-    for record in _metrics(path):
+    for record in read_metrics(path):
         if record.get("event") != "round":
             continue
         step, ret = record.get("round"), _number(record.get("train_return"))

@@ -65,15 +65,23 @@ class RunDir:
         return record
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self._metrics.exists():
-            return []
-        records = []
-        for line in self._metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash mid-write is skipped, not fatal
-                continue
-        return records
+        return read_metrics(self._metrics)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none if it is missing). A line cut by a crash mid-write is skipped, not
+    fatal. A function beside RunDir so readers (the report) need not construct one, which creates folders."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _jsonable(value: Any) -> Any:

@@ -314,7 +314,9 @@ class Learner:
             else:
                 yield group
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float | None = None) -> None:
+        """The learning rate of the next steps; None: the one the learner was built with."""
+        lr = self.lr if lr is None else lr
         for group in self._opt.param_groups:  # DeepSpeed's wrappers share these dicts with the inner optimizer
             group["lr"] = lr
 
@@ -413,13 +415,13 @@ class Learner:
         tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
         """
         kept, counts = self.prepare(samples)
-        self.set_lr(self.lr if lr is None else lr)
+        self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
         per_epoch = []
         for _ in range(epochs):
             batches = make_batches(kept, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
             per_epoch.append(self.fit([(b, objective) for b in step.values()] for step in self._steps(batches)))
-        return {**_merge_epochs(per_epoch), **counts}
+        return {**merge_epochs(per_epoch), **counts}
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step, before clipping."""
@@ -599,7 +601,7 @@ class Learner:
             acc.set_rng_state(state["accelerator"])
 
 
-def _merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:
+def merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:
     """Counts and time summed over epochs, rates over the total, losses of the last epoch (`loss_first/...`:
     the first epoch's, to show the descent)."""
     if not per_epoch:

@@ -15,10 +15,11 @@ import torch
 
 from agents.trajectory import REFLECTOR
 from learners.batching import Batch, TokenSample, make_batches, make_pair_batches
-from learners.learner import Learner, Objective, _merge_epochs
+from learners.learner import Learner, Objective, merge_epochs
 from learners.losses import (
     AdaptiveKLController,
     advantages,
+    clipped_importance_weights,
     dpo_loss,
     il_loss,
     masked_sum,
@@ -67,7 +68,7 @@ class MethodLearner(Learner):
         pairs = [p for p in pairs if id(p[0]) in keep and id(p[1]) in keep]
         scored = self.with_logprobs([s for p in pairs for s in p])  # current policy = the reference
         pairs = [(scored[2 * i], scored[2 * i + 1]) for i in range(len(pairs))]
-        self.set_lr(self.lr if lr is None else lr)
+        self.set_lr(lr)
 
         def dpo(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
             mask = batch.loss_mask[:, 1:]
@@ -84,7 +85,7 @@ class MethodLearner(Learner):
                       for b in make_pair_batches(pairs, max_tokens_per_batch, self.pad_id, self._rng)])
             for _ in range(epochs)
         ]
-        return {**_merge_epochs(per_epoch), **counts, "pairs": len(pairs), "beta": beta}
+        return {**merge_epochs(per_epoch), **counts, "pairs": len(pairs), "beta": beta}
 
     # ------------------------------------------------------------------ Retroformer
     def train_reflector_pg(
@@ -104,10 +105,10 @@ class MethodLearner(Learner):
             return {"steps": 0, **counts}
         groups = [s.meta["task_id"] for s in kept] if baseline == "task" else None
         adv = advantages(torch.tensor([s.reward for s in kept], dtype=torch.float32), groups)
-        kept = [s for s in self.with_logprobs(kept, reference=True)]
+        kept = self.with_logprobs(kept, reference=True)
         for s, a in zip(kept, adv.tolist()):
             s.reward = a
-        self.set_lr(self.lr if lr is None else lr)
+        self.set_lr(lr)
 
         def pg(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
             coef = self.kl.value
@@ -122,7 +123,7 @@ class MethodLearner(Learner):
                                                              self._rng)[REFLECTOR]])
             for _ in range(epochs)
         ]
-        return {**_merge_epochs(per_epoch), **counts, "mean_rating": float(torch.tensor(
+        return {**merge_epochs(per_epoch), **counts, "mean_rating": float(torch.tensor(
             [s.reward for s in samples]).mean()), "kl_coef_end": self.kl.value}
 
     # ------------------------------------------------------------------ Retroformer's reward model
@@ -198,13 +199,14 @@ class MethodLearner(Learner):
         il, il_counts = self.prepare(il_samples)
         if any(s.logprobs is None for s in rl):
             raise ValueError("RetroAct needs the behaviour log-probs recorded at sampling time")
-        self.set_lr(self.lr if lr is None else lr)
+        self.set_lr(lr)
 
         def offpolicy(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
             mask = batch.loss_mask[:, 1:]
-            loss, n = offpolicy_pg_loss(lp, batch.behaviour_logprobs[:, 1:], mask, batch.rewards, eps)
-            ratio = torch.exp(lp.detach() - batch.behaviour_logprobs[:, 1:])
-            clipped = ((ratio < 1 - eps) | (ratio > 1 + eps)) & mask.bool()
+            behaviour = batch.behaviour_logprobs[:, 1:]
+            loss, n = offpolicy_pg_loss(lp, behaviour, mask, batch.rewards, eps)
+            w = clipped_importance_weights(lp, behaviour, mask, eps)  # at a bound where the ratio was clipped
+            clipped = ((w <= 1 - eps) | (w >= 1 + eps)) & mask.bool()
             return loss, n, {"clip_frac": float(clipped.sum()) / max(n, 1)}
 
         def imitation(batch: Batch, lp: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -226,7 +228,7 @@ class MethodLearner(Learner):
                         parts.append((il_batch, il_obj))
                 steps.append(parts)
             per_epoch.append(self.fit(steps, tag=lambda b, obj: f"{obj.__name__}/{b.role}"))
-        return {**_merge_epochs(per_epoch), **counts, **{f"il_{k}": v for k, v in il_counts.items()},
+        return {**merge_epochs(per_epoch), **counts, **{f"il_{k}": v for k, v in il_counts.items()},
                 "rl_samples": len(rl)}
 
     def _cycle(self, samples: Sequence[TokenSample], role: str, max_tokens: int) -> Iterator[Batch]:

@@ -19,18 +19,17 @@ import pandas as pd
 import yaml
 
 from agents.trajectory import Episode
-from cluster.evaluation import evaluate, markdown_table
+from cluster.evaluation import eval_phase, evaluate, markdown_table
+from cluster.run_dir import read_metrics
 from rollout.store import write_atomic
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 trials = yaml.safe_load((run / "config.yaml").read_text())["eval"]["trials"]
 frame = pd.read_parquet(run / "trajectories")
-labels = [json.loads(line)["label"] for line in (run / "metrics.jsonl").read_text().splitlines()
-          if '"event": "eval"' in line]
+labels = [r["label"] for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "eval"]
 rows = []
 for label in labels:
-    phase = f"eval-{label.lower().replace(' ', '-')}"
-    episodes = [Episode.from_dict(json.loads(r)) for r in frame[frame["phase"] == phase]["record"]]
+    episodes = [Episode.from_dict(json.loads(r)) for r in frame[frame["phase"] == eval_phase(label)]["record"]]
     rows += evaluate(episodes, label, trials)
 write_atomic(out / "eval" / "results.json", (json.dumps(rows, indent=2, sort_keys=True) + "\n").encode())
 write_atomic(out / "eval" / "table.md", markdown_table(rows).encode())
