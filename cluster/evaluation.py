@@ -38,6 +38,8 @@ def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
         # mean padded return at trial 1..K: the curve whose first point is IR, last FR and mean AR
         "returns_per_trial": [mean(p[k] for p in padded) for k in range(trials)],
         "success": mean(1.0 if any(t.success for t in e.trials[:trials]) else 0.0 for e in episodes),
+        # which tasks, so two runs on the same tasks can be compared game by game (retrorl report)
+        "solved": sorted(e.task_id for e in episodes if any(t.success for t in e.trials[:trials])),
         "first_success": mean(1.0 if t.success else 0.0 for t in first),
         "avg_steps": mean(len(t.steps) for e in episodes for t in e.trials[:trials]),
         "format_error_rate": _ratio(sum(t.format_errors for e in episodes for t in e.trials[:trials]),

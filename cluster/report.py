@@ -126,10 +126,36 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None) 
                      "re-evaluate the run to plot them):")
         lines += [f"- {s}" for s in skipped]
         lines.append("")
+    lines += paired(runs)
     no_rounds = [name for run, name in zip(runs, _names(runs)) if not run.rounds]
     if no_rounds:
         lines += ["No training rounds in metrics.jsonl: " + ", ".join(f"`{n}`" for n in no_rounds), ""]
     return "\n".join(lines)
+
+
+def paired(runs: Sequence[RunData]) -> list[str]:
+    """Game-by-game comparison of every later run with the first one (the baseline), for rows of the same split and
+    number of trials: games won only by the run, only by the baseline, by both. Rows without `solved` are left out."""
+    if len(runs) < 2:
+        return []
+    names = _names(runs)
+    base = {(r.get("split"), r.get("trials")): r for r in runs[0].rows if isinstance(r.get("solved"), list)}
+    lines = []
+    for run, name in zip(runs[1:], names[1:]):
+        for row in run.rows:
+            ref = base.get((row.get("split"), row.get("trials")))
+            if ref is None or not isinstance(row.get("solved"), list):
+                continue
+            mine, theirs = set(row["solved"]), set(ref["solved"])
+            lines.append(f"| {row.get('split')} | `{name}` | {row.get('method')} | {ref.get('method')} | "
+                         f"{len(mine - theirs)} | {len(theirs - mine)} | {len(mine & theirs)} | "
+                         f"{row.get('episodes')} |")
+    if not lines:
+        return []
+    header = [(f"Game by game against `{names[0]}` (same split and number of trials): games won only by the run, "
+               "only by the baseline, by both."), "",
+              "| split | run | method | baseline | only run | only baseline | both | games |", "|" + "---|" * 8]
+    return header + lines + [""]
 
 
 def _curve(row: dict[str, Any]) -> list[float] | None:

@@ -81,8 +81,16 @@ def _no_config(monkeypatch):
     monkeypatch.setattr(cli, "load_config", refuse)
 
 
-def _table(md: str) -> list[dict[str, str]]:
-    lines = [line for line in md.splitlines() if line.startswith("|")]
+def _table(md: str, index: int = 0) -> list[dict[str, str]]:
+    """The rows of the md's `index`-th table (a block of consecutive "|" lines)."""
+    blocks, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    lines = blocks[index]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
 
@@ -211,3 +219,25 @@ def test_missing_run_is_exit_2_and_writes_nothing(runs, tmp_path, capsys, monkey
     for run in runs:
         assert not list(run.rglob("report.*"))
     assert not (tmp_path / "report").exists()  # the several-runs default, ./report
+
+
+def test_game_by_game_against_the_first_run(tmp_path, capsys):
+    """Same tasks in both runs: the paired table counts the games each run won that the other did not."""
+    base = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5), (0.0, 5), (0.0, 5)]),
+            _episode("t3", "seen", [(0.0, 5), (1.0, 2)]), _episode("t4", "seen", [(0.0, 5), (0.0, 5), (0.0, 5)])]
+    other = [_episode("t1", "seen", [(0.0, 5), (0.0, 5), (0.0, 5)]), _episode("t2", "seen", [(1.0, 4)]),
+             _episode("t3", "seen", [(0.0, 5), (0.0, 5), (1.0, 2)]), _episode("t4", "seen", [(0.0, 5), (1.0, 2)])]
+    run_a, run_b = tmp_path / "sft-1", tmp_path / "eto-1"
+    _write_run(run_a, "sft", 0, base, "SFT", [])
+    _write_run(run_b, "eto", 0, other, "ETO", [])
+    assert cli.main(["report", str(run_a), str(run_b), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    rows = {r["method"]: r for r in _table(md, 1)}
+    assert set(rows) == {"ETO ReAct", "ETO + reflection"}
+    # first trial: A won t1; B won t2
+    react = rows["ETO ReAct"]
+    assert (react["baseline"], react["only run"], react["only baseline"], react["both"], react["games"]) == (
+        "SFT ReAct", "1", "1", "0", "4")
+    # three trials: A won t1, t3; B won t2, t3, t4
+    full = rows["ETO + reflection"]
+    assert (full["baseline"], full["only run"], full["only baseline"], full["both"]) == ("SFT + reflection", "2", "1", "1")
