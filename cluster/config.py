@@ -147,6 +147,12 @@ class RayCfg(_Strict):
     dashboard: bool = False
 
 
+class TelemetryCfg(_Strict):
+    tensorboard: bool = True  # RUN/tensorboard/: every metrics.jsonl number as a scalar
+    ray_metrics: bool = True  # ray.util.metrics for the dashboard (ray_retrorl_*), tagged with the run's name
+    poll_s: float = Field(5.0, gt=0)  # engine stats (queue depth, tokens/s) polled this often during rollouts
+
+
 class Config(_Strict):
     seed: int = 0
     method: Literal["sft", "eto", "retroformer", "retroact"] = "retroact"
@@ -164,6 +170,7 @@ class Config(_Strict):
     retroformer: RetroformerCfg = Field(default_factory=RetroformerCfg)
     retroact: RetroActCfg = Field(default_factory=RetroActCfg)
     ray: RayCfg = Field(default_factory=RayCfg)
+    telemetry: TelemetryCfg = Field(default_factory=TelemetryCfg)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

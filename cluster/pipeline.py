@@ -25,6 +25,7 @@ from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
 from cluster.runtime import init_ray, start_actors
+from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
 from rollout.engine import SamplingParams
@@ -67,6 +68,9 @@ class Session:
         say(f"actors up in {time.perf_counter() - t0:.0f}s: {len(self.actors.engines)} engine(s), "
             f"{len(self.actors.workers)} env worker(s) x {cfg.rollout.envs_per_worker} envs"
             + (", 1 learner" if with_learner else ""))
+        t = cfg.telemetry
+        self.telemetry = Telemetry(run.path / "tensorboard" if t.tensorboard else None, run.path.name, t.ray_metrics)
+        run.listeners.append(self.telemetry.record)
 
     # -- tasks --------------------------------------------------------------------------------------------
     def tasks(self, split: str, limit: int | None) -> list[tuple[str, str]]:
@@ -134,14 +138,30 @@ class Session:
             self.run.store.append([episode], phase=phase)
             progress.update(episode.success)
 
-        episodes, stats = asyncio.run(runner.run(tasks, tags={"phase": phase}, on_episode=keep))
+        async def run_and_watch() -> tuple[list[Episode], Any]:
+            watcher = asyncio.create_task(self._watch_engines())
+            try:
+                return await runner.run(tasks, tags={"phase": phase}, on_episode=keep)
+            finally:
+                watcher.cancel()
+
+        episodes, stats = asyncio.run(run_and_watch())
         engines = ray.get([e.stats.remote() for e in self.actors.engines])  # cumulative since engine start
+        served = ray.get(self.actors.engines[0].versions.remote())
         s = stats.as_dict()
-        self.run.log("rollout", phase=phase, engines=engines, **s)
+        self.run.log("rollout", phase=phase, engines=engines, **s,
+                     success_rate=sum(e.success for e in episodes) / max(len(episodes), 1),
+                     policy_lag=policy_lag(episodes, served))
         batch = sum(e["mean_batch_size"] for e in engines) / len(engines)
         say(f"[{phase}] {s['tokens_per_s']:.0f} tok/s, {s['env_steps_per_s']:.1f} env steps/s, "
             f"mean engine batch {batch:.1f}, adapter versions {s['versions']}")
         return episodes
+
+    async def _watch_engines(self) -> None:
+        """Engine stats to the telemetry every telemetry.poll_s while a rollout runs (queue depth is live)."""
+        while True:
+            self.telemetry.engines(await asyncio.gather(*[e.stats.remote() for e in self.actors.engines]))
+            await asyncio.sleep(self.cfg.telemetry.poll_s)
 
     def evaluate(self, label: str, best_of: int = 1, temperature: float = 0.0) -> list[dict[str, Any]]:
         """The evaluation protocol on the held-out splits, greedy, K = eval.trials with reflections. With
@@ -223,6 +243,20 @@ class Session:
     def close(self) -> None:
         self.actors.shutdown()
         self.env.close()
+        self.telemetry.close()
+
+
+def policy_lag(episodes: list[Episode], served: dict[str, int]) -> dict[str, int]:
+    """Per role, the largest number of versions a generation of these episodes was behind the version served at
+    the end of the rollout (0 in synchronous mode, where no update lands during a rollout)."""
+    lag: dict[str, int] = {}
+    for e in episodes:
+        for t in e.trials:
+            gens = [s.generation for s in t.steps] + ([t.reflection] if t.reflection is not None else [])
+            for g in gens:
+                if g.role in served:
+                    lag[g.role] = max(lag.get(g.role, 0), served[g.role] - g.version)
+    return lag
 
 
 def _brief(metrics: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@
   RUN/adapters/<role>/v<N>/  PEFT adapter folders, one per published version
   RUN/checkpoints/           learner checkpoints
   RUN/metrics.jsonl          one JSON object per event, appended
+  RUN/tensorboard/           the same numbers as TensorBoard scalars (cluster/telemetry.py)
   RUN/eval/                  results.json and table.md
 """
 
@@ -14,7 +15,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -29,6 +30,7 @@ class RunDir:
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         self.store = TrajectoryStore(self.path / "trajectories")
         self._metrics = self.path / "metrics.jsonl"
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # each gets every record once it is on disk
 
     @classmethod
     def create(cls, config: Config) -> "RunDir":
@@ -62,6 +64,8 @@ class RunDir:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(record)
         return record
 
     def metrics(self) -> list[dict[str, Any]]:

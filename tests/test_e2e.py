@@ -66,6 +66,18 @@ def test_sft_job_with_tiny_model(sft_run):
         assert {(label, "seen"), (label, "unseen")} <= methods
     events = [m["event"] for m in run.metrics()]
     assert events.count("rollout") == 2 and "train" in events and "broadcast" in events and events[-1] == "done"
+    # Synchronous mode: no generation lags the served adapter; the telemetry mirrored the numbers to TensorBoard.
+    rollouts = [m for m in run.metrics() if m["event"] == "rollout"]
+    assert [m["policy_lag"] for m in rollouts] == [{"actor": 0, "reflector": 0}] * 2
+    assert all(0.0 <= m["success_rate"] <= 1.0 for m in rollouts)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(path / "tensorboard"))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"rollout/tokens_per_s", "train/loss/actor", "policy/version/actor", "broadcast/seconds"} <= tags
+    assert [e.value for e in board.Scalars("rollout/success_rate")] == pytest.approx(
+        [m["success_rate"] for m in rollouts])
 
     # Trajectories: demos plus one episode per eval task and phase, all ids unique, readable with pandas.
     frame = pd.read_parquet(path / "trajectories")
