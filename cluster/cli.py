@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
 
-        prepared = preflight(cfg)
+        prepared = preflight(cfg, with_learner=args.command == "train")
         run = RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, EnvError) as exc:
         print(f"retrorl: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():  # a caller in the same process (tests) may start its own
+            ray.shutdown()
     return 0
 
 

@@ -56,6 +56,7 @@ class RolloutCfg(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] | None = None
     engines: int = Field(1, ge=1)
     engine_cpus: float = Field(1, ge=0)  # Ray CPU reservation per engine replica
+    engine_gpus: float = Field(0, ge=0)  # GPUs per engine replica (needs a GPU engine; the HF engine is CPU-only)
     threads: int | None = None  # torch threads per engine; default: all cores of the node
     max_batch_size: int = Field(32, ge=1)
     env_workers: int = Field(2, ge=1)
@@ -79,6 +80,7 @@ class LearnerCfg(_Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     grad_clip: float = Field(1.0, gt=0)
     cpus: float = Field(1, ge=0)
+    gpus: int = Field(0, ge=0)  # 0: CPU; 1: one GPU (DeepSpeed picks the accelerator Ray assigns)
     threads: int | None = None
 
 
@@ -145,6 +147,9 @@ class RayCfg(_Strict):
     address: str | None = None  # None: start a local Ray on 127.0.0.1
     num_cpus: int | None = None
     dashboard: bool = False
+    # Engines and the learner are placed in one placement group, a bundle each (their CPUs/GPUs above).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(600, gt=0)  # on a cluster: how long to wait (autoscaling) before failing
 
 
 class TelemetryCfg(_Strict):
@@ -183,6 +188,12 @@ class Config(_Strict):
         if r.best_of_n > 1 and r.temperature == 0:
             raise ValueError("retroformer.best_of_n > 1 samples its candidates at retroformer.temperature: set it "
                              "above 0")
+        if self.rollout.engine_gpus > 0:
+            raise ValueError("rollout.engine_gpus > 0 needs a GPU engine, and the HF engine of this version runs on "
+                             "CPU only: set rollout.engine_gpus=0")
+        if self.learner.gpus > 1:
+            raise ValueError("learner.gpus > 1 (a multi-process DeepSpeed learner) is not supported yet: set "
+                             "learner.gpus to 0 or 1")
         if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")

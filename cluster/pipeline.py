@@ -24,7 +24,7 @@ from cluster.config import Config
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
-from cluster.runtime import init_ray, start_actors
+from cluster.runtime import check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
@@ -46,13 +46,16 @@ class Prepared:
     env: TextEnv
 
 
-def preflight(cfg: Config) -> Prepared:
+def preflight(cfg: Config, with_learner: bool = True) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
-    resolves (converted once if needed) and the env family builds its tasks (games generated once, here)."""
+    resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
+    hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead)."""
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     load_tokenizer(model_path)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     env.prepare()
+    init_ray(cfg)
+    check_resources(cfg, with_learner)
     return Prepared(model_path, env)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 
 from agents.model import cache_dir
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 
 
 def init_ray(cfg: Config) -> None:
@@ -42,15 +42,79 @@ def actor_env(cfg: Config) -> dict[str, Any]:
     }}
 
 
+def bundles(cfg: Config, with_learner: bool) -> list[dict[str, float]]:
+    """The placement group's bundles: one per engine replica, then the learner's. Zero amounts are left out; an
+    actor whose bundle is then empty (no CPU or GPU reserved) is scheduled outside the group."""
+    engine = {"CPU": cfg.rollout.engine_cpus, "GPU": cfg.rollout.engine_gpus}
+    learner = {"CPU": cfg.learner.cpus, "GPU": float(cfg.learner.gpus)}
+    wanted = [engine] * cfg.rollout.engines + ([learner] if with_learner else [])
+    return [{k: v for k, v in b.items() if v > 0} for b in wanted]
+
+
+def check_resources(cfg: Config, with_learner: bool) -> None:
+    """Fail before anything is written if a local Ray cannot hold the actors (it cannot grow). On a cluster the
+    autoscaler may add nodes, so `reserve` waits for the placement instead."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    total: dict[str, float] = {}
+    for b in bundles(cfg, with_learner):
+        for k, v in b.items():
+            total[k] = total.get(k, 0.0) + v
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in total.items() if v > have.get(k, 0.0) + 1e-9}
+    if short:
+        needs = ", ".join(f"{v:g} {k} (this machine's Ray has {h:g})" for k, (v, h) in short.items())
+        raise ConfigError(f"the engines and learner need {needs}: lower rollout.engines, rollout.engine_cpus or "
+                          "learner.cpus, or raise ray.num_cpus")
+
+
+def reserve(cfg: Config, with_learner: bool) -> tuple[Any | None, list[int | None]]:
+    """A placement group for the engines and the learner, ready; and each actor's bundle index (None: unplaced)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    wanted = bundles(cfg, with_learner)
+    placed = [b for b in wanted if b]
+    index, i = [], 0
+    for b in wanted:
+        index.append(i if b else None)
+        i += bool(b)
+    if not placed:
+        return None, index
+    pg = placement_group(placed, strategy=cfg.ray.placement_strategy, name="")
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.ray.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise ConfigError(
+            f"the cluster could not place the engines and learner ({placed}, strategy {cfg.ray.placement_strategy}) "
+            f"within ray.placement_timeout_s={cfg.ray.placement_timeout_s:g}s; cluster resources: "
+            f"{ray.cluster_resources()}. Add nodes (or let the autoscaler), or ask for less"
+        )
+    return pg, index
+
+
+def _in_group(pg: Any, index: int | None) -> dict[str, Any]:
+    if pg is None or index is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                    placement_group_bundle_index=index)}
+
+
 @dataclass
 class Actors:
     workers: list[Any]
     engines: list[Any]
     learner: Any | None
+    placement: Any | None = None
 
     def shutdown(self) -> None:
         for handle in self.workers + self.engines + ([self.learner] if self.learner else []):
             ray.kill(handle)
+        if self.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
 
 
 def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool) -> Actors:
@@ -60,6 +124,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
 
     runtime_env = actor_env(cfg)
     lora = cfg.learner.lora.model_dump()
+    pg, index = reserve(cfg, with_learner)
     workers = [
         ray.remote(EnvWorker)
         .options(num_cpus=0, runtime_env=runtime_env)
@@ -68,7 +133,8 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
     ]
     engines = [
         ray.remote(HFEngine)
-        .options(num_cpus=cfg.rollout.engine_cpus, runtime_env=runtime_env)
+        .options(num_cpus=cfg.rollout.engine_cpus, num_gpus=cfg.rollout.engine_gpus, runtime_env=runtime_env,
+                 **_in_group(pg, index[i]))
         .remote(
             model_path,
             dtype=cfg.rollout.dtype or cfg.model.dtype,
@@ -78,13 +144,14 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
             seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        for _ in range(cfg.rollout.engines)
+        for i in range(cfg.rollout.engines)
     ]
     learner = None
     if with_learner:
         learner = (
             ray.remote(MethodLearner)
-            .options(num_cpus=cfg.learner.cpus, runtime_env=runtime_env)
+            .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus, runtime_env=runtime_env,
+                     **_in_group(pg, index[-1]))
             .remote(
                 model_path,
                 dtype=cfg.model.dtype,
@@ -107,4 +174,4 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
         )
     # Fail here, with the actor's own error, if an env or a model cannot be built.
     ray.get([w.num_envs.remote() for w in workers] + [e.versions.remote() for e in engines])
-    return Actors(workers, engines, learner)
+    return Actors(workers, engines, learner, pg)

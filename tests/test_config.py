@@ -78,3 +78,25 @@ def test_method_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="method"):
         load_config(None, ["method=ppo"])
     assert main(["train", "--method", "eto", "--set", f"init.checkpoint={tmp_path}"]) == 2
+
+
+def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_path, capsys):
+    """Four 1-CPU engines and a 1-CPU learner on a 2-CPU local Ray: one error naming the knobs, exit 2, no run
+    folder; the Ray it started is shut down again."""
+    import ray
+
+    code = main(["train", "--set", f"run_root={tmp_path}", "--set", "model.path=tiny-llama", "--set",
+                 "env.kwargs={n_train: 1, n_seen: 1, n_unseen: 1}", "--set", "ray.num_cpus=2",
+                 "--set", "rollout.engines=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "5 CPU (this machine's Ray has 2)" in err and "rollout.engines" in err
+    assert not list(tmp_path.iterdir()) and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.engine_gpus=1", "rollout.engine_gpus=0"),
+    ("learner.gpus=2", "learner.gpus to 0 or 1"),
+])
+def test_unsupported_placements_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
