@@ -61,6 +61,8 @@ class RolloutCfg(_Strict):
     max_batch_size: int = Field(32, ge=1)
     env_workers: int = Field(2, ge=1)
     envs_per_worker: int = Field(8, ge=1)
+    worker_restarts: int = Field(3, ge=0)  # Ray restarts a dead env worker this many times (then the run fails)
+    episode_retries: int = Field(3, ge=0)  # an episode whose env worker died is replayed from trial 1 this often
 
 
 class LoraCfg(_Strict):

@@ -32,6 +32,10 @@ from rollout.engine import SamplingParams
 from rollout.runner import EpisodeRunner, RolloutSettings
 
 
+# A remote call that raises one of these lost its actor (killed, OOM, node gone); Ray restarts env workers.
+ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
 def derive_seed(*parts: object) -> int:
     """A stable 31-bit seed per (run seed, purpose, index...): distinct streams that do not depend on call order."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -134,7 +138,8 @@ class Session:
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
                 settings: RolloutSettings | None = None, rank: Any = None) -> list[Episode]:
         runner = EpisodeRunner(self.actors.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
-                               self.formatter, self.cfg.env.name, settings or self.settings(trials), rank)
+                               self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
+                               retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
         progress = Progress(phase, len(tasks))
 
         def keep(episode: Episode) -> None:  # each finished episode is on disk before the next one is counted

@@ -127,7 +127,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
     pg, index = reserve(cfg, with_learner)
     workers = [
         ray.remote(EnvWorker)
-        .options(num_cpus=0, runtime_env=runtime_env)
+        .options(num_cpus=0, runtime_env=runtime_env, max_restarts=cfg.rollout.worker_restarts)
         .remote(cfg.env.name, cfg.env.kwargs, cfg.rollout.envs_per_worker)
         for _ in range(cfg.rollout.env_workers)
     ]

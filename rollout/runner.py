@@ -21,6 +21,7 @@ from agents.parsing import parse_react
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, new_episode_id
 from rollout.engine import GenerateResult, SamplingParams
+from rollout.workers import WorkerRestarted
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class RolloutStats:
     tokens: int = 0
     generate_calls: int = 0
     seconds: float = 0.0
+    episode_retries: int = 0  # episodes replayed from the start after an actor they used died
     versions: dict[str, set[int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,6 +55,7 @@ class RolloutStats:
             "env_steps": self.env_steps,
             "tokens": self.tokens,
             "generate_calls": self.generate_calls,
+            "episode_retries": self.episode_retries,
             "seconds": round(self.seconds, 3),
             "tokens_per_s": self.tokens / secs,
             "env_steps_per_s": self.env_steps / secs,
@@ -70,12 +73,19 @@ class EpisodeRunner:
         env_name: str,
         settings: RolloutSettings,
         rank: Callable[[list[Generation]], Awaitable[int]] | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        max_episode_retries: int = 3,
     ) -> None:
+        """`retry_on`: errors meaning an actor died mid-episode (Ray's RayActorError / ActorUnavailableError). Such
+        an episode is discarded and replayed from its first trial, up to `max_episode_retries` times; an episode
+        only leaves `run` (and reaches `on_episode`) whole, so nothing is lost or written twice."""
         if not engines or not workers:
             raise ValueError("the runner needs at least one engine and one env worker")
         if settings.reflection_candidates > 1 and (rank is None or settings.reflector.temperature == 0):
             raise ValueError("best-of-n reflections need a rank function and a reflector temperature > 0")
         self.rank = rank
+        self.retry_on = retry_on
+        self.max_episode_retries = max_episode_retries
         self.engines = list(engines)
         self.in_flight = [0] * len(self.engines)
         self.slots = [(w, s) for s in range(envs_per_worker) for w in workers]  # interleaved: spread over workers
@@ -129,7 +139,7 @@ class EpisodeRunner:
                     break
                 generation = await self._generate(builder.ids, ACTOR, cfg.actor, stats)
                 parsed = parse_react(generation.text)
-                transition = await worker.step.remote(index, parsed.action)
+                transition = await worker.step.remote(index, parsed.action, info.get("worker"))
                 stats.env_steps += 1
                 builder.add(generation, parsed, transition)
                 if transition.done:
@@ -160,7 +170,14 @@ class EpisodeRunner:
         async def one(task_id: str, split: str) -> Episode:
             slot = await free.get()
             try:
-                episode = await self.run_episode(task_id, split, slot, stats, tags or {})
+                for attempt in itertools.count():
+                    try:
+                        episode = await self.run_episode(task_id, split, slot, stats, tags or {})
+                        break
+                    except (WorkerRestarted, *self.retry_on):
+                        if attempt >= self.max_episode_retries:
+                            raise
+                        stats.episode_retries += 1  # the actor restarts (Ray); its envs start fresh
             finally:
                 free.put_nowait(slot)
             stats.episodes += 1

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import os
 import random
+import uuid
 from typing import Any
 
 from envs import make_env
 from envs.demos import Replay, Transition, expert_replay, failed_replay, to_transition
 
 
+class WorkerRestarted(RuntimeError):
+    """A step names an episode begun in an earlier life of this worker (Ray restarted it): its env state is gone."""
+
+
 class EnvWorker:
-    """`n_envs` independent env slots; every call names its slot, so many episodes share one worker."""
+    """`n_envs` independent env slots; every call names its slot, so many episodes share one worker.
+
+    Each life of the worker has its own `incarnation` id, returned by `reset` in info["worker"]; a `step` that
+    passes an older one raises WorkerRestarted, so an episode never continues on an env it did not reset."""
 
     def __init__(self, env_name: str, env_kwargs: dict[str, Any], n_envs: int) -> None:
         self.envs = [make_env(env_name, **env_kwargs) for _ in range(n_envs)]
         self.steps = 0
+        self.incarnation = uuid.uuid4().hex
 
     def num_envs(self) -> int:
         return len(self.envs)
 
-    def reset(self, slot: int, task_id: str, seed: int | None = None) -> tuple[str, dict[str, Any]]:
-        return self.envs[slot].reset(seed=seed, options={"task": task_id})
+    def pid(self) -> int:
+        """The worker's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
 
-    def step(self, slot: int, action: str) -> Transition:
+    def reset(self, slot: int, task_id: str, seed: int | None = None) -> tuple[str, dict[str, Any]]:
+        obs, info = self.envs[slot].reset(seed=seed, options={"task": task_id})
+        return obs, {**info, "worker": self.incarnation}
+
+    def step(self, slot: int, action: str, incarnation: str | None = None) -> Transition:
+        if incarnation is not None and incarnation != self.incarnation:
+            raise WorkerRestarted(f"env worker restarted since slot {slot} was reset; replay the episode")
         self.steps += 1
         return to_transition(action, self.envs[slot].step(action))
 

@@ -15,7 +15,7 @@ from envs import make_env
 from rollout.engine import SamplingParams
 from rollout.hf_engine import HFEngine
 from rollout.runner import EpisodeRunner, RolloutSettings
-from rollout.workers import EnvWorker
+from rollout.workers import EnvWorker, WorkerRestarted
 
 ENV_KWARGS = {"n_train": 2, "n_seen": 1, "n_unseen": 1}
 
@@ -67,3 +67,43 @@ def test_best_of_n_needs_a_ranker_and_sampling(actors):
         EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 1.0))
     with pytest.raises(ValueError, match="temperature"):
         EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 0.0), rank=lambda c: 0)
+
+
+def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
+    """SIGKILL the env worker's process while both of its slots are mid-episode: Ray restarts it, the runner replays
+    the interrupted episodes from trial 1, and every task comes back exactly once, whole."""
+    import os
+    import signal
+
+    from cluster.pipeline import ACTOR_DIED
+
+    engine, _, formatter = actors
+    worker = ray.remote(EnvWorker).options(num_cpus=0, max_restarts=1).remote("textworld", ENV_KWARGS, 2)
+    first_pid = ray.get(worker.pid.remote())
+    task0 = make_env("textworld", **ENV_KWARGS).tasks("train")[0].task_id
+    _, info = ray.get(worker.reset.remote(0, task0))
+    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+                               reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
+    runner = EpisodeRunner([engine], [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
+    tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")] * 2
+    delivered = []
+
+    async def rollout_and_kill():
+        served = ray.get(engine.stats.remote())["requests"]
+        job = asyncio.ensure_future(runner.run(tasks, on_episode=delivered.append))
+        # An episode here is 2 trials x 4 steps + a reflection (the tiny model never wins): once 3 more requests
+        # are served, both slots are inside their first episodes.
+        while (await engine.stats.remote())["requests"] < served + 3:
+            await asyncio.sleep(0.01)
+        os.kill(first_pid, signal.SIGKILL)
+        return await job
+
+    episodes, stats = asyncio.run(rollout_and_kill())
+    assert stats.episode_retries >= 1
+    assert ray.get(worker.pid.remote()) != first_pid  # restarted in a new process
+    with pytest.raises(WorkerRestarted):  # a step of an episode begun before the restart is refused
+        ray.get(worker.step.remote(0, "look", info["worker"]))
+    assert [(e.task_id, e.split) for e in episodes] == tasks  # one per task, in order
+    assert sorted(e.episode_id for e in delivered) == sorted(e.episode_id for e in episodes)  # each delivered once
+    assert len({e.episode_id for e in episodes}) == len(tasks)
+    assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)  # whole
