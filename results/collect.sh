@@ -1,17 +1,20 @@
 #!/bin/bash
-# Copies the small files of finished runs into results/<run>/ (config, metrics, eval rows and table) and renders
+# Copies the small files of finished runs into OUT/<run>/ (config, metrics, eval rows and table) and renders
 # the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories with the
 # current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
 # Trajectories, adapters and checkpoints stay in the run folders.
-# usage: results/collect.sh RUN_DIR...
+# usage: results/collect.sh OUT RUN_DIR...   (OUT: a folder under results/, e.g. results/fp32-16games)
+#        The first run is the baseline of the report's game-by-game table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out=$1
+shift
 dirs=()
 for run in "$@"; do
   name=$(basename "$run")
-  mkdir -p "results/$name/eval"
-  cp "$run/config.yaml" "$run/metrics.jsonl" "results/$name/"
-  .venv/bin/python - "$run" "results/$name" <<'PY'
+  mkdir -p "$out/$name/eval"
+  cp "$run/config.yaml" "$run/metrics.jsonl" "$out/$name/"
+  .venv/bin/python - "$run" "$out/$name" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -34,6 +37,6 @@ for label in labels:
 write_atomic(out / "eval" / "results.json", (json.dumps(rows, indent=2, sort_keys=True) + "\n").encode())
 write_atomic(out / "eval" / "table.md", markdown_table(rows).encode())
 PY
-  dirs+=("results/$name")
+  dirs+=("$out/$name")
 done
-.venv/bin/retrorl report "${dirs[@]}" --out results
+.venv/bin/retrorl report "${dirs[@]}" --out "$out"
