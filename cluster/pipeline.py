@@ -194,9 +194,10 @@ class Session:
         cfg = self.cfg.learner
         samples = il_samples(episodes)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
-        say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs")
+        say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
+            + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))
         self._engines_idle()
-        metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr,
+        metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr, role_epochs=cfg.role_epochs,
                             max_tokens_per_batch=cfg.max_tokens_per_batch)
         checkpoint = self.checkpoint("sft")
         self.run.log("train", phase="sft", checkpoint=checkpoint, **metrics)

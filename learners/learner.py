@@ -408,18 +408,23 @@ class Learner:
         lr: float | None = None,
         max_tokens_per_batch: int = 4096,
         max_batch_size: int | None = None,
+        role_epochs: dict[str, int] | None = None,
     ) -> dict[str, float]:
         """IL/SFT (mean NLL over agent tokens) on samples of any roles; each step trains every role with a batch.
+        `role_epochs` gives a role its own number of epochs (e.g. more for the reflector's few samples); the
+        other roles get `epochs`.
 
-        Returns loss per role (`loss/<role>`: last epoch, `loss_first/<role>`: first epoch, token-weighted),
+        Returns loss per role (`loss/<role>`: the role's last epoch, `loss_first/<role>`: its first, token-weighted),
         tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
         """
         kept, counts = self.prepare(samples)
         self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
+        per_role = {s.role: (role_epochs or {}).get(s.role, epochs) for s in kept}
         per_epoch = []
-        for _ in range(epochs):
-            batches = make_batches(kept, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
+        for epoch in range(max(per_role.values(), default=epochs)):
+            current = [s for s in kept if per_role[s.role] > epoch]
+            batches = make_batches(current, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
             per_epoch.append(self.fit([(b, objective) for b in step.values()] for step in self._steps(batches)))
         return {**merge_epochs(per_epoch), **counts}
 
@@ -602,17 +607,20 @@ class Learner:
 
 
 def merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:
-    """Counts and time summed over epochs, rates over the total, losses of the last epoch (`loss_first/...`:
-    the first epoch's, to show the descent)."""
+    """Counts and time summed over epochs, rates over the total, losses of the last epoch that has them
+    (`loss_first/...`: the first epoch's, to show the descent)."""
     if not per_epoch:
         return {"steps": 0, "tokens": 0, "time_s": 0.0}
-    out = dict(per_epoch[-1])
+    out: dict[str, float] = {}
+    for m in per_epoch:  # each key from the last epoch that has it (a role may train for fewer epochs)
+        out.update(m)
     for key in ("steps", "tokens", "seq_tokens", "time_s"):
         out[key] = sum(m.get(key, 0) for m in per_epoch)
     t = out["time_s"]
     out["tokens_per_s"] = out["seq_tokens"] / t if t > 0 else 0.0
     out["trained_tokens_per_s"] = out["tokens"] / t if t > 0 else 0.0
-    out.update({f"loss_first/{k[5:]}": v for k, v in per_epoch[0].items() if k.startswith("loss/")})
+    for m in reversed(per_epoch):  # each role's first epoch
+        out.update({f"loss_first/{k[5:]}": v for k, v in m.items() if k.startswith("loss/")})
     return out
 
 

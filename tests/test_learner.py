@@ -83,6 +83,16 @@ def test_joint_step_trains_both_roles(tiny_path, tmp_path):
     assert sum(after[:3]) > sum(before[:3]) and sum(after[3:]) > sum(before[3:])
 
 
+def test_role_epochs_give_a_role_more_passes(tiny_path, tmp_path):
+    learner = make(tiny_path, tmp_path)
+    actor, refl = samples(ACTOR, n=3), samples(REFLECTOR, n=3, seed=5)
+    m = learner.train_il(actor + refl, epochs=1, max_tokens_per_batch=4096, role_epochs={REFLECTOR: 3})
+    assert m["steps"] == 3  # one joint step, then two reflector-only steps
+    assert m["tokens"] == sum(s.n_trained for s in actor) + 3 * sum(s.n_trained for s in refl)
+    assert m["loss/reflector"] < m["loss_first/reflector"]  # its last epoch vs its first
+    assert m["loss/actor"] == m["loss_first/actor"]  # the actor's only epoch
+
+
 def test_gradient_checkpointing_one_role_per_step(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, gradient_checkpointing=True)
     r0 = snapshot(learner, REFLECTOR)
