@@ -6,7 +6,7 @@ Unknown keys and ill-typed values are errors that name the key, so a typo never 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -78,7 +78,7 @@ class LearnerCfg(_Strict):
     lr: float = Field(1e-4, gt=0)
     epochs: int = Field(5, ge=1)
     # IL epochs per role where it differs from `epochs` (e.g. {reflector: 6}: its few templated samples need more)
-    role_epochs: dict[Literal["actor", "reflector"], int] = Field(default_factory=dict)
+    role_epochs: dict[Literal["actor", "reflector"], Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     max_tokens_per_batch: int = Field(4096, ge=64)
     max_sample_tokens: int = Field(4096, ge=64)  # longer samples are dropped (and counted)
     zero_stage: int = Field(0, ge=0, le=3)
@@ -86,13 +86,6 @@ class LearnerCfg(_Strict):
     cpus: float = Field(1, ge=0)
     gpus: int = Field(0, ge=0)  # 0: CPU; 1: one GPU (DeepSpeed picks the accelerator Ray assigns)
     threads: int | None = None
-
-
-    @model_validator(mode="after")
-    def _check_role_epochs(self) -> "LearnerCfg":
-        if any(n < 1 for n in self.role_epochs.values()):
-            raise ValueError("learner.role_epochs values must be at least 1")
-        return self
 
 
 class DemoCfg(_Strict):

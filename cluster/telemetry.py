@@ -29,6 +29,11 @@ _RAY_METRICS = (
 )
 
 
+def _is_number(value: Any) -> bool:
+    """A metric value: int or float, not a bool (a record's flags are not series)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class _RayMetrics:
     def __init__(self, run: str) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -63,13 +68,12 @@ class Telemetry:
 
     # -- sinks ----------------------------------------------------------------------------------------------
     def _scalar(self, tag: str, value: Any) -> None:
-        if self.writer is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            return
-        self.writer.add_scalar(tag, value, self._steps[tag])
-        self._steps[tag] += 1
+        if self.writer is not None and _is_number(value):
+            self.writer.add_scalar(tag, value, self._steps[tag])
+            self._steps[tag] += 1
 
     def _ray(self, name: str, value: Any, **tags: str) -> None:
-        if self.ray is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if self.ray is not None and _is_number(value):
             self.ray.set(name, float(value), **tags)
 
     # -- feeds ----------------------------------------------------------------------------------------------
