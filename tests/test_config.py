@@ -94,9 +94,16 @@ def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rollout.engine_gpus=1", "rollout.engine_gpus=0"),
-    ("learner.gpus=2", "learner.gpus to 0 or 1"),
+    (["rollout.engine_gpus=1"], "rollout.backend=vllm, or rollout.engine_gpus=0"),
+    (["rollout.backend=vllm", "rollout.engine_gpus=2"], "at most 1 GPU"),
+    (["rollout.backend=vllm", "rollout.dtype=bfloat16"], "rollout.dtype=float32"),
+    (["learner.gpus=2"], "learner.gpus to 0 or 1"),
 ])
 def test_unsupported_placements_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override)
+
+
+def test_vllm_on_gpu_and_cpu_configs_load():
+    assert load_config(None, ["rollout.backend=vllm", "rollout.engine_gpus=0.5"]).rollout.engine_gpus == 0.5
+    assert load_config(None, ["rollout.backend=vllm", "rollout.dtype=float32"]).rollout.backend == "vllm"

