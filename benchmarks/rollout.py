@@ -24,6 +24,7 @@ import ray  # noqa: E402
 from agents.chat import ChatFormatter  # noqa: E402
 from agents.model import load_tokenizer, resolve_model  # noqa: E402
 from rollout.engine import SamplingParams  # noqa: E402
+from rollout.engine_pool import EnginePool  # noqa: E402
 from rollout.hf_engine import HFEngine  # noqa: E402
 from rollout.runner import EpisodeRunner, RolloutSettings  # noqa: E402
 from rollout.workers import EnvWorker  # noqa: E402
@@ -55,8 +56,8 @@ def main() -> None:
     settings = RolloutSettings(trials=1, reflect=False,
                                actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens),
                                max_steps=args.max_steps, seed=0)
-    full = EpisodeRunner([engine], full_workers, per_worker, formatter, "textworld", settings)
-    naive = EpisodeRunner([engine], [naive_worker], 1, formatter, "textworld", settings)
+    full = EpisodeRunner(EnginePool([engine]), full_workers, per_worker, formatter, "textworld", settings)
+    naive = EpisodeRunner(EnginePool([engine]), [naive_worker], 1, formatter, "textworld", settings)
     asyncio.run(full.run(tasks[:2]))  # warm-up: first-call costs off the clock
 
     rows = []

@@ -73,6 +73,9 @@ class RolloutCfg(_Strict):
     env_workers: int = Field(2, ge=1)
     envs_per_worker: int = Field(8, ge=1)
     worker_restarts: int = Field(3, ge=0)  # Ray restarts a dead env worker this many times (then the run fails)
+    # Ray restarts a dead engine replica this many times; it comes back on the latest adapters, and a request it
+    # was serving is sent again (at most this many times).
+    engine_restarts: int = Field(3, ge=0)
     episode_retries: int = Field(3, ge=0)  # an episode whose env worker died is replayed from trial 1 this often
 
 

@@ -29,11 +29,11 @@ from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
 from rollout.engine import SamplingParams
+from rollout.engine_pool import ACTOR_DIED, EnginePool
 from rollout.runner import EpisodeRunner, RolloutSettings
 
 
 # A remote call that raises one of these lost its actor (killed, OOM, node gone); Ray restarts env workers.
-ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def derive_seed(*parts: object) -> int:
@@ -73,6 +73,7 @@ class Session:
         init_ray(cfg)
         t0 = time.perf_counter()
         self.actors = start_actors(cfg, self.model_path, str(run.path), with_learner)
+        self.engines = EnginePool(self.actors.engines, retries=cfg.rollout.engine_restarts)
         say(f"actors up in {time.perf_counter() - t0:.0f}s: {len(self.actors.engines)} engine(s), "
             f"{len(self.actors.workers)} env worker(s) x {cfg.rollout.envs_per_worker} envs"
             + (", 1 learner" if with_learner else ""))
@@ -138,7 +139,7 @@ class Session:
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
                 settings: RolloutSettings | None = None, rank: Any = None) -> list[Episode]:
-        runner = EpisodeRunner(self.actors.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
+        runner = EpisodeRunner(self.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
                                self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
                                retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
         progress = Progress(phase, len(tasks))
@@ -169,7 +170,10 @@ class Session:
     async def _watch_engines(self) -> None:
         """Engine stats to the telemetry every telemetry.poll_s while a rollout runs (queue depth is live)."""
         while True:
-            self.telemetry.engines(await asyncio.gather(*[e.stats.remote() for e in self.actors.engines]))
+            try:
+                self.telemetry.engines(await asyncio.gather(*[e.stats.remote() for e in self.actors.engines]))
+            except ACTOR_DIED:  # a replica is restarting (the pool recovers it); poll again next time
+                pass
             await asyncio.sleep(self.cfg.telemetry.poll_s)
 
     def evaluate(self, label: str, best_of: int = 1, temperature: float = 0.0) -> list[dict[str, Any]]:
@@ -243,8 +247,7 @@ class Session:
         """Publish the learner's adapters and load them into every engine; only LoRA tensors travel."""
         t0 = time.perf_counter()
         updates = self.call("publish", force=force)
-        refs = [ray.put(u) for u in updates]  # each update serialised once, shared by all engines
-        ray.get([e.update_adapter.remote(ref) for ref in refs for e in self.actors.engines])
+        self.engines.broadcast(updates)
         versions = {u.role: u.version for u in updates}
         nbytes = sum(t.numel() * t.element_size() for u in updates for t in u.tensors.values())
         self.run.log("broadcast", versions=versions, bytes=nbytes, seconds=time.perf_counter() - t0)

@@ -165,7 +165,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
     engines = [
         ray.remote(engine_cls)
         .options(num_cpus=cfg.rollout.engine_cpus, num_gpus=cfg.rollout.engine_gpus, runtime_env=runtime_env,
-                 **_in_group(pg, index[i]))
+                 max_restarts=cfg.rollout.engine_restarts, **_in_group(pg, index[i]))
         .remote(model_path, **engine_kwargs)
         for i in range(cfg.rollout.engines)
     ]

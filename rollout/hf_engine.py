@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import threading
 import time
@@ -292,6 +293,10 @@ class HFEngine:
             freed = self._prefix.clear()
             trim_heap()
         return freed
+
+    def pid(self) -> int:
+        """The engine actor's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
 
     def versions(self) -> dict[str, int]:
         """Latest accepted version per role: every request queued from now on is served with it."""

@@ -21,6 +21,7 @@ from agents.parsing import parse_react
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, new_episode_id
 from rollout.engine import GenerateResult, SamplingParams
+from rollout.engine_pool import EnginePool
 from rollout.workers import WorkerRestarted
 
 
@@ -66,7 +67,7 @@ class RolloutStats:
 class EpisodeRunner:
     def __init__(
         self,
-        engines: Sequence[Any],
+        engines: EnginePool,
         workers: Sequence[Any],
         envs_per_worker: int,
         formatter: ChatFormatter,
@@ -76,18 +77,18 @@ class EpisodeRunner:
         retry_on: tuple[type[BaseException], ...] = (),
         max_episode_retries: int = 3,
     ) -> None:
-        """`retry_on`: errors meaning an actor died mid-episode (Ray's RayActorError / ActorUnavailableError). Such
-        an episode is discarded and replayed from its first trial, up to `max_episode_retries` times; an episode
-        only leaves `run` (and reaches `on_episode`) whole, so nothing is lost or written twice."""
-        if not engines or not workers:
-            raise ValueError("the runner needs at least one engine and one env worker")
+        """`engines`: the replicas behind one pool, which also resends a request whose replica died.
+        `retry_on`: errors meaning an env worker died mid-episode (Ray's RayActorError / ActorUnavailableError).
+        Such an episode is discarded and replayed from its first trial, up to `max_episode_retries` times; an
+        episode only leaves `run` (and reaches `on_episode`) whole, so nothing is lost or written twice."""
+        if not workers:
+            raise ValueError("the runner needs at least one env worker")
         if settings.reflection_candidates > 1 and (rank is None or settings.reflector.temperature == 0):
             raise ValueError("best-of-n reflections need a rank function and a reflector temperature > 0")
         self.rank = rank
         self.retry_on = retry_on
         self.max_episode_retries = max_episode_retries
-        self.engines = list(engines)
-        self.in_flight = [0] * len(self.engines)
+        self.engines = engines
         self.slots = [(w, s) for s in range(envs_per_worker) for w in workers]  # interleaved: spread over workers
         self.formatter = formatter
         self.env_name = env_name
@@ -101,14 +102,9 @@ class EpisodeRunner:
         return len(self.slots)
 
     async def _generate(self, ids: list[int], role: str, sampling: SamplingParams, stats: RolloutStats):
-        i = min(range(len(self.engines)), key=self.in_flight.__getitem__)  # least-loaded replica
-        self.in_flight[i] += 1
-        try:
-            if sampling.temperature > 0:
-                sampling = replace(sampling, seed=next(self._seeds))
-            result: GenerateResult = await self.engines[i].generate.remote(ids, role, sampling)
-        finally:
-            self.in_flight[i] -= 1
+        if sampling.temperature > 0:
+            sampling = replace(sampling, seed=next(self._seeds))
+        result: GenerateResult = await self.engines.generate(ids, role, sampling)
         stats.tokens += len(result.completion_ids)
         stats.generate_calls += 1
         stats.versions.setdefault(role, set()).add(result.version)

@@ -106,6 +106,8 @@ class VLLMEngine:
         self._n = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "running": 0}
         self._busy_s = 0.0
         self._busy_since: float | None = None
+        self._load_s = 0.0  # integral of requests in flight over busy time: mean concurrency = _load_s / busy
+        self._load_mark = time.perf_counter()
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -189,16 +191,23 @@ class VLLMEngine:
         await self.llm.reset_prefix_cache()
         return 0
 
+    def pid(self) -> int:
+        """The engine actor's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
+
     def versions(self) -> dict[str, int]:
         return dict(self._version)
 
     def stats(self) -> dict[str, float]:
         n = self._n
+        self._account()
         busy = self._busy_s + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
         return {
             "requests": n["requests"],
             "tokens_generated": n["tokens"],
             "prompt_tokens": n["prompt_tokens"],
+            # vLLM batches continuously, so the batch size is the time-averaged number of requests in flight.
+            "mean_batch_size": self._load_s / busy if busy else 0.0,
             "queue_depth": n["running"],  # requests inside vLLM (its scheduler holds waiting and running ones)
             "busy_s": busy,
             "tokens_per_busy_s": n["tokens"] / busy if busy else 0.0,
@@ -211,12 +220,19 @@ class VLLMEngine:
 
     # ---- internals -------------------------------------------------------------------------------------------
 
+    def _account(self) -> None:
+        now = time.perf_counter()
+        self._load_s += self._n["running"] * (now - self._load_mark)
+        self._load_mark = now
+
     def _enter(self) -> None:
+        self._account()
         if self._n["running"] == 0:
             self._busy_since = time.perf_counter()
         self._n["running"] += 1
 
     def _leave(self) -> None:
+        self._account()
         self._n["running"] -= 1
         if self._n["running"] == 0 and self._busy_since is not None:
             self._busy_s += time.perf_counter() - self._busy_since

