@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     common(train)
     train.add_argument("--method", choices=["sft", "eto", "retroformer", "retroact"],
                        help="training method (default: the config's `method`, retroact in configs/default.yaml)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a stopped run in RUN_DIR with its own config: stored episodes are reused and "
+                            "finished rounds are not run again")
     common(sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion)"))
     demos = sub.add_parser("demos", help="export expert trajectories of the training tasks to a run directory")
     common(demos)
@@ -41,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     from envs.core import EnvError
 
     try:
-        overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
-        cfg = load_config(args.config, overrides)
         from cluster.methods import run_method
         from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
 
+        resume = getattr(args, "resume", None)
+        if resume:
+            cfg = resumable(resume, args)
+        else:
+            overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
+            cfg = load_config(args.config, overrides)
         prepared = preflight(cfg, with_learner=args.command == "train")
-        run = RunDir.create(cfg)
+        run = RunDir(resume) if resume else RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
@@ -77,6 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         if ray is not None and ray.is_initialized():  # a caller in the same process (tests) may start its own
             ray.shutdown()
     return 0
+
+
+def resumable(path: str, args: argparse.Namespace):
+    """The config of the stopped run in `path`; a run that cannot be continued is a ConfigError."""
+    from pathlib import Path
+
+    from cluster.run_dir import read_metrics
+
+    if args.config or args.overrides or args.method:
+        raise ConfigError("--resume continues a run with the config it was started with (RUN_DIR/config.yaml): "
+                          "drop --config, --set and --method")
+    folder = Path(path)
+    if not (folder / "config.yaml").is_file() or not (folder / "trajectories").is_dir():
+        raise ConfigError(f"--resume {path}: not a run directory (no config.yaml / trajectories/); give the folder "
+                          "`retrorl train` printed as its run directory")
+    if any(r.get("event") == "done" for r in read_metrics(folder / "metrics.jsonl")):
+        raise ConfigError(f"--resume {path}: this run finished (its results are in {folder / 'eval'}); nothing "
+                          "to continue")
+    return load_config(folder / "config.yaml")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,9 @@ class LearnerCfg(_Strict):
     cpus: float = Field(1, ge=0)
     gpus: int = Field(0, ge=0)  # 0: CPU; 1: one GPU (DeepSpeed picks the accelerator Ray assigns)
     threads: int | None = None
+    # Ray restarts a dead learner this many times; it is restored from the last checkpoint and the calls made
+    # since are replayed, then the call that died is made again.
+    restarts: int = Field(2, ge=0)
 
 
 class DemoCfg(_Strict):

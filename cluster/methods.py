@@ -31,6 +31,8 @@ def _per_iteration(values: list[float], i: int) -> float:
 def log_round(session: Session, method: str, index: int, episodes: list[Episode], **fields: Any) -> None:
     """One `round` record per training round: the mean return of its training rollouts (all trials), first and
     final trial returns and success rate, for `retrorl report`'s plot."""
+    if session.resume.logged("round", method=method, round=index):  # logged before a --resume
+        return
     returns = [t.ret for e in episodes for t in e.trials]
     session.run.log(
         "round", method=method, round=index,
@@ -68,6 +70,8 @@ def eto(session: Session) -> Rows:
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
         explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
+        if session.resumed(f"eto-{i + 1}"):
+            continue
         pairs, counts = dpo_pairs(explored, experts, e.extra_turns)
         log_round(session, "eto", i + 1, explored, **counts)
         say(f"[eto {i + 1}] {counts}")
@@ -96,6 +100,10 @@ def retroformer(session: Session) -> Rows:
         episodes = session.rollout(tasks, f"collect-{i + 1}", r.trials, settings)
         new = reflection_replay(episodes)
         replay += new
+        if session.resumed(f"retroformer-{i + 1}"):
+            trained = session.resume.logged("train", phase=f"reward-model-{i + 1}")
+            ranker_ready = ranker_ready or bool(trained and trained.get("trained"))
+            continue
         log_round(session, "retroformer", i + 1, episodes, reflections=len(new),
                   improved=sum(s.reward > 0 for s in new), worsened=sum(s.reward < 0 for s in new))
         if not any(s.reward != 0 for s in replay):
@@ -129,6 +137,8 @@ def retroact(session: Session) -> Rows:
         settings = session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,
                                     seed=derive_seed(cfg.seed, "retroact", i))
         episodes = session.rollout(tasks, f"explore-{i + 1}", r.trials, settings)
+        if session.resumed(f"retroact-{i + 1}"):
+            continue
         samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward)
         log_round(session, "retroact", i + 1, episodes, rl_samples=len(samples), **counts)
         if not samples:

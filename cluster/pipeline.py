@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,12 +25,16 @@ from cluster.config import Config
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
+from cluster.resume import Resume
 from cluster.runtime import check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
 from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
+
+_READ_ONLY = frozenset({"pid", "versions", "score_reflections"})  # learner calls that change nothing
+_RESTART_WAIT_S = 600.0  # a restarted learner reloads the model and starts DeepSpeed
 from rollout.runner import EpisodeRunner, RolloutSettings
 
 
@@ -74,6 +79,10 @@ class Session:
         t0 = time.perf_counter()
         self.actors = start_actors(cfg, self.model_path, str(run.path), with_learner)
         self.engines = EnginePool(self.actors.engines, retries=cfg.rollout.engine_restarts)
+        self._journal: list[tuple[str, tuple, dict]] = []  # learner calls since its last checkpoint (see `call`)
+        self.learner_restarts = 0
+        self.resume = Resume.of(run)  # what the run directory already holds (empty for a new run)
+        self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
         say(f"actors up in {time.perf_counter() - t0:.0f}s: {len(self.actors.engines)} engine(s), "
             f"{len(self.actors.workers)} env worker(s) x {cfg.rollout.envs_per_worker} envs"
             + (", 1 learner" if with_learner else ""))
@@ -95,9 +104,16 @@ class Session:
         cfg, workers = self.cfg, self.actors.workers
         prompt = ActorPrompt(self.formatter, show_actions=cfg.agent.show_actions)
         reflector = ReflectorPrompt(self.formatter)
+        stored: dict[str, list[Episode]] = {}
+        for e in self.resume.episodes.get("demos", []):  # a task's demos are stored together or not at all
+            stored.setdefault(e.task_id, []).append(e)
         progress = Progress("demos", len(tasks))
         episodes: list[Episode] = []
         for i, (task_id, split) in enumerate(tasks):
+            if task_id in stored:
+                episodes += stored[task_id]
+                progress.update(True)
+                continue
             worker = workers[i % len(workers)]
             expert = worker.expert.remote(0, task_id)
             failed = [worker.failed.remote(0, task_id, derive_seed(cfg.seed, "failed-demo", task_id, j),
@@ -112,8 +128,9 @@ class Session:
             self.run.store.append(batch, phase="demos")
             episodes += batch
             progress.update(expert.won)
-        self.run.log("demos", tasks=len(tasks), episodes=len(episodes),
-                      expert_wins=sum(e.success for e in episodes if len(e.trials) == 1))
+        if not self.resume.logged("demos"):
+            self.run.log("demos", tasks=len(tasks), episodes=len(episodes),
+                          expert_wins=sum(e.success for e in episodes if len(e.trials) == 1))
         return episodes
 
     # -- rollouts -----------------------------------------------------------------------------------------
@@ -139,6 +156,20 @@ class Session:
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
                 settings: RolloutSettings | None = None, rank: Any = None) -> list[Episode]:
+        """One episode per task, stored as each finishes. On --resume, the episodes this phase already stored
+        are reused and only the other tasks are played."""
+        done, todo = self.resume.split(phase, tasks)
+        if done:
+            say(f"[{phase}] resumed: {len(done)} of {len(tasks)} episodes already stored")
+        if not todo:
+            return [done[i] for i in range(len(tasks))]
+        played = self._play([tasks[i] for i in todo], phase, trials, settings, rank)
+        done.update(zip(todo, played))
+        return [done[i] for i in range(len(tasks))]
+
+    def _play(self, tasks: list[tuple[str, str]], phase: str, trials: int,
+              settings: RolloutSettings | None, rank: Any) -> list[Episode]:
+        self._restore_checkpoint()
         runner = EpisodeRunner(self.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
                                self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
                                retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
@@ -187,7 +218,8 @@ class Session:
                                reflection_candidates=best_of)
             rank = self.rank_reflections
         rows = evaluate(self.rollout(self.eval_tasks(), phase, trials, settings, rank), label, trials)
-        self.run.log("eval", label=label, rows=rows)
+        if not self.resume.logged("eval", label=label):
+            self.run.log("eval", label=label, rows=rows)
         return rows
 
     # -- learning -----------------------------------------------------------------------------------------
@@ -196,6 +228,9 @@ class Session:
         ray.get([e.release_memory.remote() for e in self.actors.engines])
 
     def train_il(self, episodes: list[Episode]) -> dict[str, Any]:
+        if self.resumed("sft"):
+            record = self.resume.logged("train", phase="sft") or {}
+            return {k: v for k, v in record.items() if k not in ("time", "event", "phase", "checkpoint")}
         cfg = self.cfg.learner
         samples = il_samples(episodes)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
@@ -221,9 +256,61 @@ class Session:
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
         self.broadcast(force=True)
 
+    def resumed(self, checkpoint: str) -> bool:
+        """True if this run already finished the step that ends with `checkpoint` (a --resume): the step is then
+        skipped, and the checkpoint is loaded before the learner or the engines are next needed."""
+        if checkpoint not in self.resume.checkpoints:
+            return False
+        self._restore = str(self.run.path / "checkpoints" / checkpoint)
+        say(f"[resume] {checkpoint}: done before the restart")
+        return True
+
+    def _restore_checkpoint(self) -> None:
+        if self._restore is None:
+            return
+        path, self._restore = self._restore, None
+        self.call("load_checkpoint", path)
+        self.run.log("resume", checkpoint=path)
+        self.broadcast(force=True)
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A learner method (learners.methods.MethodLearner), waited for."""
-        return ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+        """A learner method (learners.methods.MethodLearner), waited for.
+
+        Learner faults: the calls made since the last checkpoint are journaled. If the learner dies, Ray restarts
+        it (learner.restarts), the journal is replayed from that checkpoint's load (adapters, optimizer, step, RNG),
+        and the call is made again: it computes what it would have, and only the work in flight is lost."""
+        if method != "load_checkpoint":
+            self._restore_checkpoint()
+        for attempt in itertools.count():
+            try:
+                if attempt:
+                    self._replay_journal()
+                result = ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+                break
+            except ACTOR_DIED:
+                if attempt >= self.cfg.learner.restarts:
+                    raise
+                self.learner_restarts += 1
+                say(f"[learner] died during {method}; restoring it (restart {self.learner_restarts})")
+        if method in ("save_checkpoint", "load_checkpoint"):  # the state is now that checkpoint's
+            self._journal = [("load_checkpoint", (str(result if method == "save_checkpoint" else args[0]),), {})]
+        elif method not in _READ_ONLY:
+            self._journal.append((method, args, kwargs))
+        return result
+
+    def _replay_journal(self) -> None:
+        deadline = time.monotonic() + _RESTART_WAIT_S
+        while True:  # until Ray has the learner back (it reloads the model and starts DeepSpeed)
+            try:
+                ray.get(self.actors.learner.pid.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for method, args, kwargs in self._journal:
+            ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+        self.run.log("learner_restart", restarts=self.learner_restarts, replayed=[m for m, _, _ in self._journal])
 
     def train(self, phase: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One learner update (`method` of learners.methods.MethodLearner), then the broadcast."""

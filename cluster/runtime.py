@@ -174,6 +174,7 @@ def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool
         learner = (
             ray.remote(MethodLearner)
             .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus, runtime_env=runtime_env,
+                     max_restarts=cfg.learner.restarts,
                      **_in_group(pg, index[-1]))
             .remote(
                 model_path,

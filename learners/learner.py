@@ -278,6 +278,10 @@ class Learner:
     def versions(self) -> dict[str, int]:
         return dict(self._versions)
 
+    def pid(self) -> int:
+        """The learner's process id (operators and fault-injection tests kill it by pid)."""
+        return os.getpid()
+
     def publish(self, roles: Sequence[str] | None = None, force: bool = False) -> list[AdapterUpdate]:
         """Bump the version of each role trained since its last publish, write `<output>/adapters/<role>/v<N>/`
         atomically and return the tensors (CPU fp32, PEFT keys without the adapter name) for the engines."""

@@ -104,8 +104,13 @@ class TrajectoryStore:
         return path
 
     def episodes(self, phase: str | None = None) -> Iterator[Episode]:
+        for row_phase, episode in self.phased_episodes():
+            if phase is None or row_phase == phase:
+                yield episode
+
+    def phased_episodes(self) -> Iterator[tuple[str, Episode]]:
+        """(phase, episode) for every stored episode, in the order they were appended."""
         for part in self._parts():
             table = pq.read_table(part, columns=["phase", "record"])
             for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                if phase is None or row_phase == phase:
-                    yield Episode.from_dict(json.loads(record))
+                yield row_phase, Episode.from_dict(json.loads(record))

@@ -1,0 +1,165 @@
+"""Faults injected on purpose into real processes: the learner actor killed mid-update, and the driver killed
+mid-run then continued with `retrorl train --resume`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+import torch
+
+from cluster.config import load_config
+from cluster.pipeline import Session, preflight
+from cluster.run_dir import RunDir
+from learners.batching import il_samples
+
+TINY = [
+    "model.path=tiny-llama",
+    "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}",
+    "agent.actor.max_new_tokens=12",
+    "agent.reflector.max_new_tokens=12",
+    "rollout.env_workers=1",
+    "rollout.envs_per_worker=2",
+    "ray.num_cpus=2",
+]
+
+
+def _kill_when_busy(pid: int, cpu_s: float) -> threading.Thread:
+    """SIGKILL `pid` once it has used `cpu_s` more CPU seconds, i.e. while it is inside the call just made."""
+    proc = psutil.Process(pid)
+    start = sum(proc.cpu_times()[:2])
+
+    def watch() -> None:
+        while sum(proc.cpu_times()[:2]) - start < cpu_s:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_killed_learner_is_restored_from_its_checkpoint(tmp_path):
+    """Kill the learner inside an IL update: Ray restarts it, the session loads the last checkpoint, replays what
+    came after it and makes the call again. The result is bit-identical to the same call from the same checkpoint
+    without a kill: adapters, optimizer, step and RNG were all restored."""
+    cfg = load_config(None, TINY + [f"run_root={tmp_path}", "method=sft"])
+    session = Session(cfg, RunDir.create(cfg), preflight(cfg))
+    try:
+        samples = il_samples(session.demos(session.tasks("train", None)))
+        session.call("train_il", samples, epochs=1, lr=0.01)
+        checkpoint = session.checkpoint("before")
+        session.call("set_reference", ["reflector"])  # state changed after the checkpoint: must be replayed
+        first_pid = session.call("pid")
+        killer = _kill_when_busy(first_pid, cpu_s=1.0)
+        killed = session.call("train_il", samples, epochs=8, lr=0.01)
+        killer.join(timeout=1)
+        assert not killer.is_alive()
+        assert session.learner_restarts == 1 and session.call("pid") != first_pid
+        after_kill = {r: session.call("adapter_tensors", r) for r in ("actor", "reflector")}
+
+        session.call("load_checkpoint", checkpoint)
+        session.call("set_reference", ["reflector"])
+        clean = session.call("train_il", samples, epochs=8, lr=0.01)
+        same = [k for k in clean if "loss" in k or k in ("steps", "tokens")]
+        assert same and {k: killed[k] for k in same} == {k: clean[k] for k in same}
+        for role, tensors in after_kill.items():
+            again = session.call("adapter_tensors", role)
+            assert all(torch.equal(tensors[k], again[k]) for k in again)
+        restarts = [e for e in session.run.metrics() if e["event"] == "learner_restart"]
+        assert [e["replayed"] for e in restarts] == [["load_checkpoint", "set_reference"]]
+    finally:
+        session.close()
+        ray.shutdown()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (its local Ray: GCS, raylet, actors), like a crashed machine."""
+    proc = psutil.Process(pid)
+    for p in proc.children(recursive=True) + [proc]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _phases(run_path) -> dict[str, list]:
+    from rollout.store import TrajectoryStore
+
+    out: dict[str, list] = {}
+    for phase, episode in TrajectoryStore(run_path / "trajectories").phased_episodes():
+        out.setdefault(phase, []).append(episode)
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_losing_or_repeating(tmp_path):
+    """ETO with two iterations; the driver (and its local Ray) is SIGKILLed right after the first episode of the
+    second exploration is stored. `retrorl train --resume RUN_DIR` keeps every stored episode, plays only the
+    missing one, does not redo iteration 1 (its checkpoint is loaded instead), and finishes the run."""
+    import subprocess
+    import sys
+
+    from cluster.run_dir import read_metrics
+
+    args = TINY + [f"run_root={tmp_path}", "method=eto", "rollout.envs_per_worker=1", "eval.trials=2",
+                   "eto.iterations=2", "eto.lr=[0.01]", "eto.epochs=1", "learner.epochs=1", "learner.lr=0.01",
+                   "learner.role_epochs={}"]
+    cmd = [sys.executable, "-m", "cluster.cli", "train"]
+    first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            runs = list(tmp_path.iterdir())
+            if runs and (runs[0] / "checkpoints" / "eto-1" / "learner.json").is_file() \
+                    and len(_phases(runs[0]).get("explore-2", [])) >= 1:
+                break
+            time.sleep(0.05)
+        _kill_tree(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    (run,) = runs
+    before = _phases(run)
+    assert len(before["explore-1"]) == 2 and len(before["explore-2"]) == 1 and "eval-eto" not in before
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["round"] for r in records if r["event"] == "round"] == [1]
+
+    resumed = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "explore-2] resumed: 1 of 2 episodes already stored" in resumed.stdout + resumed.stderr
+
+    after = _phases(run)
+    for phase, episodes in before.items():  # nothing lost: every episode stored before the kill is still there
+        assert {e.episode_id for e in episodes} <= {e.episode_id for e in after[phase]}
+    assert {p: len(v) for p, v in after.items() if p != "demos"} == {"explore-1": 2, "explore-2": 2, "eval-eto": 2}
+    assert len(after["demos"]) == len(before["demos"])  # demos were complete: none played again
+    keys = [(p, e.task_id, e.split) for p, v in after.items() if p != "demos" for e in v]
+    assert len(keys) == len(set(keys))  # no duplicate episode in the store
+    records = read_metrics(run / "metrics.jsonl")
+    events = [r["event"] for r in records]
+    assert [r["round"] for r in records if r["event"] == "round"] == [1, 2]  # iteration 1 not repeated
+    assert [r["phase"] for r in records if r["event"] == "train"] == ["sft", "dpo-1", "dpo-2"]
+    assert [r["checkpoint"].rsplit("/", 1)[-1] for r in records if r["event"] == "resume"] == ["eto-1"]
+    assert events.count("done") == 1 and (run / "eval" / "results.json").is_file()
+
+    again = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "this run finished" in again.stderr
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    from cluster.cli import main
+
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--set", "eval.trials=1"]) == 2
+    assert "drop --config, --set and --method" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
