@@ -4,7 +4,7 @@ Families: `textworld` (default; offline-generated TextWorld games) and `sciworld
 the `sciworld` extra, imported only when built). Nothing here imports Ray.
 """
 
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv, families, make_env, register_family
+from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, families, make_env, register_family
 from .sciworld_env import SciWorldEnv
 from .textworld_env import TextWorldEnv
 
@@ -14,6 +14,6 @@ register_family("sciworld", SciWorldEnv)
 DEFAULT_ENV = "textworld"
 
 __all__ = [
-    "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "SciWorldEnv", "StepInfo", "Task", "TextEnv",
+    "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "EnvLost", "SciWorldEnv", "StepInfo", "Task", "TextEnv",
     "TextWorldEnv", "families", "make_env", "register_family",
 ]

@@ -23,6 +23,11 @@ class EnvError(RuntimeError):
     """An env cannot be built (unknown name, missing package or Java); the message names the fix."""
 
 
+class EnvLost(RuntimeError):
+    """The process behind an env (ScienceWorld's JVM) died mid-episode. The episode cannot go on; the env itself
+    can: its next reset starts a new process."""
+
+
 @dataclass(frozen=True)
 class Task:
     task_id: str

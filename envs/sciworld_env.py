@@ -30,11 +30,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
+from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv
 
 SIMPLIFICATION = "easy"
 _SPLIT_SOURCE = {"train": "train", "seen": "dev", "unseen": "test"}
@@ -88,6 +89,15 @@ def _java_options(heap: str) -> None:
     if not any(o.startswith("-XX:+Use") and o.endswith("GC") for o in opts):
         opts.append("-XX:+UseSerialGC")
     os.environ["JAVA_TOOL_OPTIONS"] = " ".join(opts)
+
+
+def _exited(proc: Any, grace_s: float = 2.0) -> bool:
+    """Whether the JVM process has exited; a socket error can arrive a moment before the exit is visible."""
+    try:
+        proc.wait(timeout=grace_s)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it is alive
+        return False
+    return True
 
 
 def _normalize(action: str) -> str:
@@ -146,6 +156,23 @@ class SciWorldEnv(TextEnv):
             except Exception as e:  # noqa: BLE001 - py4j/JVM start-up failures
                 raise EnvError(f"could not start the ScienceWorld JVM ({e}); {_INSTALL_JAVA}") from e
         return self._sw
+
+    @contextmanager
+    def _alive(self) -> Iterator[None]:
+        """JVM calls of an episode: if the JVM died under them, drop it and raise EnvLost (the next reset starts
+        a new one); any other error passes through."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - py4j raises several types when its JVM is gone
+            if self._sw is None or not _exited(self._sw._gateway.java_process):
+                raise
+            sw, self._sw = self._sw, None
+            sw.close = lambda: None  # its __del__ would try the dead gateway again
+            raise EnvLost(f"the ScienceWorld JVM died ({type(e).__name__}); replay the episode") from e
+
+    def jvm_pid(self) -> int | None:
+        """The JVM's process id while one runs (fault-injection tests kill it)."""
+        return self._sw._gateway.java_process.pid if self._sw is not None else None
 
     def close(self) -> None:
         sw, self._sw = self._sw, None
@@ -250,11 +277,12 @@ class SciWorldEnv(TextEnv):
 
     # -- playing --------------------------------------------------------------------------------------------
     def _reset(self, task: Task, seed: int | None) -> tuple[str, str]:
-        self._load(task)
-        obs, info = self._sw.reset()
-        self._history, self._over = [], False
-        self._last = StepInfo(0.0, False, True)
-        self._refresh_admissible()
+        with self._alive():
+            self._load(task)
+            obs, info = self._sw.reset()
+            self._history, self._over = [], False
+            self._last = StepInfo(0.0, False, True)
+            self._refresh_admissible()
         instruction = re.sub(r"^\s*Task Description:\s*", "", info["taskDesc"]).strip()
         return instruction, obs.strip()
 
@@ -266,14 +294,15 @@ class SciWorldEnv(TextEnv):
             return _NO_MATCH, StepInfo(self._last.score, False, False), False
         # The simulator's own calls: ScienceWorldEnv.step would also fetch look/inventory/the valid-action list
         # on every step (4 more JVM round trips) that this API does not use.
-        server = self._sw.server
-        obs = server.step(command)
-        raw = int(round(100 * server.getScore()))
-        self._history.append(command)
-        won = raw >= 100
-        self._over = bool(server.getCompleted()) or raw < 0 or won
-        self._last = StepInfo(min(1.0, max(0.0, raw / 100)), won, not obs.startswith(_NO_MATCH))
-        self._refresh_admissible()
+        with self._alive():
+            server = self._sw.server
+            obs = server.step(command)
+            raw = int(round(100 * server.getScore()))
+            self._history.append(command)
+            won = raw >= 100
+            self._over = bool(server.getCompleted()) or raw < 0 or won
+            self._last = StepInfo(min(1.0, max(0.0, raw / 100)), won, not obs.startswith(_NO_MATCH))
+            self._refresh_admissible()
         return obs.strip() or INVALID_ACTION_OBS, self._last, self._over
 
     def _refresh_admissible(self) -> None:

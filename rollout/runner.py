@@ -22,7 +22,7 @@ from agents.reflector import ReflectorPrompt
 from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, new_episode_id
 from rollout.engine import GenerateResult, SamplingParams
 from rollout.engine_pool import EnginePool
-from rollout.workers import WorkerRestarted
+from rollout.workers import EpisodeLost
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class EpisodeRunner:
                     try:
                         episode = await self.run_episode(task_id, split, slot, stats, tags or {})
                         break
-                    except (WorkerRestarted, *self.retry_on):
+                    except (EpisodeLost, *self.retry_on):
                         if attempt >= self.max_episode_retries:
                             raise
                         stats.episode_retries += 1  # the actor restarts (Ray); its envs start fresh

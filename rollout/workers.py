@@ -7,19 +7,20 @@ import random
 import uuid
 from typing import Any
 
-from envs import make_env
+from envs import EnvLost, make_env
 from envs.demos import Replay, Transition, expert_replay, failed_replay, to_transition
 
 
-class WorkerRestarted(RuntimeError):
-    """A step names an episode begun in an earlier life of this worker (Ray restarted it): its env state is gone."""
+class EpisodeLost(RuntimeError):
+    """The env state an episode was played on is gone: the worker was restarted by Ray since the episode's reset,
+    or the env's own process (ScienceWorld's JVM) died. The runner replays the episode from trial 1."""
 
 
 class EnvWorker:
     """`n_envs` independent env slots; every call names its slot, so many episodes share one worker.
 
     Each life of the worker has its own `incarnation` id, returned by `reset` in info["worker"]; a `step` that
-    passes an older one raises WorkerRestarted, so an episode never continues on an env it did not reset."""
+    passes an older one raises EpisodeLost, so an episode never continues on an env it did not reset."""
 
     def __init__(self, env_name: str, env_kwargs: dict[str, Any], n_envs: int) -> None:
         self.envs = [make_env(env_name, **env_kwargs) for _ in range(n_envs)]
@@ -34,14 +35,20 @@ class EnvWorker:
         return os.getpid()
 
     def reset(self, slot: int, task_id: str, seed: int | None = None) -> tuple[str, dict[str, Any]]:
-        obs, info = self.envs[slot].reset(seed=seed, options={"task": task_id})
+        try:
+            obs, info = self.envs[slot].reset(seed=seed, options={"task": task_id})
+        except EnvLost as e:
+            raise EpisodeLost(f"slot {slot}: {e}") from e
         return obs, {**info, "worker": self.incarnation}
 
     def step(self, slot: int, action: str, incarnation: str | None = None) -> Transition:
         if incarnation is not None and incarnation != self.incarnation:
-            raise WorkerRestarted(f"env worker restarted since slot {slot} was reset; replay the episode")
+            raise EpisodeLost(f"env worker restarted since slot {slot} was reset; replay the episode")
         self.steps += 1
-        return to_transition(action, self.envs[slot].step(action))
+        try:
+            return to_transition(action, self.envs[slot].step(action))
+        except EnvLost as e:
+            raise EpisodeLost(f"slot {slot}: {e}") from e
 
     def tasks(self, split: str) -> list:
         return self.envs[0].tasks(split)

@@ -151,3 +151,28 @@ def test_listing_from_cache_needs_no_jvm_and_close_stops_it(env: SciWorldEnv, ca
     other.close()
     assert proc.poll() is not None and other._sw is None
     other.close()  # idempotent
+
+
+@pytest.mark.sciworld
+@needs_sciworld
+def test_a_killed_jvm_loses_the_episode_and_the_next_reset_starts_a_new_one(cache: Path):
+    import signal
+
+    from envs import EnvLost
+
+    env = SciWorldEnv(cache_dir=cache)
+    try:
+        task = "sciworld:find-animal:225"
+        env.reset(options={"task": task})
+        env.step("open door to hallway")
+        pid = env.jvm_pid()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EnvLost, match="JVM died"):
+            env.step("go to hallway")
+        assert env.jvm_pid() is None
+        obs, info = env.reset(options={"task": task})  # a new JVM; the task plays from its start again
+        assert env.jvm_pid() not in (None, pid) and info["task_id"] == task
+        env.step("open door to hallway")
+        assert "hallway" in env.step("go to hallway")[0]
+    finally:
+        env.close()

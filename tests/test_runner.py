@@ -4,6 +4,8 @@ reflections keep the candidate the rank function picks, and refuse to run withou
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import shutil
 
 import pytest
 import ray
@@ -17,7 +19,7 @@ from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
 from rollout.hf_engine import HFEngine
 from rollout.runner import EpisodeRunner, RolloutSettings
-from rollout.workers import EnvWorker, WorkerRestarted
+from rollout.workers import EnvWorker, EpisodeLost
 
 ENV_KWARGS = {"n_train": 2, "n_seen": 1, "n_unseen": 1}
 
@@ -102,7 +104,7 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     episodes, stats = asyncio.run(rollout_and_kill())
     assert stats.episode_retries >= 1
     assert ray.get(worker.pid.remote()) != first_pid  # restarted in a new process
-    with pytest.raises(WorkerRestarted):  # a step of an episode begun before the restart is refused
+    with pytest.raises(EpisodeLost):  # a step of an episode begun before the restart is refused
         ray.get(worker.step.remote(0, "look", info["worker"]))
     assert [(e.task_id, e.split) for e in episodes] == tasks  # one per task, in order
     assert sorted(e.episode_id for e in delivered) == sorted(e.episode_id for e in episodes)  # each delivered once
@@ -151,3 +153,44 @@ def test_a_killed_engine_is_restarted_on_the_latest_adapter(actors, tiny_model_p
     assert [(e.task_id, e.split) for e in episodes] == tasks
     assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)
     assert {s.generation.version for e in episodes for t in e.trials for s in t.steps} == {1}
+
+
+@pytest.mark.sciworld
+@pytest.mark.skipif(shutil.which("java") is None or importlib.util.find_spec("scienceworld") is None,
+                    reason="needs the scienceworld package and Java 17")
+def test_a_killed_jvm_is_restarted_and_its_episode_replayed(actors, tmp_path):
+    """SIGKILL the ScienceWorld JVM under an env worker mid-episode: the worker stays up, the episode is replayed
+    from trial 1 on a new JVM, and every task comes back exactly once, whole."""
+    import os
+    import signal
+
+    import psutil
+
+    engine, _, formatter = actors
+    kwargs = {"task_names": ["find-animal"], "per_task": {"train": 2}}
+    worker = ray.remote(EnvWorker).options(num_cpus=0).remote("sciworld", kwargs, 1)
+    worker_pid = ray.get(worker.pid.remote())
+    tasks = [(t.task_id, "train") for t in make_env("sciworld", **kwargs).tasks("train")]
+    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+                               reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
+    runner = EpisodeRunner(EnginePool([engine]), [worker], 1, formatter, "sciworld", settings, retry_on=ACTOR_DIED)
+
+    def jvms() -> list[int]:
+        return [p.pid for p in psutil.Process(worker_pid).children(recursive=True) if "java" in p.name()]
+
+    async def rollout_and_kill():
+        served = ray.get(engine.stats.remote())["requests"]
+        job = asyncio.ensure_future(runner.run(tasks))
+        while (await engine.stats.remote())["requests"] < served + 3 or not jvms():  # inside the first episode
+            await asyncio.sleep(0.01)
+        (jvm,) = jvms()
+        os.kill(jvm, signal.SIGKILL)
+        episodes, stats = await job
+        return jvm, episodes, stats
+
+    killed, episodes, stats = asyncio.run(rollout_and_kill())
+    assert stats.episode_retries == 1
+    assert ray.get(worker.pid.remote()) == worker_pid and jvms() and killed not in jvms()  # same worker, new JVM
+    assert [(e.task_id, e.split) for e in episodes] == tasks
+    assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)
+    ray.kill(worker)
