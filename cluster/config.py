@@ -77,6 +77,13 @@ class RolloutCfg(_Strict):
     # was serving is sent again (at most this many times).
     engine_restarts: int = Field(3, ge=0)
     episode_retries: int = Field(3, ge=0)  # an episode whose env worker died is replayed from trial 1 this often
+    # sync: rollouts and updates alternate (the default; on a CPU machine they share the cores anyway).
+    # async: the next round's rollouts go on while the learner trains (RetroAct, whose loss is off-policy).
+    mode: Literal["sync", "async"] = "sync"
+    # async: rollouts run at most this many rounds ahead of the learner, and a sample generated more than this
+    # many adapter versions before the update that uses it is stale: dropped, or its reward down-weighted.
+    max_policy_lag: int = Field(1, ge=0)
+    stale: Literal["drop", "downweight"] = "drop"
 
 
 class LoraCfg(_Strict):
@@ -210,6 +217,9 @@ class Config(_Strict):
             raise ValueError("retroformer.best_of_n > 1 samples its candidates at retroformer.temperature: set it "
                              "above 0")
         ro = self.rollout
+        if ro.mode == "async" and self.method != "retroact":
+            raise ValueError(f"rollout.mode=async is for RetroAct, whose importance-weighted loss corrects for "
+                             f"stale samples; {self.method} updates on-policy: set rollout.mode=sync")
         if ro.engine_gpus > 0 and ro.backend == "hf":
             raise ValueError("rollout.engine_gpus > 0 needs a GPU engine, and the HF engine runs on CPU only: set "
                              "rollout.backend=vllm, or rollout.engine_gpus=0")

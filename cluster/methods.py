@@ -17,9 +17,10 @@ from agents.trajectory import REFLECTOR, Episode
 from cluster.config import Config
 from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
+from cluster.producer import Round, RolloutProducer
 from cluster.progress import say
 from cluster.run_dir import RunDir
-from learners.batching import dpo_pairs, il_samples, reflection_replay, retroact_samples
+from learners.batching import bound_policy_lag, dpo_pairs, il_samples, reflection_replay, retroact_samples
 
 Rows = list[dict[str, Any]]
 
@@ -128,26 +129,44 @@ def retroformer(session: Session) -> Rows:
 
 def retroact(session: Session) -> Rows:
     """IL for both roles, then rounds of exploration at temperature 1 with reflections, stored with their
-    behaviour log-probs and versions, and the off-policy joint update with the IL regulariser."""
+    behaviour log-probs and versions, and the off-policy joint update with the IL regulariser. In async mode
+    (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
     demos, rows = _start(session)
     imitation = il_samples(demos)
     tasks = session.tasks("train", cfg.env.train_tasks)
-    for i in range(r.rounds):
-        settings = session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,
-                                    seed=derive_seed(cfg.seed, "retroact", i))
-        episodes = session.rollout(tasks, f"explore-{i + 1}", r.trials, settings)
-        if session.resumed(f"retroact-{i + 1}"):
-            continue
-        samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward)
-        log_round(session, "retroact", i + 1, episodes, rl_samples=len(samples), **counts)
-        if not samples:
-            say(f"[retroact {i + 1}] no sample passed the filters (no positive return); nothing to train")
-            continue
-        session.train(f"retroact-{i + 1}", "train_retroact", samples, imitation, epochs=r.epochs, lr=r.lr,
-                      eps=r.eps, il_coef=r.il_coef, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
-        session.checkpoint(f"retroact-{i + 1}")
+    rounds = [Round(f"explore-{i + 1}", r.trials,
+                    session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,
+                                     seed=derive_seed(cfg.seed, "retroact", i)))
+              for i in range(r.rounds)]
+    if cfg.rollout.mode == "sync":
+        for i, plan in enumerate(rounds):
+            _retroact_update(session, i, session.rollout(tasks, plan.phase, plan.trials, plan.settings), imitation)
+    else:
+        session.restore_pending()  # the starting policy is served before the first round is played
+        with RolloutProducer(session, tasks, rounds, cfg.rollout.max_policy_lag) as producer:
+            for i in range(len(rounds)):
+                _retroact_update(session, i, producer.take(i), imitation)
+                producer.trained(i)
     return rows + session.evaluate("RetroAct")
+
+
+def _retroact_update(session: Session, i: int, episodes: list[Episode], imitation: list) -> None:
+    cfg, r = session.cfg, session.cfg.retroact
+    if session.resumed(f"retroact-{i + 1}"):
+        return
+    samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward)
+    if cfg.rollout.mode == "async":
+        samples, lag = bound_policy_lag(samples, session.call("versions"), cfg.rollout.max_policy_lag,
+                                        cfg.rollout.stale)
+        counts.update(lag)
+    log_round(session, "retroact", i + 1, episodes, rl_samples=len(samples), **counts)
+    if not samples:
+        say(f"[retroact {i + 1}] no sample passed the filters (no positive return); nothing to train")
+        return
+    session.train(f"retroact-{i + 1}", "train_retroact", samples, imitation, epochs=r.epochs, lr=r.lr,
+                  eps=r.eps, il_coef=r.il_coef, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
+    session.checkpoint(f"retroact-{i + 1}")
 
 
 PIPELINES: dict[str, Callable[[Session], Rows]] = {

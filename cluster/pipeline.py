@@ -155,21 +155,23 @@ class Session:
         )
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
-                settings: RolloutSettings | None = None, rank: Any = None) -> list[Episode]:
+                settings: RolloutSettings | None = None, rank: Any = None, restore: bool = True) -> list[Episode]:
         """One episode per task, stored as each finishes. On --resume, the episodes this phase already stored
-        are reused and only the other tasks are played."""
+        are reused and only the other tasks are played. `restore=False`: called from the async producer's
+        thread, which never talks to the learner (a pending checkpoint is loaded by the driver thread)."""
         done, todo = self.resume.split(phase, tasks)
         if done:
             say(f"[{phase}] resumed: {len(done)} of {len(tasks)} episodes already stored")
         if not todo:
             return [done[i] for i in range(len(tasks))]
+        if restore:
+            self.restore_pending()
         played = self._play([tasks[i] for i in todo], phase, trials, settings, rank)
         done.update(zip(todo, played))
         return [done[i] for i in range(len(tasks))]
 
     def _play(self, tasks: list[tuple[str, str]], phase: str, trials: int,
               settings: RolloutSettings | None, rank: Any) -> list[Episode]:
-        self._restore_checkpoint()
         runner = EpisodeRunner(self.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
                                self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
                                retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
@@ -265,7 +267,8 @@ class Session:
         say(f"[resume] {checkpoint}: done before the restart")
         return True
 
-    def _restore_checkpoint(self) -> None:
+    def restore_pending(self) -> None:
+        """Load and serve the checkpoint `resumed` marked, if any (driver thread only)."""
         if self._restore is None:
             return
         path, self._restore = self._restore, None
@@ -280,7 +283,7 @@ class Session:
         it (learner.restarts), the journal is replayed from that checkpoint's load (adapters, optimizer, step, RNG),
         and the call is made again: it computes what it would have, and only the work in flight is lost."""
         if method != "load_checkpoint":
-            self._restore_checkpoint()
+            self.restore_pending()
         for attempt in itertools.count():
             try:
                 if attempt:

@@ -8,8 +8,9 @@ sorted by length and right-padded under a token budget so padding waste stays sm
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,8 @@ def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> To
         role=ACTOR,
         logprobs=logprobs,
         reward=trial.ret,  # R_k for every actor step of trial k (RetroAct)
-        meta={**_meta(episode, trial.index, version=last.version), "turns": len(steps)},
+        meta={**_meta(episode, trial.index, version=last.version), "turns": len(steps),
+              "min_version": min(step.generation.version for step in steps)},
     )
 
 
@@ -319,6 +321,30 @@ def reflection_replay(episodes: Iterable[Episode]) -> list[TokenSample]:
     """Retroformer's replay set: (reflection prompt, reflection, rating R_{k+1} - R_k) for every reflection
     whose next trial was run; each is a one-step bandit episode."""
     return [s for e in episodes for s in reflector_samples(e) if s.meta["has_next"]]
+
+
+def bound_policy_lag(
+    samples: Iterable[TokenSample], current: Mapping[str, int], max_lag: int, stale: str = "drop"
+) -> tuple[list[TokenSample], dict[str, Any]]:
+    """Async mode's staleness bound. A sample's lag is its role's current learner version minus the oldest
+    version that generated it (a trial played across an update mixes versions). A sample more than `max_lag`
+    versions behind is dropped ("drop"), or its reward is scaled by 1 / (1 + lag - max_lag) ("downweight").
+    Returns the kept samples and what happened: the largest lag, stale samples dropped / down-weighted."""
+    if stale not in ("drop", "downweight"):
+        raise ValueError(f"stale must be 'drop' or 'downweight', not {stale!r}")
+    kept: list[TokenSample] = []
+    counts: dict[str, Any] = {"lag_max": 0, "stale_dropped": 0, "stale_downweighted": 0}
+    for s in samples:
+        lag = current[s.role] - s.meta.get("min_version", s.meta["version"])
+        counts["lag_max"] = max(counts["lag_max"], lag)
+        if lag <= max_lag:
+            kept.append(s)
+        elif stale == "drop":
+            counts["stale_dropped"] += 1
+        else:
+            kept.append(dataclasses.replace(s, reward=s.reward / (1 + lag - max_lag)))
+            counts["stale_downweighted"] += 1
+    return kept, counts
 
 
 def retroact_samples(

@@ -5,6 +5,7 @@ import torch
 
 from agents.trajectory import ACTOR, EXPERT_VERSION, REFLECTOR, Episode, Generation, Step, Trial
 from learners.batching import (
+    bound_policy_lag,
     dpo_pairs,
     make_pair_batches,
     reflection_replay,
@@ -215,3 +216,21 @@ def test_reflection_replay_and_retroact_filters():
     assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5 * 1.5]
     kept, _ = retroact_samples([episode], alpha=1.0, scaled=False)
     assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5]
+
+
+def test_policy_lag_bound_drops_or_downweights_stale_samples():
+    episode = _episode()  # actor generations at version 3, the reflection at version 2
+    episode.trials[1].steps[0].generation.version = 1  # trial 1 was played across an update: 1, then 3
+    samples = episode_samples(episode)
+    assert [s.meta.get("min_version", s.meta["version"]) for s in samples] == [3, 1, 2]
+    current = {ACTOR: 4, REFLECTOR: 4}
+    kept, counts = bound_policy_lag(samples, current, max_lag=2)
+    # Lags 1 (trial 0), 3 (trial 1: its oldest step counts), 2 (the reflection): one sample over the bound.
+    assert [s.meta["trial"] for s in kept if s.role == ACTOR] == [0] and len(kept) == 2
+    assert counts == {"lag_max": 3, "stale_dropped": 1, "stale_downweighted": 0}
+    kept, counts = bound_policy_lag(samples, current, max_lag=2, stale="downweight")
+    assert [s.reward for s in kept] == [0.0, 1.0 / 2, samples[2].reward] and counts["stale_downweighted"] == 1
+    assert samples[1].reward == 1.0  # the input is left as it was
+    assert bound_policy_lag(samples, current, max_lag=3)[0] == samples
+    with pytest.raises(ValueError, match="drop"):
+        bound_policy_lag(samples, current, 1, stale="ignore")

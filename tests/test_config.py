@@ -98,6 +98,7 @@ def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_
     (["rollout.backend=vllm", "rollout.engine_gpus=2"], "at most 1 GPU"),
     (["rollout.backend=vllm", "rollout.dtype=bfloat16"], "rollout.dtype=float32"),
     (["learner.gpus=2"], "learner.gpus to 0 or 1"),
+    (["method=eto", "rollout.mode=async"], "rollout.mode=sync"),
 ])
 def test_unsupported_placements_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
