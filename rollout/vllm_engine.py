@@ -211,7 +211,8 @@ class VLLMEngine:
             "queue_depth": n["running"],  # requests inside vLLM (its scheduler holds waiting and running ones)
             "busy_s": busy,
             "tokens_per_busy_s": n["tokens"] / busy if busy else 0.0,
-            "loaded_adapters": len(self._in_flight) - (0 in self._in_flight),
+            # current versions plus superseded ones still finishing requests
+            "loaded_adapters": sum(r is not None for r in self._current.values()) + len(self._retired),
         }
 
     def shutdown(self) -> None:

@@ -98,6 +98,7 @@ def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_
     (["rollout.backend=vllm", "rollout.engine_gpus=2"], "at most 1 GPU"),
     (["rollout.backend=vllm", "rollout.dtype=bfloat16"], "rollout.dtype=float32"),
     (["learner.gpus=2"], "learner.gpus to 0 or 1"),
+    (["rollout.backend=vllm", "rollout.engine_gpus=0.5"], "gpu_memory_utilization to at most 0.5"),
     (["method=eto", "rollout.mode=async"], "rollout.mode=sync"),
 ])
 def test_unsupported_placements_fail_at_load(override, message):
@@ -106,5 +107,6 @@ def test_unsupported_placements_fail_at_load(override, message):
 
 
 def test_vllm_on_gpu_and_cpu_configs_load():
-    assert load_config(None, ["rollout.backend=vllm", "rollout.engine_gpus=0.5"]).rollout.engine_gpus == 0.5
+    shared = ["rollout.backend=vllm", "rollout.engine_gpus=0.5", "rollout.vllm.gpu_memory_utilization=0.4"]
+    assert load_config(None, shared).rollout.engine_gpus == 0.5
     assert load_config(None, ["rollout.backend=vllm", "rollout.dtype=float32"]).rollout.backend == "vllm"
