@@ -37,6 +37,18 @@ def actors():
         ray.shutdown()
 
 
+def _random_lora(model_path: str, seed: int) -> dict[str, torch.Tensor]:
+    """A random LoRA adapter (q/v, r=8) for the tiny model, keyed as PEFT's state dict names them."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from agents.model import load_model
+
+    peft = get_peft_model(load_model(model_path, "float32"), LoraConfig(r=8, lora_alpha=16,
+                                                                        target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in get_peft_model_state_dict(peft).items()}
+
+
 def _settings(candidates: int, temperature: float) -> RolloutSettings:
     return RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=8),
                            reflector=SamplingParams(temperature, max_new_tokens=8), max_steps=2,
@@ -118,19 +130,13 @@ def test_a_killed_engine_is_restarted_on_the_latest_adapter(actors, tiny_model_p
     import os
     import signal
 
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
     from agents.adapters import AdapterUpdate
-    from agents.model import load_model
 
     _, worker, formatter = actors
     engine = ray.remote(HFEngine).options(num_cpus=0, max_restarts=1).remote(tiny_model_path, dtype="float32",
                                                                              threads=2, seed=0)
     first_pid = ray.get(engine.pid.remote())
-    peft = get_peft_model(load_model(tiny_model_path, "float32"), LoraConfig(r=8, lora_alpha=16,
-                                                                             target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(0)
-    tensors = {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in get_peft_model_state_dict(peft).items()}
+    tensors = _random_lora(tiny_model_path, seed=0)
     pool = EnginePool([engine])
     pool.broadcast([AdapterUpdate("actor", 1, tensors)])
     settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
@@ -194,3 +200,24 @@ def test_a_killed_jvm_is_restarted_and_its_episode_replayed(actors, tmp_path):
     assert [(e.task_id, e.split) for e in episodes] == tasks
     assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)
     ray.kill(worker)
+
+
+def test_requests_spread_over_engine_replicas(actors, tiny_model_path):
+    """Concurrent requests go to the least-loaded replica: with two replicas both serve, and a broadcast reaches
+    both."""
+    from agents.adapters import AdapterUpdate
+
+    first, _, _ = actors
+    second = ray.remote(HFEngine).options(num_cpus=0).remote(tiny_model_path, dtype="float32", threads=1, seed=0)
+    pool = EnginePool([first, second])
+    greedy = SamplingParams(0.0, max_new_tokens=3)
+
+    async def burst():
+        return await asyncio.gather(*(pool.generate([1, 50 + i, 60], "reflector", greedy) for i in range(8)))
+
+    results = asyncio.run(burst())
+    assert len(results) == 8 and min(pool.stats.per_engine) >= 3  # 8 concurrent calls, split 4 / 4
+    version = ray.get(first.versions.remote())["reflector"] + 1
+    pool.broadcast([AdapterUpdate("reflector", version, _random_lora(tiny_model_path, seed=1))])
+    assert [ray.get(e.versions.remote())["reflector"] for e in (first, second)] == [version, version]
+    ray.kill(second)
