@@ -61,7 +61,7 @@ class RolloutProducer:
         try:
             for j, r in enumerate(self.rounds):
                 with self._cond:
-                    self._cond.wait_for(lambda: self._stop or self._trained >= j - self.ahead)
+                    self._cond.wait_for(lambda j=j: self._stop or self._trained >= j - self.ahead)
                     if self._stop:
                         return
                 episodes = self.session.rollout(self.tasks, r.phase, r.trials, r.settings, restore=False)

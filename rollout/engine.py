@@ -8,9 +8,15 @@ between batches, without a restart and without touching the other role.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
 
 from agents.adapters import AdapterUpdate  # noqa: F401 - part of the engine contract
+
+# The engines' LoRA config when none is given (the learner's default): what every adapter update must fit.
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,33 @@ class GenerateResult:
 
 
 class Engine(Protocol):
+    """HFEngine (rollout/hf_engine.py) and VLLMEngine (rollout/vllm_engine.py), each run as a Ray actor; through
+    Ray a method is called the same way whether the engine implements it sync or async."""
+
     async def generate(self, prompt_ids: list[int], role: str, sampling: SamplingParams) -> GenerateResult: ...
 
     def update_adapter(self, update: AdapterUpdate) -> int: ...
 
     def versions(self) -> dict[str, int]: ...
+
+
+def check_request(roles: Sequence[str], prompt_ids: list[int], role: str, sampling: SamplingParams) -> None:
+    """The checks every engine makes before it queues a request; each error names what is wrong."""
+    if role not in roles:
+        raise ValueError(f"unknown role {role!r}; this engine serves {tuple(roles)}")
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty")
+    if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise ValueError(f"bad sampling params {sampling}")
+
+
+def read_adapter_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a PEFT adapter folder (adapter_model.safetensors, or a .bin loaded weights_only)."""
+    folder = Path(path)
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "adapter_model.safetensors"))
+    if (folder / "adapter_model.bin").is_file():
+        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors")

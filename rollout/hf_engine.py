@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -36,10 +35,9 @@ from transformers.masking_utils import sdpa_mask
 
 from agents.model import load_model, resolve_dtype, trim_heap
 from agents.adapters import AdapterUpdate
-from rollout.engine import GenerateResult, SamplingParams
+from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request, read_adapter_dir
 
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
-_LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 _ATTN = "retrorl_sdpa_gqa"
 _MIN_HIT = 16  # shorter shared prefixes (a bos, a chat header) save less than the K/V copies cost
 
@@ -185,7 +183,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.dtype = resolve_dtype(dtype)
-        opts = {**_LORA_DEFAULTS, **(lora or {})}
+        opts = {**LORA_DEFAULTS, **(lora or {})}
         config = LoraConfig(
             r=opts["r"],
             lora_alpha=opts["alpha"],
@@ -242,12 +240,7 @@ class HFEngine:
     # ---- public API ------------------------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], role: str, sampling: SamplingParams) -> GenerateResult:
-        if role not in self._version:
-            raise ValueError(f"unknown role {role!r}; this engine serves {self.roles}")
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty")
-        if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise ValueError(f"bad sampling params {sampling}")
+        check_request(self.roles, prompt_ids, role, sampling)
         if len(prompt_ids) >= self.max_positions:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the model's {self.max_positions} positions")
         self._ensure_server()
@@ -276,16 +269,7 @@ class HFEngine:
 
     def load_adapter_dir(self, role: str, version: int, path: str) -> int:
         """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""
-        folder = Path(path)
-        if (folder / "adapter_model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(folder / "adapter_model.safetensors"))
-        elif (folder / "adapter_model.bin").is_file():
-            tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors")
-        return self.update_adapter(AdapterUpdate(role=role, version=version, tensors=tensors))
+        return self.update_adapter(AdapterUpdate(role=role, version=version, tensors=read_adapter_dir(path)))
 
     def release_memory(self) -> int:
         """Drop the prefix cache (e.g. while the learner trains on the same machine); returns the tokens freed."""

@@ -15,7 +15,6 @@ which always sets OMP_NUM_THREADS) and sizes its KV cache with VLLM_CPU_KVCACHE_
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
@@ -27,9 +26,8 @@ from typing import Any, Sequence
 import torch
 
 from agents.adapters import AdapterUpdate
-from rollout.engine import GenerateResult, SamplingParams
+from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request, read_adapter_dir
 
-_LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 
 
 def vllm_available() -> bool:
@@ -76,7 +74,7 @@ class VLLMEngine:
                 os.environ["OMP_NUM_THREADS"] = str(threads)
                 torch.set_num_threads(threads)
         self.dtype = _vllm_dtype(dtype, self.on_gpu)
-        opts = {**_LORA_DEFAULTS, **(lora or {})}
+        opts = {**LORA_DEFAULTS, **(lora or {})}
         self._lora_opts = opts
         self._dir = Path(tempfile.mkdtemp(prefix="retrorl-vllm-lora-"))
         args = AsyncEngineArgs(
@@ -115,12 +113,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        if role not in self._version:
-            raise ValueError(f"unknown role {role!r}; this engine serves {self.roles}")
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty")
-        if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-            raise ValueError(f"bad sampling params {sampling}")
+        check_request(self.roles, prompt_ids, role, sampling)
         params = VSampling(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -179,12 +172,7 @@ class VLLMEngine:
 
     async def load_adapter_dir(self, role: str, version: int, path: str) -> int:
         """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""
-        from safetensors.torch import load_file
-
-        file = Path(path) / "adapter_model.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no adapter_model.safetensors")
-        return await self.update_adapter(AdapterUpdate(role=role, version=version, tensors=load_file(str(file))))
+        return await self.update_adapter(AdapterUpdate(role=role, version=version, tensors=read_adapter_dir(path)))
 
     async def release_memory(self) -> int:
         """Drop vLLM's prefix cache (e.g. while the learner trains on the same machine)."""
