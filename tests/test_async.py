@@ -37,7 +37,7 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
         imitation = il_samples(session.demos(tasks))
         settings = session.settings(2, actor_temperature=1.0, reflector_temperature=1.0, seed=1)
 
-        # max_policy_lag 1: round 2 starts as soon as round 1 is played, and the update lands while it plays.
+        # max_policy_lag 1: round 2 starts as soon as round 1 is played, without waiting for its update.
         rounds = [Round("explore-1", 2, settings), Round("explore-2", 2, settings)]
         with RolloutProducer(session, tasks, rounds, max_policy_lag=1) as producer:
             first = producer.take(0)
@@ -45,11 +45,14 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
             producer.trained(0)
             second = producer.take(1)
         assert _versions(first) == {0}
-        assert _versions(second) == {0, 1}  # one round, both versions: rollouts did not wait for the learner
-        records = {r["phase"]: r for r in session.run.metrics() if r["event"] == "rollout"}
-        assert records["explore-2"]["policy_lag"]["actor"] == 1 and records["explore-1"]["policy_lag"]["actor"] == 0
+        # Round 2 was played (at least partly) on version 0 while the learner made version 1; whether the broadcast
+        # also landed before its last step depends on timing, so only the bound is checked on what it holds.
+        assert 0 in _versions(second) and _versions(second) <= {0, 1}
+        assert session.call("versions")["actor"] == 1
         kept, counts = bound_policy_lag([s for e in second for s in episode_samples(e)], session.call("versions"), 0)
-        assert counts["lag_max"] == 1 and counts["stale_dropped"] > 0 and kept  # the bound sees the mixed round
+        assert counts["lag_max"] == 1 and counts["stale_dropped"] > 0  # the version-0 samples are 1 behind
+        assert bound_policy_lag([s for e in second for s in episode_samples(e)], session.call("versions"), 1)[1] \
+            == {"lag_max": 1, "stale_dropped": 0, "stale_downweighted": 0}
 
         # max_policy_lag 0: round 4 waits for round 3's update, so it is played on the new version only.
         rounds = [Round("explore-3", 2, settings), Round("explore-4", 2, settings)]
