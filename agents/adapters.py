@@ -1,13 +1,27 @@
-"""A role's LoRA adapter at a version, as it travels from the learner to every engine.
+"""A role's LoRA adapter at a version, as it travels from the learner to every engine, and as a PEFT folder on disk.
 
-It lives here, below both rollout/ and learners/, because it is the contract between them.
+It lives here, below both rollout/ and learners/, because it is the contract between them: the learner publishes
+adapter folders and tensors, the vLLM engine writes the tensors it receives as a folder vLLM loads, and both
+engines read a folder back.
+
+Keys are those of `peft.get_peft_model_state_dict(model, adapter_name=...)`: the parameter name with the adapter
+name removed (`...q_proj.lora_A.weight`), which is what `PeftModel.from_pretrained` / vLLM's LoRA loader read from
+`adapter_model.safetensors`.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -15,3 +29,76 @@ class AdapterUpdate:
     role: str
     version: int  # 0 is the bare base model; the learner publishes 1, 2, ...
     tensors: dict[str, torch.Tensor]  # PEFT state-dict keys without the adapter name (get_peft_model_state_dict)
+
+
+def write_adapter_dir(
+    final: Path,
+    tensors: dict[str, torch.Tensor],
+    lora_config,
+    base_model_path: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a PEFT adapter folder (safetensors + adapter_config.json) at `final`, atomically.
+
+    Files go to a temp folder beside the target and are fsynced, then the folder is renamed into place, so a
+    reader (an engine hot-loading the adapter) sees either nothing or the complete adapter.
+    """
+    from safetensors.torch import save_file
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+        config = copy.deepcopy(lora_config)
+        config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        if base_model_path is not None:
+            config.base_model_name_or_path = str(base_model_path)
+        config.save_pretrained(str(tmp))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(tmp / name)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_adapter_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a PEFT adapter folder (adapter_model.safetensors, or a .bin loaded weights_only)."""
+    folder = Path(path)
+    if (folder / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / WEIGHTS_NAME))
+    if (folder / "adapter_model.bin").is_file():
+        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing dst is swapped out first (rename is atomic, rmtree isn't)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some filesystems refuse directory fsync; the rename is still atomic
+        pass

@@ -32,13 +32,10 @@ from envs import TextEnv, make_env
 from learners.batching import generation_sample, il_samples
 from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
+from rollout.runner import EpisodeRunner, RolloutSettings
 
 _READ_ONLY = frozenset({"pid", "versions", "score_reflections"})  # learner calls that change nothing
 _RESTART_WAIT_S = 600.0  # a restarted learner reloads the model and starts DeepSpeed
-from rollout.runner import EpisodeRunner, RolloutSettings
-
-
-# A remote call that raises one of these lost its actor (killed, OOM, node gone); Ray restarts env workers.
 
 
 def derive_seed(*parts: object) -> int:

@@ -34,10 +34,6 @@ class Resume:
         checkpoints = {p.name for p in (run.path / "checkpoints").iterdir() if (p / "learner.json").is_file()}
         return cls(dict(episodes), checkpoints, run.metrics())
 
-    @property
-    def active(self) -> bool:
-        return bool(self.records or self.episodes)
-
     def split(self, phase: str, tasks: list[tuple[str, str]]) -> tuple[dict[int, Episode], list[int]]:
         """Which of `tasks` (task_id, split) already have a stored episode of `phase` (index -> episode), and the
         indices still to play. A task listed twice matches two stored episodes."""

@@ -1,27 +1,23 @@
-"""LoRA adapter tensors per role: naming, atomic PEFT-folder publishing, loading back.
+"""LoRA adapters per role in the learner: parameter naming and publishing `<root>/<role>/v<N>/` folders.
 
-Keys are those of `peft.get_peft_model_state_dict(model, adapter_name=...)`: the parameter name with the adapter
-name removed (`...q_proj.lora_A.weight`), which is what `PeftModel.from_pretrained` / vLLM's LoRA loader read from
-`adapter_model.safetensors`. Only adapter tensors are ever written; the base model never moves.
+The folder format itself (atomic write, read back) is in agents/adapters.py, shared with the engines. Only adapter
+tensors are ever written; the base model never moves.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from agents.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter_dir, write_adapter_dir
 
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_dir", "adapter_parameters", "list_versions", "load_adapter",
+           "peft_key", "save_adapter"]
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -56,62 +52,11 @@ def save_adapter(
     lora_config,
     base_model_path: str | None = None,
 ) -> Path:
-    """Write `<root>/<role>/v<version>/` (safetensors + adapter_config.json) atomically; returns the folder.
-
-    Files go to a temp folder beside the target and are fsynced, then the folder is renamed into place, so a
-    reader (an engine hot-loading the adapter) sees either nothing or the complete adapter.
-    """
-    final = adapter_dir(root, role, version)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=final.parent))
-    try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "role": role, "version": str(version)})
-        config = copy.deepcopy(lora_config)
-        config.inference_mode = True  # as PeftModel.save_pretrained writes it
-        if base_model_path is not None:
-            config.base_model_name_or_path = str(base_model_path)
-        config.save_pretrained(str(tmp))
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    """Write `<root>/<role>/v<version>/` (safetensors + adapter_config.json) atomically; returns the folder."""
+    return write_adapter_dir(adapter_dir(root, role, version), tensors, lora_config, base_model_path,
+                             metadata={"role": role, "version": str(version)})
 
 
 def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, adapter_config dict) of a PEFT adapter folder."""
-    path = Path(path)
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    config = json.loads((path / CONFIG_NAME).read_text())
-    return tensors, config
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an existing dst is swapped out first (rename is atomic, rmtree isn't)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems refuse directory fsync; the rename is still atomic
-        pass
+    return read_adapter_dir(path), json.loads((Path(path) / CONFIG_NAME).read_text())

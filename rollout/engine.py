@@ -8,10 +8,7 @@ between batches, without a restart and without touching the other role.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, Sequence
-
-import torch
 
 from agents.adapters import AdapterUpdate  # noqa: F401 - part of the engine contract
 
@@ -59,14 +56,3 @@ def check_request(roles: Sequence[str], prompt_ids: list[int], role: str, sampli
     if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
         raise ValueError(f"bad sampling params {sampling}")
 
-
-def read_adapter_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a PEFT adapter folder (adapter_model.safetensors, or a .bin loaded weights_only)."""
-    folder = Path(path)
-    if (folder / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / "adapter_model.safetensors"))
-    if (folder / "adapter_model.bin").is_file():
-        return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors")

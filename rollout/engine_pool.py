@@ -93,13 +93,5 @@ class EnginePool:
             except ACTOR_DIED:
                 dead.append(i)
         for i in dead:
-            _run(self._recover(i))
+            asyncio.run(self._recover(i))  # driver code: no event loop runs in this thread
 
-    def versions(self) -> dict[str, int]:
-        """What every replica serves after the last broadcast."""
-        return {role: v for role, (v, _) in self.latest.items()}
-
-
-def _run(coro: Any) -> Any:
-    """Run a coroutine from synchronous driver code (no event loop is running there)."""
-    return asyncio.run(coro)

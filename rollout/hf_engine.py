@@ -34,8 +34,8 @@ from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from agents.model import load_model, resolve_dtype, trim_heap
-from agents.adapters import AdapterUpdate
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request, read_adapter_dir
+from agents.adapters import AdapterUpdate, read_adapter_dir
+from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
 
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
 _ATTN = "retrorl_sdpa_gqa"

