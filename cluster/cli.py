@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cluster.config import ConfigError, load_config
 
@@ -24,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run in RUN_DIR with its own config: stored episodes are reused and "
                             "finished rounds are not run again")
-    common(sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion)"))
+    common(sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion), or the learner "
+                                       "checkpoint in init.checkpoint (e.g. a trained run's checkpoints/eto-1)"))
     demos = sub.add_parser("demos", help="export expert trajectories of the training tasks to a run directory")
     common(demos)
     report = sub.add_parser("report", help="comparison table across run directories and a plot (report.md, report.png)")
@@ -54,19 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
             cfg = load_config(args.config, overrides)
-        prepared = preflight(cfg, with_learner=args.command == "train")
+        # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
+        with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
+        prepared = preflight(cfg, with_learner=with_learner)
         run = RunDir(resume) if resume else RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
-            from cluster.evaluation import evaluate, markdown_table
+            from cluster.evaluation import markdown_table
 
-            session = Session(cfg, run, prepared, with_learner=False)
+            session = Session(cfg, run, prepared, with_learner=with_learner)
             try:
-                episodes = session.rollout(session.eval_tasks(), "eval", cfg.eval.trials)
+                label = "base"
+                if cfg.init.checkpoint is not None:
+                    session.start_policy([])
+                    label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
+                rows = session.evaluate(label)
             finally:
                 session.close()
-            rows = evaluate(episodes, "base", cfg.eval.trials)
             run.write_json("eval/results.json", rows)
             print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
         elif args.command == "demos":
@@ -88,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def resumable(path: str, args: argparse.Namespace):
     """The config of the stopped run in `path`; a run that cannot be continued is a ConfigError."""
-    from pathlib import Path
-
     from cluster.run_dir import read_metrics
 
     if args.config or args.overrides or args.method:

@@ -165,3 +165,26 @@ def test_vllm_backend_runs_a_method(sft_run, tmp_path):
     assert yaml.safe_load((run.path / "config.yaml").read_text())["rollout"]["backend"] == "vllm"
     rollouts = [e for e in run.metrics() if e["event"] == "rollout"]
     assert rollouts and all(r["engines"][0]["tokens_generated"] > 0 for r in rollouts)
+
+
+@pytest.mark.slow
+def test_eval_command_scores_a_checkpoint(sft_run, tmp_path):
+    """`retrorl eval` with init.checkpoint: the checkpoint's adapters are served (v1) and its greedy policy is the
+    one the SFT run evaluated, first step for first step."""
+    from cluster import cli
+
+    sft, _ = sft_run
+    args = [a for o in TINY + [f"run_root={tmp_path}", f"init.checkpoint={sft.path / 'checkpoints' / 'sft'}"]
+            for a in ("--set", o)]
+    assert cli.main(["eval", *args]) == 0
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = RunDir(path)
+    rows = json.loads((path / "eval" / "results.json").read_text())
+    assert {(r["method"], r["split"]) for r in rows} == {
+        (m, s) for m in ("sft ReAct", "sft + reflection") for s in ("seen", "unseen")}
+    episodes = _episodes(run, "eval-sft")
+    assert len(episodes) == 4
+    assert {s.generation.version for e in episodes for t in e.trials for s in t.steps} == {1}
+    sft_first = {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in _episodes(sft, "eval-sft")}
+    assert {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in episodes} == sft_first
+    assert [e["event"] for e in run.metrics()].count("eval") == 1
