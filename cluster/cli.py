@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
             cfg = load_config(args.config, overrides)
+            if args.command != "train" and cfg.name is None:  # runs named for what they did: textworld-eval-<stamp>
+                cfg = cfg.model_copy(update={"name": f"{cfg.env.name}-{args.command}"})
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
         prepared = preflight(cfg, with_learner=with_learner)

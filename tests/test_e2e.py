@@ -178,6 +178,7 @@ def test_eval_command_scores_a_checkpoint(sft_run, tmp_path):
             for a in ("--set", o)]
     assert cli.main(["eval", *args]) == 0
     (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert path.name.startswith("textworld-eval-")  # named for the command, not the config's method
     run = RunDir(path)
     rows = json.loads((path / "eval" / "results.json").read_text())
     assert {(r["method"], r["split"]) for r in rows} == {
