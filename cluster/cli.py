@@ -25,8 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run in RUN_DIR with its own config: stored episodes are reused and "
                             "finished rounds are not run again")
-    common(sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion), or the learner "
-                                       "checkpoint in init.checkpoint (e.g. a trained run's checkpoints/eto-1)"))
+    evaluate = sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion), or the learner "
+                                           "checkpoint in init.checkpoint (e.g. a trained run's checkpoints/eto-1)")
+    common(evaluate)
+    evaluate.add_argument("--untrained-reflector", action="store_true",
+                          help="serve only the checkpoint's actor; the reflector is the base model (the Reflexion "
+                               "baseline: the same actor with an untrained reflector)")
     demos = sub.add_parser("demos", help="export expert trajectories of the training tasks to a run directory")
     common(demos)
     report = sub.add_parser("report", help="comparison table across run directories and a plot (report.md, report.png)")
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from envs.core import EnvError
 
     try:
+        from agents.trajectory import ACTOR
         from cluster.methods import run_method
         from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
@@ -58,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             if args.command != "train" and cfg.name is None:  # runs named for what they did: textworld-eval-<stamp>
                 cfg = cfg.model_copy(update={"name": f"{cfg.env.name}-{args.command}"})
+        if getattr(args, "untrained_reflector", False) and cfg.init.checkpoint is None:
+            raise ConfigError("--untrained-reflector evaluates a checkpoint's actor: add --set "
+                              "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
         prepared = preflight(cfg, with_learner=with_learner)
@@ -71,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 label = "base"
                 if cfg.init.checkpoint is not None:
-                    session.start_policy([])
                     label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
+                    if args.untrained_reflector:
+                        session.start_policy([], roles=[ACTOR])
+                        label = f"Reflexion ({label} actor)"
+                    else:
+                        session.start_policy([])
                 rows = session.evaluate(label)
             finally:
                 session.close()

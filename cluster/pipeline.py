@@ -247,16 +247,17 @@ class Session:
         self.broadcast()
         return metrics
 
-    def start_policy(self, demos: list[Episode]) -> None:
+    def start_policy(self, demos: list[Episode], roles: list[str] | None = None) -> None:
         """The starting policy of every method: IL (SFT) on the demos, or the learner checkpoint in init.checkpoint
-        (its adapters republished as this run's versions, so every engine serves them)."""
+        (its adapters republished as this run's versions, so every engine serves them; with `roles`, only those
+        roles' adapters are served and the others stay the base model)."""
         if self.cfg.init.checkpoint is None:
             self.train_il(demos)
             return
         self.call("load_checkpoint", self.cfg.init.checkpoint)
         self.run.log("init", checkpoint=self.cfg.init.checkpoint)
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
-        self.broadcast(force=True)
+        self.broadcast(force=True, roles=roles)
 
     def resumed(self, checkpoint: str) -> bool:
         """True if this run already finished the step that ends with `checkpoint` (a --resume): the step is then
@@ -333,10 +334,11 @@ class Session:
     def checkpoint(self, name: str) -> str:
         return str(self.call("save_checkpoint", self.run.path / "checkpoints" / name))
 
-    def broadcast(self, force: bool = False) -> dict[str, int]:
-        """Publish the learner's adapters and load them into every engine; only LoRA tensors travel."""
+    def broadcast(self, force: bool = False, roles: list[str] | None = None) -> dict[str, int]:
+        """Publish the learner's adapters (of `roles`, default all) and load them into every engine; only LoRA
+        tensors travel."""
         t0 = time.perf_counter()
-        updates = self.call("publish", force=force)
+        updates = self.call("publish", roles=roles, force=force)
         self.engines.broadcast(updates)
         versions = {u.role: u.version for u in updates}
         nbytes = sum(t.numel() * t.element_size() for u in updates for t in u.tensors.values())

@@ -189,3 +189,15 @@ def test_eval_command_scores_a_checkpoint(sft_run, tmp_path):
     sft_first = {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in _episodes(sft, "eval-sft")}
     assert {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in episodes} == sft_first
     assert [e["event"] for e in run.metrics()].count("eval") == 1
+
+    # --untrained-reflector: the same actor, the reflector served as the base model (version 0): Reflexion.
+    base = tmp_path / "base"
+    args = [a for o in TINY + [f"run_root={base}", f"init.checkpoint={sft.path / 'checkpoints' / 'sft'}"]
+            for a in ("--set", o)]
+    assert cli.main(["eval", "--untrained-reflector", *args]) == 0
+    (path,) = list(base.iterdir())
+    reflexion = _episodes(RunDir(path), "eval-reflexion-(sft-actor)")
+    assert {s.generation.version for e in reflexion for t in e.trials for s in t.steps} == {1}
+    assert {t.reflection.version for e in reflexion for t in e.trials if t.reflection} == {0}
+    assert {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in reflexion} == sft_first
+    assert cli.main(["eval", "--untrained-reflector", "--set", f"run_root={base}"]) == 2  # no checkpoint: refused
