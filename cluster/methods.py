@@ -20,7 +20,7 @@ from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
 from cluster.progress import say
 from cluster.run_dir import RunDir
-from learners.batching import bound_policy_lag, dpo_pairs, il_samples, reflection_replay, retroact_samples
+from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
 
 Rows = list[dict[str, Any]]
 
@@ -133,7 +133,7 @@ def retroact(session: Session) -> Rows:
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
     demos, rows = _start(session)
-    imitation = il_samples(demos)
+    imitation = session.imitation(demos)
     tasks = session.tasks("train", cfg.env.train_tasks)
     rounds = [Round(f"explore-{i + 1}", r.trials,
                     session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,

@@ -29,7 +29,7 @@ from cluster.resume import Resume
 from cluster.runtime import check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
-from learners.batching import generation_sample, il_samples
+from learners.batching import TokenSample, generation_sample, il_samples
 from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
 from rollout.runner import EpisodeRunner, RolloutSettings
@@ -229,12 +229,16 @@ class Session:
             return
         ray.get([e.release_memory.remote() for e in self.actors.engines])
 
+    def imitation(self, demos: list[Episode]) -> list[TokenSample]:
+        """The IL samples of the demos (SFT's data and RetroAct's IL regulariser), with demos.memory_only."""
+        return il_samples(demos, self.cfg.demos.memory_only, self.cfg.seed)
+
     def train_il(self, episodes: list[Episode]) -> dict[str, Any]:
         if self.resumed("sft"):
             record = self.resume.logged("train", phase="sft") or {}
             return {k: v for k, v in record.items() if k not in ("time", "event", "phase", "checkpoint")}
         cfg = self.cfg.learner
-        samples = il_samples(episodes)
+        samples = self.imitation(episodes)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
         say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))

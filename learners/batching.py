@@ -261,11 +261,21 @@ def padding_fraction(batches: Iterable[Batch]) -> float:
     return 0.0 if total == 0 else 1.0 - sum(b.n_tokens for b in batches) / total
 
 
-def il_samples(episodes: Iterable[Episode]) -> list[TokenSample]:
-    """IL data (ALGORITHMS.md section 1): actor trials that won, and reflections followed by a winning trial."""
+def il_samples(episodes: Iterable[Episode], memory_only: float = 0.0, seed: int = 0) -> list[TokenSample]:
+    """IL data (ALGORITHMS.md section 1): actor trials that won, and reflections followed by a winning trial.
+
+    `memory_only`: on that fraction of the tasks that have a reflection followed by a win (picked with `seed`),
+    the actor's memory-free winning trials are left out, so its only copy of the play is the one after the
+    reflection, whose plan names the actions."""
+    episodes = list(episodes)
+    conditioned = sorted({e.task_id for e in episodes for t in e.trials if t.success and t.memory})
+    random.Random(seed).shuffle(conditioned)
+    memory_tasks = set(conditioned[: round(memory_only * len(conditioned))])
     out: list[TokenSample] = []
     for episode in episodes:
         wins = {t.index for t in episode.trials if t.success}
+        if episode.task_id in memory_tasks:
+            wins = {t.index for t in episode.trials if t.success and t.memory}
         out += [s for s in actor_samples(episode) if s.meta["trial"] in wins]
         out += [s for s in reflector_samples(episode) if s.meta["trial"] + 1 in wins]
     return out

@@ -234,3 +234,27 @@ def test_policy_lag_bound_drops_or_downweights_stale_samples():
     assert bound_policy_lag(samples, current, max_lag=3)[0] == samples
     with pytest.raises(ValueError, match="drop"):
         bound_policy_lag(samples, current, 1, stale="ignore")
+
+
+def _demo_pair(task: str) -> list[Episode]:
+    """A task's IL demos: the expert's memory-free win, and a failed attempt + reflection + the same win."""
+    alone = _trial(0, [1, 2, 3], [([10, 11], [50])], ret=1.0)
+    failed = _trial(0, [1, 2, 3], [([12], [51])], ret=0.0)
+    failed.reflection = Generation(REFLECTOR, [7, 8], [20, 21], [0.0, 0.0], EXPERT_VERSION, "plan")
+    after = _trial(1, [1, 2, 4], [([10, 11], [50])], ret=1.0)
+    after.memory = ["plan"]
+    return [Episode(f"{task}-a", "tw", task, "train", "expert", [alone]),
+            Episode(f"{task}-b", "tw", task, "train", "expert", [failed, after])]
+
+
+def test_il_samples_memory_only_drops_the_memory_free_copy_on_that_fraction_of_tasks():
+    demos = [e for task in "abcd" for e in _demo_pair(task)]
+    both = il_samples(demos)
+    assert sorted((s.role, s.meta["episode_id"]) for s in both) == sorted(
+        [(ACTOR, f"{t}-a") for t in "abcd"] + [(ACTOR, f"{t}-b") for t in "abcd"] + [(REFLECTOR, f"{t}-b") for t in "abcd"])
+    half = il_samples(demos, memory_only=0.5, seed=3)
+    dropped = {f"{t}-a" for t in "abcd"} - {s.meta["episode_id"] for s in half}
+    assert len(dropped) == 2 and len(half) == len(both) - 2  # only memory-free actor copies go
+    assert half == il_samples(demos, memory_only=0.5, seed=3)  # the same tasks for the same seed
+    every = il_samples(demos, memory_only=1.0)
+    assert {(s.role, s.meta["trial"]) for s in every} == {(ACTOR, 1), (REFLECTOR, 0)}
