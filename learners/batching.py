@@ -273,9 +273,8 @@ def il_samples(episodes: Iterable[Episode], memory_only: float = 0.0, seed: int 
     memory_tasks = set(conditioned[: round(memory_only * len(conditioned))])
     out: list[TokenSample] = []
     for episode in episodes:
-        wins = {t.index for t in episode.trials if t.success}
-        if episode.task_id in memory_tasks:
-            wins = {t.index for t in episode.trials if t.success and t.memory}
+        memory_needed = episode.task_id in memory_tasks
+        wins = {t.index for t in episode.trials if t.success and (t.memory or not memory_needed)}
         out += [s for s in actor_samples(episode) if s.meta["trial"] in wins]
         out += [s for s in reflector_samples(episode) if s.meta["trial"] + 1 in wins]
     return out

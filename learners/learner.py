@@ -34,8 +34,7 @@ from torch import nn
 
 from agents.model import cache_dir, load_model, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
-from agents.adapters import AdapterUpdate
-from agents.adapters import replace_dir
+from agents.adapters import AdapterUpdate, replace_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs

@@ -55,4 +55,3 @@ def check_request(roles: Sequence[str], prompt_ids: list[int], role: str, sampli
         raise ValueError("prompt_ids is empty")
     if sampling.max_new_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
         raise ValueError(f"bad sampling params {sampling}")
-

@@ -94,4 +94,3 @@ class EnginePool:
                 dead.append(i)
         for i in dead:
             asyncio.run(self._recover(i))  # driver code: no event loop runs in this thread
-
