@@ -118,7 +118,7 @@ class DemoCfg(_Strict):
     # Fraction of the training tasks whose actor IL keeps only the expert play that follows a reflection, not the
     # memory-free copy of the same play: on those tasks the plan in memory is what predicts the actions, so the
     # actor learns to read it (with both copies, memory predicts nothing; results/README.md). 0: keep both.
-    memory_only: float = Field(0.0, ge=0.0, le=1.0)
+    memory_only: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class EvalCfg(_Strict):
