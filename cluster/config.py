@@ -173,6 +173,10 @@ class RetroActCfg(_Strict):
     il_coef: float = Field(1.0, ge=0.0)  # lambda of the IL regulariser
     alpha: float = Field(1.0, gt=0.0)  # reflection reward (R_{k+1} - R_k)(R_k + alpha)/alpha
     scaled_reflection_reward: bool = True  # false: the plain R_{k+1} - R_k
+    # A RetroAct run directory started from the same init.checkpoint: round 1 learns from its stored round-1
+    # exploration instead of playing it again (the loss is off-policy: each token's behaviour log-prob is
+    # stored), so RL settings can be compared on one replay buffer. Later rounds explore as usual.
+    replay: str | None = None
 
 
 class RayCfg(_Strict):
@@ -241,6 +245,12 @@ class Config(_Strict):
         if self.learner.gpus > 1:
             raise ValueError("learner.gpus > 1 (a multi-process DeepSpeed learner) is not supported yet: set "
                              "learner.gpus to 0 or 1")
+        if self.retroact.replay is not None and (self.method != "retroact" or ro.mode != "sync"):
+            raise ValueError("retroact.replay feeds a synchronous RetroAct run's first round: set method=retroact "
+                             "and rollout.mode=sync, or retroact.replay=null")
+        if self.retroact.replay is not None and self.init.checkpoint is None:
+            raise ValueError("retroact.replay reuses exploration played by the policy this run starts from: set "
+                             "init.checkpoint to the checkpoint the replayed run started from")
         if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")

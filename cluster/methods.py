@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -19,6 +20,7 @@ from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
 from cluster.progress import say
+from cluster.replay import replayed_round
 from cluster.run_dir import RunDir
 from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
 
@@ -132,16 +134,22 @@ def retroact(session: Session) -> Rows:
     behaviour log-probs and versions, and the off-policy joint update with the IL regulariser. In async mode
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
+    tasks = session.tasks("train", cfg.env.train_tasks)
+    # Checked before any work: a replay that does not fit this run fails at start.
+    replayed = replayed_round(cfg, tasks, "explore-1") if r.replay is not None else None
     demos, rows = _start(session)
     imitation = session.imitation(demos)
-    tasks = session.tasks("train", cfg.env.train_tasks)
     rounds = [Round(f"explore-{i + 1}", r.trials,
                     session.settings(r.trials, actor_temperature=r.temperature, reflector_temperature=r.temperature,
                                      seed=derive_seed(cfg.seed, "retroact", i)))
               for i in range(r.rounds)]
     if cfg.rollout.mode == "sync":
         for i, plan in enumerate(rounds):
-            _retroact_update(session, i, session.rollout(tasks, plan.phase, plan.trials, plan.settings), imitation)
+            if i == 0 and replayed is not None:
+                episodes = _store_replayed(session, plan.phase, replayed)
+            else:
+                episodes = session.rollout(tasks, plan.phase, plan.trials, plan.settings)
+            _retroact_update(session, i, episodes, imitation)
     else:
         session.restore_pending()  # the starting policy is served before the first round is played
         with RolloutProducer(session, tasks, rounds, cfg.rollout.max_policy_lag) as producer:
@@ -149,6 +157,17 @@ def retroact(session: Session) -> Rows:
                 _retroact_update(session, i, producer.take(i), imitation)
                 producer.trained(i)
     return rows + session.evaluate("RetroAct")
+
+
+def _store_replayed(session: Session, phase: str, episodes: list[Episode]) -> list[Episode]:
+    """This run keeps its own copy of the replayed round (one part, written atomically), so `retrorl report`
+    and --resume read it like a played one."""
+    if not session.resume.episodes.get(phase):  # not copied yet (a --resume finds the copy)
+        session.run.store.append(episodes, phase=phase)
+        session.run.log("replay", phase=phase, source=str(Path(session.cfg.retroact.replay).resolve()),
+                        episodes=len(episodes))
+        say(f"[{phase}] replayed {len(episodes)} episodes from {session.cfg.retroact.replay}")
+    return episodes
 
 
 def _retroact_update(session: Session, i: int, episodes: list[Episode], imitation: list) -> None:

@@ -101,10 +101,24 @@ def test_sft_job_with_tiny_model(sft_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["eto", "retroformer", "retroact"])
+@pytest.mark.parametrize("method", ["eto", "retroformer"])
 def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
     sft, sft_rows = sft_run
     _check_method(sft, tmp_path, method, [])
+
+
+@pytest.mark.slow
+def test_retroact_from_sft_checkpoint_and_its_replay(sft_run, tmp_path):
+    """A RetroAct run, then one with retroact.replay of it: the second keeps a copy of the first one's round 1
+    and plays no exploration of its own."""
+    sft, _ = sft_run
+    source = _check_method(sft, tmp_path / "source", "retroact", [])
+    run = _check_method(sft, tmp_path / "replay", "retroact", [f"retroact.replay={source.path}"])
+    assert [e.episode_id for e in _episodes(run, "explore-1")] == [e.episode_id for e in _episodes(source, "explore-1")]
+    events = run.metrics()
+    (replay,) = [e for e in events if e["event"] == "replay"]
+    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 2)
+    assert [e["phase"] for e in events if e["event"] == "rollout"] == ["eval-retroact"]
 
 
 def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDir:

@@ -1,0 +1,46 @@
+"""`retroact.replay`: RetroAct's first round learns from another run's stored exploration instead of playing it.
+
+RetroAct's loss is off-policy (every generated token keeps the log-prob of the policy that sampled it), so one
+replay buffer can train several RL settings. The replayed run must have started from the same checkpoint, model,
+environment and trial count, or its rounds would not be this run's first round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents.trajectory import Episode
+from cluster.config import Config, ConfigError, load_config
+from rollout.store import TrajectoryStore
+
+
+def _resolved(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> list[Episode]:
+    """The episodes of `phase` that cfg.retroact.replay stored, one per task of `tasks` in that order."""
+    source = Path(cfg.retroact.replay or "")
+    if not (source / "config.yaml").is_file() or not (source / "trajectories").is_dir():
+        raise ConfigError(f"retroact.replay {str(source)!r} is not a run directory (no config.yaml / trajectories/): "
+                          "give the folder a RetroAct `retrorl train` printed as its run directory")
+    theirs = load_config(source / "config.yaml")
+    same = {
+        "method": (theirs.method, "retroact"),
+        "model.path": (theirs.model.path, cfg.model.path),
+        "env.name": (theirs.env.name, cfg.env.name),
+        "env.kwargs": (theirs.env.kwargs, cfg.env.kwargs),
+        "init.checkpoint": (_resolved(theirs.init.checkpoint), _resolved(cfg.init.checkpoint)),
+        "retroact.trials": (theirs.retroact.trials, cfg.retroact.trials),
+    }
+    differ = [key for key, (a, b) in same.items() if a != b]
+    if differ:
+        raise ConfigError(f"retroact.replay {source}: its {', '.join(differ)} differ from this run's, so its "
+                          f"{phase} is not this run's first round; replay a RetroAct run started with the same ones")
+    stored = {(e.task_id, e.split): e for p, e in TrajectoryStore(source / "trajectories").phased_episodes()
+              if p == phase}
+    missing = [task for task in tasks if task not in stored]
+    if missing:
+        raise ConfigError(f"retroact.replay {source} holds no {phase} episode for {len(missing)} of the "
+                          f"{len(tasks)} training tasks (first: {missing[0][0]}); replay a run whose first round "
+                          "was played in full on the same training tasks (or finish it with --resume)")
+    return [stored[task] for task in tasks]

@@ -1,0 +1,74 @@
+"""`retroact.replay`: a stored first round is reused only by a run it belongs to, in the order of the tasks."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.trajectory import Episode, Generation, Step, Trial, new_episode_id
+from cluster.config import ConfigError, load_config
+from cluster.replay import replayed_round
+from cluster.run_dir import RunDir
+
+
+def _episode(task: str) -> Episode:
+    gen = Generation("actor", [1, 2], [3], [-0.7], 1, "Action: go east")
+    trial = Trial(0, [], [Step("obs", "go east", "", 0.0, 1.0, True, True, gen)], ret=1.0, success=True)
+    return Episode(new_episode_id(), "textworld", task, "train", "rollout", [trial])
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints" / "sft"
+    folder.mkdir(parents=True)
+    (folder / "learner.json").write_text("{}")  # what the config checks for a learner checkpoint
+    return folder
+
+
+def _source(tmp_path, checkpoint, *extra: str) -> RunDir:
+    cfg = load_config(None, [f"run_root={tmp_path / 'runs'}", f"init.checkpoint={checkpoint}", *extra])
+    run = RunDir.create(cfg)
+    run.store.append([_episode("b"), _episode("a")], phase="explore-1")
+    run.store.append([_episode("a")], phase="eval-retroact")  # another phase of the same task is not replayed
+    return run
+
+
+def test_replay_returns_the_stored_round_in_task_order(tmp_path, checkpoint):
+    source = _source(tmp_path, checkpoint)
+    stored = {e.task_id: e for e in source.store.episodes("explore-1")}
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={source.path}",
+                             "retroact.lr=1e-5"])  # RL settings may differ: that is what a replay is for
+    got = replayed_round(cfg, [("a", "train"), ("b", "train")], "explore-1")
+    assert [e.episode_id for e in got] == [stored["a"].episode_id, stored["b"].episode_id]
+
+
+@pytest.mark.parametrize("override, names", [
+    ("retroact.trials=4", "retroact.trials"),
+    ("env.kwargs={n_train: 3}", "env.kwargs"),
+    ("model.path=tiny-llama", "model.path"),
+])
+def test_replay_of_a_different_run_names_what_differs(tmp_path, checkpoint, override, names):
+    source = _source(tmp_path, checkpoint)
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={source.path}", override])
+    with pytest.raises(ConfigError, match=f"its {names} differ"):
+        replayed_round(cfg, [("a", "train")], "explore-1")
+
+
+def test_replay_needs_every_task_and_a_run_directory(tmp_path, checkpoint):
+    source = _source(tmp_path, checkpoint)
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={source.path}"])
+    with pytest.raises(ConfigError, match="no explore-1 episode for 1 of the 2 training tasks"):
+        replayed_round(cfg, [("a", "train"), ("c", "train")], "explore-1")
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={tmp_path}"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        replayed_round(cfg, [("a", "train")], "explore-1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ([], "set init.checkpoint"),
+    (["method=eto"], "method=retroact"),
+    (["rollout.mode=async"], "rollout.mode=sync"),
+])
+def test_replay_config_errors_name_the_fix(tmp_path, checkpoint, override, message):
+    start = [f"init.checkpoint={checkpoint}"] if override else []
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"retroact.replay={tmp_path}", *start, *override])
