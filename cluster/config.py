@@ -173,6 +173,9 @@ class RetroActCfg(_Strict):
     il_coef: float = Field(1.0, ge=0.0)  # lambda of the IL regulariser
     alpha: float = Field(1.0, gt=0.0)  # reflection reward (R_{k+1} - R_k)(R_k + alpha)/alpha
     scaled_reflection_reward: bool = True  # false: the plain R_{k+1} - R_k
+    # An actor trial's R: its return (ALGORITHMS.md), or 1 if it won else 0 (`success`, what ALFWorld's binary
+    # return gives). TextWorld's partial scores otherwise reward trials that are mostly invalid actions.
+    actor_reward: Literal["return", "success"] = "return"
     # A RetroAct run directory started from the same init.checkpoint: round 1 learns from its stored round-1
     # exploration instead of playing it again (the loss is off-policy: each token's behaviour log-prob is
     # stored), so RL settings can be compared on one replay buffer. Later rounds explore as usual.

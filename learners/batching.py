@@ -77,7 +77,7 @@ def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> To
         logprobs=logprobs,
         reward=trial.ret,  # R_k for every actor step of trial k (RetroAct)
         meta={**_meta(episode, trial.index, version=last.version), "turns": len(steps),
-              "min_version": min(step.generation.version for step in steps)},
+              "min_version": min(step.generation.version for step in steps), "success": trial.success},
     )
 
 
@@ -357,15 +357,19 @@ def bound_policy_lag(
 
 
 def retroact_samples(
-    episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True
+    episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True, actor_reward: str = "return"
 ) -> tuple[list[TokenSample], dict[str, int]]:
     """RetroAct's RL samples with ALGORITHMS.md's filters: actor trials with R_k = 0 are dropped (they carry no
     gradient); reflections are kept only when R_{k+1} != R_k, rewarded (R_{k+1} - R_k)(R_k + alpha)/alpha
-    (`scaled`, the code form) or R_{k+1} - R_k. The length cap is the learner's (`cap_length`)."""
+    (`scaled`, the code form) or R_{k+1} - R_k. The length cap is the learner's (`cap_length`).
+    `actor_reward="success"`: an actor trial's R is 1 if it won, else 0 (ALFWorld's binary return), so a trial
+    with only a partial score, which may be mostly invalid actions, is not reinforced."""
     kept: list[TokenSample] = []
     counts = {"actor_zero": 0, "reflector_unchanged": 0}
     for episode in episodes:
         for s in actor_samples(episode):
+            if actor_reward == "success":
+                s.reward = 1.0 if s.meta["success"] else 0.0
             if s.reward == 0.0:
                 counts["actor_zero"] += 1
             else:

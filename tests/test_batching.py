@@ -216,6 +216,15 @@ def test_reflection_replay_and_retroact_filters():
     assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5 * 1.5]
     kept, _ = retroact_samples([episode], alpha=1.0, scaled=False)
     assert [s.reward for s in kept if s.role == REFLECTOR] == [0.5]
+    # A partial score is an actor reward of its own, unless only wins count; the reflection's rating is unchanged.
+    episode.trials[1].success = False
+    kept, _ = retroact_samples([episode], alpha=1.0)
+    assert sorted((s.role, s.reward) for s in kept) == [(ACTOR, 0.5), (ACTOR, 1.0), (REFLECTOR, 0.75)]
+    kept, counts = retroact_samples([episode], alpha=1.0, actor_reward="success")
+    assert [(s.role, s.reward) for s in kept] == [(REFLECTOR, 0.75)] and counts["actor_zero"] == 2
+    episode.trials[1].success = True
+    kept, _ = retroact_samples([episode], alpha=1.0, actor_reward="success")
+    assert sorted((s.role, s.reward) for s in kept) == [(ACTOR, 1.0), (REFLECTOR, 0.75)]
 
 
 def test_policy_lag_bound_drops_or_downweights_stale_samples():
