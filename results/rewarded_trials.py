@@ -1,0 +1,38 @@
+"""What RetroAct's actor loss reinforces: the trials of a run's exploration rounds with a positive return, split
+into won trials and trials with only a partial score, with their steps, invalid actions (the env did not
+understand them) and generated tokens (the loss averages over tokens).
+
+usage: .venv/bin/python results/rewarded_trials.py RUN_DIR [PHASE]   (PHASE: explore-1 by default)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+from cluster.run_dir import RunDir
+
+
+def main(run: str, phase: str = "explore-1") -> None:
+    counts: Counter = Counter()
+    for episode in RunDir(run).store.episodes(phase):
+        for trial in episode.trials:
+            if trial.ret <= 0:
+                continue
+            kind = "won" if trial.success else "partial"
+            counts[kind, "trials"] += 1
+            counts[kind, "return"] += trial.ret
+            for step in trial.steps:
+                counts[kind, "steps"] += 1
+                counts[kind, "invalid"] += not step.valid
+                counts[kind, "tokens"] += len(step.generation.completion_ids)
+    for kind in ("won", "partial"):
+        n = counts[kind, "steps"]
+        print(f"{phase} {kind}: {counts[kind, 'trials']} trials, mean return "
+              f"{counts[kind, 'return'] / max(counts[kind, 'trials'], 1):.2f}, {n} steps, "
+              f"{counts[kind, 'invalid']} invalid ({100 * counts[kind, 'invalid'] / max(n, 1):.0f}%), "
+              f"{counts[kind, 'tokens']} tokens")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
