@@ -135,8 +135,11 @@ def retroact(session: Session) -> Rows:
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
     tasks = session.tasks("train", cfg.env.train_tasks)
-    # Checked before any work: a replay that does not fit this run fails at start.
-    replayed = replayed_round(cfg, tasks, "explore-1") if r.replay is not None else None
+    # Checked before any work: a replay that does not fit this run fails at start. A --resume finds its copy
+    # stored (one part, written atomically) and reuses it like a played round, without the source.
+    replayed = None
+    if r.replay is not None and not session.resume.episodes.get("explore-1"):
+        replayed = replayed_round(cfg, tasks, "explore-1")
     demos, rows = _start(session)
     imitation = session.imitation(demos)
     rounds = [Round(f"explore-{i + 1}", r.trials,
@@ -160,13 +163,12 @@ def retroact(session: Session) -> Rows:
 
 
 def _store_replayed(session: Session, phase: str, episodes: list[Episode]) -> list[Episode]:
-    """This run keeps its own copy of the replayed round (one part, written atomically), so `retrorl report`
-    and --resume read it like a played one."""
-    if not session.resume.episodes.get(phase):  # not copied yet (a --resume finds the copy)
-        session.run.store.append(episodes, phase=phase)
-        session.run.log("replay", phase=phase, source=str(Path(session.cfg.retroact.replay).resolve()),
-                        episodes=len(episodes))
-        say(f"[{phase}] replayed {len(episodes)} episodes from {session.cfg.retroact.replay}")
+    """This run keeps its own copy of the replayed round, so `retrorl report` and --resume read it like a
+    played one."""
+    session.run.store.append(episodes, phase=phase)
+    session.run.log("replay", phase=phase, source=str(Path(session.cfg.retroact.replay).resolve()),
+                    episodes=len(episodes))
+    say(f"[{phase}] replayed {len(episodes)} episodes from {session.cfg.retroact.replay}")
     return episodes
 
 

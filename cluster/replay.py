@@ -36,8 +36,7 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
     if differ:
         raise ConfigError(f"retroact.replay {source}: its {', '.join(differ)} differ from this run's, so its "
                           f"{phase} is not this run's first round; replay a RetroAct run started with the same ones")
-    stored = {(e.task_id, e.split): e for p, e in TrajectoryStore(source / "trajectories").phased_episodes()
-              if p == phase}
+    stored = {(e.task_id, e.split): e for e in TrajectoryStore(source / "trajectories").episodes(phase)}
     missing = [task for task in tasks if task not in stored]
     if missing:
         raise ConfigError(f"retroact.replay {source} holds no {phase} episode for {len(missing)} of the "

@@ -12,7 +12,7 @@ import dataclasses
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -357,7 +357,8 @@ def bound_policy_lag(
 
 
 def retroact_samples(
-    episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True, actor_reward: str = "return"
+    episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True,
+    actor_reward: Literal["return", "success"] = "return",
 ) -> tuple[list[TokenSample], dict[str, int]]:
     """RetroAct's RL samples with ALGORITHMS.md's filters: actor trials with R_k = 0 are dropped (they carry no
     gradient); reflections are kept only when R_{k+1} != R_k, rewarded (R_{k+1} - R_k)(R_k + alpha)/alpha
