@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demos":
             session = Session(cfg, run, prepared, with_learner=False)
             try:
-                episodes = session.demos(session.tasks("train", cfg.env.train_tasks))
+                episodes = session.demos(session.il_tasks())
             finally:
                 session.close()
             print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")

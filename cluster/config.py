@@ -119,6 +119,10 @@ class DemoCfg(_Strict):
     # memory-free copy of the same play: on those tasks the plan in memory is what predicts the actions, so the
     # actor learns to read it (with both copies, memory predicts nothing; results/README.md). 0: keep both.
     memory_only: float = Field(0.5, ge=0.0, le=1.0)
+    # The first N training tasks have expert demos (IL learns from them) and the exploration rounds (Retroformer,
+    # RetroAct) play only the other training tasks, which have none: RL then learns from games IL never saw.
+    # None: every training task has demos and is explored.
+    tasks: int | None = Field(None, ge=1)
 
 
 class EvalCfg(_Strict):
@@ -248,6 +252,9 @@ class Config(_Strict):
         if self.learner.gpus > 1:
             raise ValueError("learner.gpus > 1 (a multi-process DeepSpeed learner) is not supported yet: set "
                              "learner.gpus to 0 or 1")
+        if self.demos.tasks is not None and self.method == "eto":
+            raise ValueError("ETO pairs every explored task with its expert trajectory, and demos.tasks leaves the "
+                             "explored tasks without one: set demos.tasks=null for method=eto")
         if self.retroact.replay is not None and (self.method != "retroact" or ro.mode != "sync"):
             raise ValueError("retroact.replay feeds a synchronous RetroAct run's first round: set method=retroact "
                              "and rollout.mode=sync, or retroact.replay=null")

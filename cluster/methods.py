@@ -50,7 +50,7 @@ def log_round(session: Session, method: str, index: int, episodes: list[Episode]
 def _start(session: Session, evaluate_start: bool = True) -> tuple[list[Episode], Rows]:
     """Demos, an optional zero-shot eval, the starting policy, an optional eval of it."""
     cfg = session.cfg
-    demos = session.demos(session.tasks("train", cfg.env.train_tasks))
+    demos = session.demos(session.il_tasks())
     rows: Rows = session.evaluate("zero-shot") if cfg.eval.zero_shot else []
     session.start_policy(demos)
     if evaluate_start and cfg.eval.before_training:
@@ -69,7 +69,7 @@ def eto(session: Session) -> Rows:
     cfg, e = session.cfg, session.cfg.eto
     demos, rows = _start(session)
     experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
-    tasks = session.tasks("train", cfg.env.train_tasks)
+    tasks = session.explore_tasks()
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
         explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
@@ -94,7 +94,7 @@ def retroformer(session: Session) -> Rows:
     cfg, r = session.cfg, session.cfg.retroformer
     _, rows = _start(session)
     session.call("set_reference", [REFLECTOR])  # the KL penalty's reference: the reflector as RL starts
-    tasks = session.tasks("train", cfg.env.train_tasks)
+    tasks = session.explore_tasks()
     replay = []
     ranker_ready = False
     for i in range(r.rounds):
@@ -134,7 +134,7 @@ def retroact(session: Session) -> Rows:
     behaviour log-probs and versions, and the off-policy joint update with the IL regulariser. In async mode
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
-    tasks = session.tasks("train", cfg.env.train_tasks)
+    tasks = session.explore_tasks()
     # Checked before any work: a replay that does not fit this run fails at start. A --resume finds its copy
     # stored (one part, written atomically) and reuses it like a played round, without the source.
     replayed = None

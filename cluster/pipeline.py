@@ -21,7 +21,7 @@ from agents.expert import demo_episodes
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
@@ -44,6 +44,17 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+Tasks = list[tuple[str, str]]  # (task_id, split)
+
+
+def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
+    """The training tasks IL learns from (those with expert demos) and those the exploration rounds play: the
+    same list, or with demos.tasks = N the first N and the rest."""
+    tasks = [(t.task_id, "train") for t in env.tasks("train")[: cfg.env.train_tasks]]
+    n = cfg.demos.tasks
+    return (tasks, tasks) if n is None else (tasks[:n], tasks[n:])
+
+
 @dataclass
 class Prepared:
     """What `preflight` checked and built: the model folder and the driver's env (for task lists)."""
@@ -60,6 +71,10 @@ def preflight(cfg: Config, with_learner: bool = True) -> Prepared:
     load_tokenizer(model_path)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     env.prepare()
+    if cfg.method in ("retroformer", "retroact") and not train_tasks(cfg, env)[1]:
+        raise ConfigError(f"demos.tasks={cfg.demos.tasks} gives expert demos to every training task, so "
+                          f"{cfg.method} has none left to explore: lower demos.tasks, or list more training tasks "
+                          "(env.train_tasks, or the env's own count such as env.kwargs.n_train)")
     check_backend(cfg)
     init_ray(cfg)
     check_resources(cfg, with_learner)
@@ -88,9 +103,17 @@ class Session:
         run.listeners.append(self.telemetry.record)
 
     # -- tasks --------------------------------------------------------------------------------------------
-    def tasks(self, split: str, limit: int | None) -> list[tuple[str, str]]:
+    def tasks(self, split: str, limit: int | None) -> Tasks:
         tasks = self.env.tasks(split)
         return [(t.task_id, split) for t in tasks[:limit]]
+
+    def il_tasks(self) -> Tasks:
+        """The training tasks with expert demos (demos.tasks)."""
+        return train_tasks(self.cfg, self.env)[0]
+
+    def explore_tasks(self) -> Tasks:
+        """The training tasks the exploration rounds play (those without demos when demos.tasks is set)."""
+        return train_tasks(self.cfg, self.env)[1]
 
     def eval_tasks(self) -> list[tuple[str, str]]:
         return [t for split in self.cfg.eval.splits for t in self.tasks(split, self.cfg.env.eval_tasks)]

@@ -215,10 +215,13 @@ class TextWorldEnv(TextEnv):
             self._load_split(split)
 
     def tasks(self, split: str) -> list[Task]:
-        return [
-            Task(task_id=tid, split=split, max_steps=max_steps_for(m["walkthrough"]), kind=tid.split("-", 1)[0])
-            for tid, m in self._load_split(split).items()
-        ]
+        """Interleaved over the kinds (treasure-0, cooking-0, treasure-1, ...), so the first N tasks of a split are
+        the games a smaller count builds: env.train_tasks and demos.tasks take balanced, stable prefixes."""
+        metas = self._load_split(split)
+        order = {kind: i for i, kind in enumerate(self.kinds)}
+        ids = sorted(metas, key=lambda tid: (int(tid.rsplit("-", 1)[1]), order[tid.split("-", 1)[0]]))
+        return [Task(task_id=tid, split=split, max_steps=max_steps_for(metas[tid]["walkthrough"]),
+                     kind=tid.split("-", 1)[0]) for tid in ids]
 
     def _meta(self, task_id: str) -> dict[str, Any]:
         parts = task_id.split("-")

@@ -80,6 +80,18 @@ def test_method_config_errors_name_the_fix(tmp_path):
     assert main(["train", "--method", "eto", "--set", f"init.checkpoint={tmp_path}"]) == 2
 
 
+def test_demos_tasks_that_leave_nothing_to_explore_fail_at_start(tmp_path, capsys):
+    """demos.tasks splits the training tasks into IL's and exploration's: ETO, which pairs each explored task with
+    its expert, refuses it at load; a split that leaves RetroAct no task to explore fails before any run folder."""
+    with pytest.raises(ConfigError, match="demos.tasks=null for method=eto"):
+        load_config(None, ["method=eto", "demos.tasks=2"])
+    code = main(["train", "--set", f"run_root={tmp_path}", "--set", "model.path=tiny-llama", "--set",
+                 "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "demos.tasks=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "demos.tasks=2" in err and "n_train" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_path, capsys):
     """Four 1-CPU engines and a 1-CPU learner on a 2-CPU local Ray: one error naming the knobs, exit 2, no run
     folder; the Ray it started is shut down again."""

@@ -112,12 +112,16 @@ def test_retroact_from_sft_checkpoint_and_its_replay(sft_run, tmp_path):
     """A RetroAct run, then one with retroact.replay of it: the second keeps a copy of the first one's round 1
     and plays no exploration of its own."""
     sft, _ = sft_run
-    source = _check_method(sft, tmp_path / "source", "retroact", [])
-    run = _check_method(sft, tmp_path / "replay", "retroact", [f"retroact.replay={source.path}"])
+    # demos.tasks=1: the IL regulariser learns from the first training game, the round explores only the other.
+    split = ["demos.tasks=1"]
+    source = _check_method(sft, tmp_path / "source", "retroact", split)
+    demo_tasks = {e.task_id for e in _episodes(source, "demos")}
+    assert len(demo_tasks) == 1 and not demo_tasks & {e.task_id for e in _episodes(source, "explore-1")}
+    run = _check_method(sft, tmp_path / "replay", "retroact", split + [f"retroact.replay={source.path}"])
     assert [e.episode_id for e in _episodes(run, "explore-1")] == [e.episode_id for e in _episodes(source, "explore-1")]
     events = run.metrics()
     (replay,) = [e for e in events if e["event"] == "replay"]
-    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 2)
+    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 1)
     assert [e["phase"] for e in events if e["event"] == "rollout"] == ["eval-retroact"]
 
 
@@ -135,7 +139,8 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
     # The checkpoint's adapters are published as this run's v1 and served for the training rollouts.
     phase = "explore-1" if method != "retroformer" else "collect-1"
     explored = _episodes(run, phase)
-    assert len(explored) == 2 and {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
+    demos_tasks = yaml.safe_load((run.path / "config.yaml").read_text())["demos"]["tasks"]
+    assert len(explored) == 2 - (demos_tasks or 0) and {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
     # Same starting policy as the SFT run: the greedy first step of each eval task is what SFT's eval produced.
     eval_phase = f"eval-{label.lower()}"
     sft_first = {e.task_id: e.trials[0].steps[0].generation for e in _episodes(sft, "eval-sft")}

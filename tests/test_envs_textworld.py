@@ -58,6 +58,10 @@ def test_task_lists(env: TextWorldEnv, cache: Path):
         if t.split != "unseen":
             assert 2 <= len(walkthrough) <= 8, (t, walkthrough)
         assert env.task(t.task_id) == t
+    # Interleaved over the kinds: a smaller count's tasks (the same games, from the cache) are a prefix.
+    assert [t.kind for t in env.tasks("train")] == ["treasure", "cooking"] * 2
+    smaller = TextWorldEnv(cache_dir=cache, **{**SMALL, "n_train": 2})
+    assert smaller.tasks("train") == env.tasks("train")[:2]
     # train and seen share settings but are different games
     digests = {t.task_id: hashlib.sha1((Path(env._meta(t.task_id)["dir"]) / "tw-game.z8").read_bytes()).hexdigest()
                for t in tasks}
