@@ -1,7 +1,7 @@
 #!/bin/bash
 # Copies the small files of finished runs into OUT/<run>/ (config, versions, metrics, eval rows and table) and
-# renders the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories with the
-# current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
+# renders the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories
+# with the current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
 # Trajectories, adapters and checkpoints stay in the run folders.
 # usage: results/collect.sh OUT RUN_DIR...   (OUT: a folder under results/, e.g. results/fp32-16games)
 #        The first run is the baseline of the report's game-by-game table.
