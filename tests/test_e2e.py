@@ -140,7 +140,8 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
     phase = "explore-1" if method != "retroformer" else "collect-1"
     explored = _episodes(run, phase)
     demos_tasks = yaml.safe_load((run.path / "config.yaml").read_text())["demos"]["tasks"]
-    assert len(explored) == 2 - (demos_tasks or 0) and {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
+    assert len(explored) == 2 - (demos_tasks or 0)
+    assert {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
     # Same starting policy as the SFT run: the greedy first step of each eval task is what SFT's eval produced.
     eval_phase = f"eval-{label.lower()}"
     sft_first = {e.task_id: e.trials[0].steps[0].generation for e in _episodes(sft, "eval-sft")}
