@@ -11,6 +11,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -182,11 +183,31 @@ def resolve_dtype(name: str):
         raise ValueError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_info()["cpu_bf16"] else torch.float32
+
+
+def hardware() -> dict:
+    """What this process computes on, for the run's record: the same config and seed give other numbers on
+    another CPU (its kernels, and `dtype: auto` resolving to bf16 or fp32; results/README.md)."""
+    import torch
+
+    info = {**_cpu_info(), "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_info() -> dict:
+    """The CPU's model name and whether it has fast bf16 (AMX or AVX512-BF16), from /proc/cpuinfo (Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = ""
-    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+        text = ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {"cpu": names[0] if names else platform.processor() or "unknown",
+            "cpu_bf16": bool(flags & {"amx_bf16", "avx512_bf16"})}
 
 
 try:

@@ -99,9 +99,12 @@ class Session:
         self.learner_restarts = 0
         self.resume = Resume.of(run)  # what the run directory already holds (empty for a new run)
         self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
+        learner = ""
+        if with_learner:  # logged at every start, so a --resume on another machine shows in metrics.jsonl
+            info = run.log("learner", **ray.get(self.actors.learner.describe.remote()))
+            learner = f", 1 learner ({info['dtype']}, {info['cpu_capability']})"
         say(f"actors up in {time.perf_counter() - t0:.0f}s: {len(self.actors.engines)} engine(s), "
-            f"{len(self.actors.workers)} env worker(s) x {cfg.rollout.envs_per_worker} envs"
-            + (", 1 learner" if with_learner else ""))
+            f"{len(self.actors.workers)} env worker(s) x {cfg.rollout.envs_per_worker} envs" + learner)
         t = cfg.telemetry
         self.telemetry = Telemetry(run.path / "tensorboard" if t.tensorboard else None, run.path.name, t.ray_metrics)
         run.listeners.append(self.telemetry.record)

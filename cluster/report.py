@@ -3,7 +3,8 @@
 Reads, per run directory (cluster/run_dir.py), and writes nothing into it unless it is the output folder:
   RUN/config.yaml        `name`, `method`, `seed`
   RUN/eval/results.json  rows of cluster.evaluation.evaluate(): the table, and `returns_per_trial` for panel (a)
-  RUN/metrics.jsonl      `round` events (`train_return` per training round) for panel (b); bad lines are skipped
+  RUN/metrics.jsonl      `round` events (`train_return` per training round) for panel (b), `learner` events (its
+                         dtype and CPU) for the run list; bad lines are skipped
 Writes OUT/report.md (also printed) and OUT/report.png, each atomically, and only once every run has been read.
 """
 
@@ -38,6 +39,7 @@ class RunData:
     seed: Any
     rows: list[dict[str, Any]]
     rounds: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # event method -> (round, return)
+    learners: list[str] = field(default_factory=list)  # "float32 on AVX2" per distinct learner start (resumes)
 
 
 def _read(path: Path, given: str, parse: Callable[[str], Any], kind: str, hint: str = "") -> Any:
@@ -63,7 +65,8 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
     return RunData(path=root.resolve(), name=root.resolve().name, method=str(config.get("method", "-")),
-                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(root / "metrics.jsonl"))
+                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(root / "metrics.jsonl"),
+                   learners=_learners(root / "metrics.jsonl"))
 
 
 def _number(value: Any) -> float | None:
@@ -83,6 +86,17 @@ def _rounds(path: Path) -> dict[str, list[tuple[int, float]]]:
             continue
         by_method.setdefault(str(record.get("method", "-")), {})[step] = ret
     return {m: sorted(points.items()) for m, points in by_method.items()}
+
+
+def _learners(path: Path) -> list[str]:
+    """Where the learner trained, once per distinct (dtype, CPU) in start order: runs on other machines differ."""
+    seen: list[str] = []
+    for record in read_metrics(path):
+        if record.get("event") == "learner":
+            where = f"{record.get('dtype', '-')} on {record.get('cpu_capability', '-')}"
+            if where not in seen:
+                seen.append(where)
+    return seen
 
 
 def _names(runs: Sequence[RunData]) -> list[str]:
@@ -113,7 +127,8 @@ def table_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
 
 def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None) -> str:
     lines = ["# retrorl report", "", "Runs:"]
-    lines += [f"- `{name}`: {run.path} (method {run.method}, seed {run.seed})" for run, name in zip(runs, _names(runs))]
+    lines += [f"- `{name}`: {run.path} (method {run.method}, seed {run.seed}"
+              + "".join(f", learner {where}" for where in run.learners) + ")" for run, name in zip(runs, _names(runs))]
     lines += ["", "Returns and rates x100; avg_steps in env steps per trial.", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in table_rows(runs):

@@ -5,7 +5,7 @@
   RUN/trajectories/          append-only Parquet parts (rollout.store)
   RUN/adapters/<role>/v<N>/  PEFT adapter folders, one per published version
   RUN/checkpoints/           learner checkpoints
-  RUN/metrics.jsonl          one JSON object per event, appended
+  RUN/metrics.jsonl          one JSON object per event, appended (a `learner` record at each start: its dtype, CPU)
   RUN/tensorboard/           the same numbers as TensorBoard scalars (cluster/telemetry.py)
   RUN/eval/                  results.json and table.md
 """

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.model import cache_dir, load_model, resolve_dtype, resolve_model, trim_heap
+from agents.model import cache_dir, hardware, load_model, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
 from agents.adapters import AdapterUpdate, replace_dir
 from learners.adapters import adapter_parameters, save_adapter
@@ -277,6 +277,10 @@ class Learner:
 
     def versions(self) -> dict[str, int]:
         return dict(self._versions)
+
+    def describe(self) -> dict[str, Any]:
+        """The dtype it trains in (what `dtype: auto` resolved to) and the machine it runs on, for the run's record."""
+        return {"dtype": str(self.dtype).removeprefix("torch."), "zero_stage": self.zero_stage, **hardware()}
 
     def pid(self) -> int:
         """The learner's process id (operators and fault-injection tests kill it by pid)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.model import cache_dir
+from agents.model import cache_dir, hardware, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's ray and retrorl
@@ -128,5 +128,11 @@ def test_ray_job_submit_runs_retrorl_train_on_a_loopback_head(tmp_path, tiny_mod
     (run,) = runs.iterdir()
     rows = json.loads((run / "eval" / "results.json").read_text())
     assert {(r["method"], r["split"]) for r in rows} >= {("SFT ReAct", "seen"), ("SFT ReAct", "unseen")}
-    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
     assert events[-1] == "done" and "train" in events
+    # and it recorded what `model.dtype: auto` resolved to in the learner, and on which CPU (same machine here)
+    (learner,) = [r for r in records if r["event"] == "learner"]
+    here = hardware()
+    assert learner["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
+    assert (learner["cpu"], learner["cpu_capability"]) == (here["cpu"], here["cpu_capability"])

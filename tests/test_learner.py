@@ -196,6 +196,7 @@ def test_shared_adapter(tiny_path, tmp_path):
 @pytest.mark.parametrize("dtype,stage", [("bfloat16", 2), ("float32", 3)])
 def test_zero_stages_and_bf16(tiny_path, tmp_path, dtype, stage):
     learner = make(tiny_path, tmp_path, dtype=dtype, zero_stage=stage)
+    assert {k: learner.describe()[k] for k in ("dtype", "zero_stage")} == {"dtype": dtype, "zero_stage": stage}
     data = samples(ACTOR)
     r0 = snapshot(learner, REFLECTOR)
     before = sum(learner.sequence_logprobs(data))

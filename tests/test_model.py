@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 import agents.model as model_mod
-from agents.model import ModelError, check_model_folder, load_model, load_tokenizer, resolve_dtype, resolve_model
+from agents.model import (ModelError, check_model_folder, hardware, load_model, load_tokenizer, resolve_dtype,
+                          resolve_model)
 
 
 def test_default_model_is_a_cached_hf_folder():
@@ -21,7 +24,6 @@ def test_default_model_is_a_cached_hf_folder():
 
 def test_tiny_model_shares_the_real_tokenizer(tiny_model_path, tokenizer):
     import json
-    from pathlib import Path
 
     config = json.loads((Path(tiny_model_path) / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["vocab_size"] == len(tokenizer) == 49152
@@ -61,3 +63,15 @@ def test_dtype_names():
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="fp16"):
         resolve_dtype("fp16")
+
+
+def test_hardware_names_the_cpu_and_agrees_with_auto_dtype():
+    import torch
+
+    info = hardware()
+    assert info["cpus"] == os.cpu_count() and info["torch_threads"] == torch.get_num_threads()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["cpu"]
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert info["cpu_bf16"] == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    if not torch.cuda.is_available():  # on CPU, auto is bf16 exactly where the record says the CPU has fast bf16
+        assert resolve_dtype("auto") is (torch.bfloat16 if info["cpu_bf16"] else torch.float32)

@@ -50,12 +50,14 @@ ROUNDS_B = [(1, 0.1), (2, 0.35), (3, 0.5)]
 
 
 def _write_run(path: Path, method: str, seed: int, episodes: list[Episode], label: str,
-               rounds: list[tuple[int, float]]) -> list[dict]:
+               rounds: list[tuple[int, float]], learners: tuple[tuple[str, str], ...] = ()) -> list[dict]:
     rows = evaluate(episodes, label, K)
     (path / "eval").mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": method, "name": path.name}))
     (path / "eval" / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
-    lines = [json.dumps({"event": "demos", "tasks": 4})]
+    lines = [json.dumps({"event": "learner", "dtype": dtype, "cpu_capability": cpu, "cpu": "test"})
+             for dtype, cpu in learners]
+    lines.append(json.dumps({"event": "demos", "tasks": 4}))
     for r, ret in rounds:
         lines.append(json.dumps({"event": "round", "method": method, "round": r, "train_return": ret,
                                  "first_return": ret / 2, "final_return": ret, "success": 0.0}))
@@ -69,7 +71,9 @@ def _write_run(path: Path, method: str, seed: int, episodes: list[Episode], labe
 def runs(tmp_path: Path) -> tuple[Path, Path]:
     run_a, run_b = tmp_path / "sft-20260101-000000", tmp_path / "retroact-20260101-000000"
     _write_run(run_a, "sft", 0, EPISODES_A, "SFT", [])
-    _write_run(run_b, "retroact", 7, EPISODES_B, "RetroAct", ROUNDS_B)
+    # run B started on one machine and was resumed twice on another (the same learner logged twice)
+    _write_run(run_b, "retroact", 7, EPISODES_B, "RetroAct", ROUNDS_B,
+               (("bfloat16", "AVX512"), ("float32", "AVX2"), ("float32", "AVX2")))
     return run_a, run_b
 
 
@@ -143,6 +147,11 @@ def test_report_table_and_plot(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     md = (out / "report.md").read_text()
     assert md in printed
+
+    # the run list says where each run's learner trained, once per distinct machine (an eval-only run: nothing)
+    assert f"- `{run_a.name}`: {run_a.resolve()} (method sft, seed 0)\n" in md
+    assert (f"- `{run_b.name}`: {run_b.resolve()} (method retroact, seed 7, learner bfloat16 on AVX512, "
+            "learner float32 on AVX2)\n") in md
 
     table = _table(md)
     assert len(table) == 2 * 2 * 2  # runs x labels x splits
