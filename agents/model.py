@@ -204,10 +204,13 @@ def _cpu_info() -> dict:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"cpu": names[0] if names else platform.processor() or "unknown",
-            "cpu_bf16": bool(flags & {"amx_bf16", "avx512_bf16"})}
+    first: dict[str, str] = {}  # each field of the first CPU listed (all cores of one machine match)
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            first.setdefault(key.strip(), value.strip())
+    return {"cpu": first.get("model name") or platform.processor() or "unknown",
+            "cpu_bf16": bool(set(first.get("flags", "").split()) & {"amx_bf16", "avx512_bf16"})}
 
 
 try:

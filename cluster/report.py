@@ -64,9 +64,9 @@ def load_run(path: str | Path) -> RunData:
     config = _read(root / "config.yaml", given, yaml.safe_load, "config")
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
+    records = read_metrics(root / "metrics.jsonl")
     return RunData(path=root.resolve(), name=root.resolve().name, method=str(config.get("method", "-")),
-                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(root / "metrics.jsonl"),
-                   learners=_learners(root / "metrics.jsonl"))
+                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(records), learners=_learners(records))
 
 
 def _number(value: Any) -> float | None:
@@ -75,10 +75,10 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def _rounds(path: Path) -> dict[str, list[tuple[int, float]]]:
+def _rounds(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
     """train_return per round, per logged method; a round logged twice (a resumed run) keeps its last record."""
     by_method: dict[str, dict[int, float]] = {}
-    for record in read_metrics(path):
+    for record in records:
         if record.get("event") != "round":
             continue
         step, ret = record.get("round"), _number(record.get("train_return"))
@@ -88,10 +88,10 @@ def _rounds(path: Path) -> dict[str, list[tuple[int, float]]]:
     return {m: sorted(points.items()) for m, points in by_method.items()}
 
 
-def _learners(path: Path) -> list[str]:
+def _learners(records: list[dict[str, Any]]) -> list[str]:
     """Where the learner trained, once per distinct (dtype, CPU) in start order: runs on other machines differ."""
     seen: list[str] = []
-    for record in read_metrics(path):
+    for record in records:
         if record.get("event") == "learner":
             where = f"{record.get('dtype', '-')} on {record.get('cpu_capability', '-')}"
             if where not in seen:
