@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -89,18 +90,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pin_ninja() -> None:
+    """Put this Python environment's own `ninja` (a DeepSpeed dependency) first on PATH, where torch's JIT looks.
+    Ninja versions hash build commands differently, so a system ninja (first on PATH in a process started without
+    the venv's bin/) and the venv's one would each rebuild the op the other built, ~1 min each time."""
+    bindir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bindir, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
+
+
 def init_distributed(cache: str | os.PathLike | None = None) -> float:
     """Join (or create) the torch.distributed group DeepSpeed needs; returns seconds spent.
 
     Single process by default: RANK/WORLD_SIZE/... are filled in only when unset (a multi-GPU launcher sets
     them), which also stops DeepSpeed from probing for mpi4py. DeepSpeed's CPU shm comm op is compiled on first
-    use (~40-70 s) into TORCH_EXTENSIONS_DIR, defaulted to <retrorl cache>/torch_extensions so it is built once.
+    use (~40-70 s) into TORCH_EXTENSIONS_DIR, defaulted to <retrorl cache>/torch_extensions, with one ninja
+    (`pin_ninja`) so it is built once.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     t0 = time.perf_counter()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir(cache) / "torch_extensions"))
+    pin_ninja()
     if not deepspeed.comm.is_initialized():
         for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)

@@ -209,3 +209,22 @@ def test_zero_stages_and_bf16(tiny_path, tmp_path, dtype, stage):
     other = make(tiny_path, tmp_path / "o", dtype=dtype, zero_stage=stage, seed=5)
     other.load_checkpoint(ckpt)
     assert same(snapshot(other, ACTOR), snapshot(learner, ACTOR)) and other.versions() == learner.versions()
+
+
+def test_pin_ninja_puts_the_environments_ninja_first(monkeypatch):
+    """torch's JIT runs the first `ninja` on PATH; a system ninja hashes build commands unlike the venv's, so
+    processes started with and without the venv's bin/ on PATH would rebuild DeepSpeed's op for each other."""
+    import os
+    import shutil
+    import sys
+
+    from learners.learner import pin_ninja
+
+    own = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.path.isfile(own):
+        pytest.skip("this Python environment has no ninja of its own")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    pin_ninja()
+    assert shutil.which("ninja") == own
+    pin_ninja()  # idempotent: once first, PATH is left alone
+    assert os.environ["PATH"] == os.pathsep.join([os.path.dirname(own), "/usr/bin", "/bin"])
