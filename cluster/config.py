@@ -46,6 +46,7 @@ class AgentCfg(_Strict):
     memory_size: int = Field(3, ge=0)
     show_actions: bool = True
     max_context_tokens: int = Field(4096, ge=256)
+    max_steps: int | None = Field(None, ge=1)  # cap on actions per trial below each task's own limit (None: no cap)
     actor: SamplingCfg = Field(default_factory=SamplingCfg)
     reflector: SamplingCfg = Field(default_factory=lambda: SamplingCfg(max_new_tokens=96))
 

@@ -177,6 +177,7 @@ class Session:
             reflector=reflector,
             max_context_tokens=a.max_context_tokens,
             show_actions=a.show_actions,
+            max_steps=a.max_steps,
             seed=self.cfg.seed if seed is None else seed,
         )
 

@@ -13,8 +13,9 @@ from learners.batching import bound_policy_lag, episode_samples, il_samples
 
 TINY = [
     "model.path=tiny-llama",
-    "env.kwargs={n_train: 4, n_seen: 1, n_unseen: 1}",
+    "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}",
     "agent.actor.max_new_tokens=12",
+    "agent.max_steps=3",  # a random model's trials run to the cap: keep them short
     "agent.reflector.max_new_tokens=12",
     "rollout.env_workers=1",
     "rollout.envs_per_worker=1",  # one episode at a time: a round lasts long enough for an update to land in it
@@ -73,8 +74,7 @@ def test_async_retroact_runs_end_to_end(tmp_path):
     from cluster.methods import run_method
 
     cfg = load_config(None, TINY + [f"run_root={tmp_path}", "retroact.rounds=2", "retroact.trials=2",
-                                    "learner.epochs=1", "learner.role_epochs={}", "eval.trials=2",
-                                    "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}"])
+                                    "learner.epochs=1", "learner.role_epochs={}", "eval.trials=2"])
     prepared = preflight(cfg)
     run = RunDir.create(cfg)
     try:

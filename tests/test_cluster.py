@@ -113,7 +113,7 @@ def test_ray_job_submit_runs_retrorl_train_on_a_loopback_head(tmp_path, tiny_mod
              "--runtime-env-json", json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}),
              "--", "retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
              "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
-             "--set", "agent.actor.max_new_tokens=8", "--set", "rollout.env_workers=1",
+             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
              "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
         )

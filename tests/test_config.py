@@ -23,6 +23,7 @@ def test_defaults_and_overrides():
         ("learner.lr=fast", "learner.lr"),
         ("bogus=1", "bogus"),
         ("eval.trials=0", "eval.trials"),
+        ("agent.max_steps=0", "agent.max_steps"),
         ("model.dtype=fp16", "model.dtype"),
         ("eval=3", "eval"),
         ("noequals", "noequals"),

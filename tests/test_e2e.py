@@ -20,6 +20,7 @@ TINY = [
     "env.kwargs={n_train: 2, n_seen: 2, n_unseen: 2}",
     "eval.trials=2",
     "agent.actor.max_new_tokens=12",
+    "agent.max_steps=3",  # a random model's trials run to the cap: keep them short
     "agent.reflector.max_new_tokens=12",
     "rollout.env_workers=1",
     "rollout.envs_per_worker=3",
@@ -27,14 +28,19 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray():
+    """The runs of this module share one local Ray (the first run starts it): each run's Session kills its own
+    actors and placement group when it closes, so a run starts from an empty cluster all the same."""
+    yield
+    ray.shutdown()
+
+
 def _run(overrides: list[str]) -> tuple[RunDir, list]:
     cfg = load_config(None, TINY + overrides)
     prepared = preflight(cfg)
     run = RunDir.create(cfg)
-    try:
-        rows = run_method(cfg, run, prepared)
-    finally:
-        ray.shutdown()
+    rows = run_method(cfg, run, prepared)
     return run, rows
 
 
@@ -71,6 +77,8 @@ def test_sft_job_with_tiny_model(sft_run):
     rollouts = [m for m in run.metrics() if m["event"] == "rollout"]
     assert [m["policy_lag"] for m in rollouts] == [{"actor": 0, "reflector": 0}] * 2
     assert all(0.0 <= m["success_rate"] <= 1.0 for m in rollouts)
+    # agent.max_steps caps every trial below its game's own limit (at least 10 steps).
+    assert max(len(t.steps) for e in run.store.episodes() if e.source == "rollout" for t in e.trials) == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(path / "tensorboard"))
@@ -165,15 +173,19 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
 
 @pytest.mark.slow
 def test_shared_adapter_from_scratch(tmp_path):
-    """One adapter serves both roles: IL and DPO train it, and both roles' versions move together."""
-    sft, _ = _run(["method=sft", f"run_root={tmp_path / 'sft'}", "learner.shared_adapter=true",
-                   "learner.epochs=2", "learner.lr=0.01"])
+    """One adapter serves both roles: ETO's IL and DPO train it, and both roles' versions move together."""
     # Engines in fp32 beside a learner in the model's dtype: the published fp32 LoRA tensors serve as they are.
-    run = _check_method(sft, tmp_path, "eto", ["learner.shared_adapter=true", "rollout.dtype=float32"])
-    broadcasts = [e["versions"] for e in run.metrics() if e["event"] == "broadcast"]
+    run, rows = _run(["method=eto", f"run_root={tmp_path}", "learner.shared_adapter=true", "rollout.dtype=float32",
+                      "learner.epochs=2", "learner.lr=0.01", "eto.iterations=1", "eto.lr=[0.01]", "eto.epochs=2"])
+    assert {(r["method"], r["split"]) for r in rows} >= {("ETO ReAct", "seen"), ("ETO + reflection", "unseen")}
+    events = run.metrics()
+    assert [e["phase"] for e in events if e["event"] == "train"] == ["sft", "dpo-1"]
+    broadcasts = [e["versions"] for e in events if e["event"] == "broadcast"]
     assert broadcasts == [{"actor": 1, "reflector": 1}, {"actor": 2, "reflector": 2}]
-    reflections = {t.reflection.version for e in _episodes(run, "eval-eto") for t in e.trials if t.reflection}
-    assert reflections <= {2}
+    assert {s.generation.version for e in _episodes(run, "explore-1") for t in e.trials for s in t.steps} == {1}
+    evaluated = _episodes(run, "eval-eto")
+    assert {s.generation.version for e in evaluated for t in e.trials for s in t.steps} == {2}
+    assert {t.reflection.version for e in evaluated for t in e.trials if t.reflection} <= {2}
 
 
 @pytest.mark.slow
