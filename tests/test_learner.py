@@ -228,3 +228,22 @@ def test_pin_ninja_puts_the_environments_ninja_first(monkeypatch):
     assert shutil.which("ninja") == own
     pin_ninja()  # idempotent: once first, PATH is left alone
     assert os.environ["PATH"] == os.pathsep.join([os.path.dirname(own), "/usr/bin", "/bin"])
+
+
+def test_the_process_group_is_gone_before_the_interpreter_finalizes(tiny_path, tmp_path):
+    """Left to finalization, gloo's threads can free tensors after the GIL is gone (a segfault after a clean
+    run). An exit hook registered before the Learner runs after the Learner's own: the group must be gone by then."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, torch.distributed as dist
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))
+from learners.learner import Learner
+learner = Learner({tiny_path!r}, dtype="float32", output_dir={str(tmp_path / "learner")!r})
+learner.sequence_logprobs([])
+print("trained")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-2:] == ["trained", "group alive at exit: False"]
