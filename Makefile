@@ -23,7 +23,8 @@ train: setup
 	$(VENV)/bin/retrorl train $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	# faulthandler stays on through interpreter exit, so a crash after the last test prints every thread's stack.
+	$(PY) -X faulthandler -m pytest -q $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/rollout.py
