@@ -199,6 +199,19 @@ def _finish_axis(ax, title: str, xlabel: str, ylabel: str, empty: str) -> None:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
 
 
+def palette(n: int) -> list[str]:
+    """`n` distinct colours: matplotlib's 10 qualitative ones while they last, tab20 up to 20, then evenly spaced
+    hues (results/ compares 14 curves; C0-C9 would repeat from the eleventh)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [to_hex(c) for c in colormaps["tab20"].colors[:n]]
+    return [to_hex(colormaps["turbo"](i / (n - 1))) for i in range(n)]
+
+
 def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
     """PNG bytes of the two panels, and the (run, label, split) rows left out of panel (a)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -207,10 +220,11 @@ def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
     fig = Figure(figsize=(14, 6), dpi=100)
     FigureCanvasAgg(fig)
     per_trial, per_round = fig.subplots(1, 2)
-    colours = [f"C{i % 10}" for i in range(len(runs))]  # panel (b): one colour per run
+    colours = palette(len(runs))  # panel (b): one colour per run
     styles = ["-", "--", ":", "-."]  # panel (a): one line style per split, one colour per (run, label)
     splits = sorted({str(r.get("split", "-")) for run in runs for r in run.rows})
-    curve_colours: dict[tuple[int, str], str] = {}
+    curves = list(dict.fromkeys((i, str(r.get("method", "-"))) for i, run in enumerate(runs) for r in run.rows))
+    curve_colours = dict(zip(curves, palette(len(curves))))
     skipped = []
     for run_index, (run, name) in enumerate(zip(runs, _names(runs))):
         for row in run.rows:
@@ -219,7 +233,7 @@ def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
             if curve is None:
                 skipped.append(f"`{name}` / {label} / {split}")
                 continue
-            colour = curve_colours.setdefault((run_index, label), f"C{len(curve_colours) % 10}")
+            colour = curve_colours[(run_index, label)]
             single = len(curve) == 1  # a ReAct row: its one trial, drawn as a hollow square around that point
             per_trial.plot(range(1, len(curve) + 1), [100 * v for v in curve], color=colour,
                            marker="s" if single else "o", markersize=11 if single else 6,

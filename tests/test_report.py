@@ -250,3 +250,13 @@ def test_game_by_game_against_the_first_run(tmp_path, capsys):
     # three trials: A won t1, t3; B won t2, t3, t4
     full = rows["ETO + reflection"]
     assert (full["baseline"], full["only run"], full["only baseline"], full["both"]) == ("SFT + reflection", "2", "1", "1")
+
+
+@pytest.mark.parametrize("n", [1, 10, 14, 20, 31])
+def test_palette_keeps_every_curve_distinct(n):
+    from matplotlib.colors import to_rgb
+
+    from cluster.report import palette
+
+    colours = palette(n)
+    assert len(colours) == n and len({to_rgb(c) for c in colours}) == n  # the 11th curve no longer reuses C0
