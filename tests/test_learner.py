@@ -233,6 +233,7 @@ def test_pin_ninja_puts_the_environments_ninja_first(monkeypatch):
 def test_the_process_group_is_gone_before_the_interpreter_finalizes(tiny_path, tmp_path):
     """Left to finalization, gloo's threads can free tensors after the GIL is gone (a segfault after a clean
     run). An exit hook registered before the Learner runs after the Learner's own: the group must be gone by then."""
+    import os
     import subprocess
     import sys
 
@@ -244,6 +245,9 @@ learner = Learner({tiny_path!r}, dtype="float32", output_dir={str(tmp_path / "le
 learner.sequence_logprobs([])
 print("trained")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # A fresh single process: not the rendezvous (MASTER_PORT, ...) this process's own Learners set up.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-2:] == ["trained", "group alive at exit: False"]
