@@ -201,7 +201,7 @@ def _finish_axis(ax, title: str, xlabel: str, ylabel: str, empty: str) -> None:
 
 def palette(n: int) -> list[str]:
     """`n` distinct colours: matplotlib's 10 qualitative ones while they last, tab20 up to 20, then evenly spaced
-    hues (results/ compares 14 curves; C0-C9 would repeat from the eleventh)."""
+    hues (results/new-games draws 18 curves; C0-C9 would repeat from the eleventh)."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 

@@ -103,6 +103,10 @@ def pin_ninja() -> None:
         os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
 
 
+# What init_distributed fills in when a launcher has not (MASTER_PORT: a free port, found then).
+SINGLE_PROCESS_RENDEZVOUS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+
+
 def init_distributed(cache: str | os.PathLike | None = None) -> float:
     """Join (or create) the torch.distributed group DeepSpeed needs; returns seconds spent.
 
@@ -118,7 +122,7 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir(cache) / "torch_extensions"))
     pin_ninja()
     if not deepspeed.comm.is_initialized():
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(
