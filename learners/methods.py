@@ -8,12 +8,16 @@ short loop of `fit` steps over (batch, objective) parts; the losses themselves a
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from agents.adapters import AdapterUpdate, read_folder, write_folder
 from agents.trajectory import REFLECTOR
+from learners.adapters import adapter_dir
 from learners.batching import Batch, TokenSample, make_batches, make_pair_batches
 from learners.learner import Learner, Objective, merge_epochs
 from learners.losses import (
@@ -50,6 +54,31 @@ class MethodLearner(Learner):
             self.kl.load_state_dict(state["kl"])
         rm = state.get("reward_model")
         self._reward_model = None if rm is None else {k: torch.tensor(v) for k, v in rm.items()}
+
+    # ------------------------------------------------------------------ files for the driver
+    # On a cluster the learner runs on a node the driver's run directory is not on (and which the autoscaler may
+    # terminate), so what it writes travels back as bytes and the driver stores it in the run directory.
+    def publish_files(self, roles: Sequence[str] | None = None, force: bool = False
+                      ) -> tuple[list[AdapterUpdate], dict[str, dict[str, bytes]]]:
+        """`publish`, plus each published adapter folder's files keyed by `<role>/v<N>`."""
+        updates = self.publish(roles=roles, force=force)
+        folders = {f"{u.role}/v{u.version}": read_folder(adapter_dir(self.adapter_root, u.role, u.version))
+                   for u in updates}
+        return updates, folders
+
+    def untrained_adapters(self) -> list[AdapterUpdate]:
+        """Each role's adapter as it is now, unpublished (version 0), for engines to check they can serve it."""
+        return [AdapterUpdate(role=r, version=0, tensors=self.adapter_tensors(self.adapter_of[r])) for r in self.roles]
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """A checkpoint (`save_checkpoint`) as its files."""
+        with tempfile.TemporaryDirectory(prefix="retrorl-checkpoint-") as tmp:
+            return read_folder(self.save_checkpoint(Path(tmp) / "checkpoint"))
+
+    def load_checkpoint_files(self, files: dict[str, bytes]) -> None:
+        """`load_checkpoint` of a checkpoint sent as its files (`checkpoint_files`)."""
+        with tempfile.TemporaryDirectory(prefix="retrorl-checkpoint-") as tmp:
+            self.load_checkpoint(write_folder(files, Path(tmp) / "checkpoint"))
 
     # ------------------------------------------------------------------ ETO
     def train_dpo(

@@ -16,7 +16,7 @@ from agents.trajectory import ACTOR, REFLECTOR
 from learners.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, list_versions, load_adapter
 from learners.batching import TokenSample
 from learners.learner import Learner
-from learners.losses import token_logprobs
+from learners.losses import il_loss, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,147 @@ def test_role_epochs_give_a_role_more_passes(tiny_path, tmp_path):
     assert m["loss/actor"] == m["loss_first/actor"]  # the actor's only epoch
 
 
-def test_gradient_checkpointing_one_role_per_step(tiny_path, tmp_path):
+# ------------------------------------------------------------------ per-part backward (issue 20)
+CRITIC = "critic"  # a third role that no step trains
+
+
+def pg_objective(batch, lp):
+    """A policy-gradient-shaped loss (per-row weights), unlike IL's, so parts of one role differ."""
+    mask = batch.loss_mask[:, 1:].to(lp.dtype)
+    w = torch.linspace(-1.0, 2.0, lp.shape[0], dtype=lp.dtype, device=lp.device)[:, None]
+    return -(w * lp * mask).sum() / mask.sum(), int(mask.sum())
+
+
+def il_objective(batch, lp):
+    return il_loss(lp, batch.loss_mask[:, 1:])
+
+
+def joint_parts(learner: Learner) -> list:
+    """RL + IL for the actor (two parts of one adapter, interleaved with the other role), IL for the reflector."""
+    from learners.batching import make_batches
+
+    actor = make_batches(samples(ACTOR, n=3, seed=1), 4096, learner.pad_id)[ACTOR]
+    actor_il = make_batches(samples(ACTOR, n=2, seed=2), 4096, learner.pad_id)[ACTOR]
+    refl = make_batches(samples(REFLECTOR, n=2, seed=3), 4096, learner.pad_id)[REFLECTOR]
+    return [(actor[0], pg_objective), (refl[0], il_objective), (actor_il[0], il_objective)]
+
+
+def perturbed(tiny_path, tmp_path, **kw) -> Learner:
+    """A learner over three roles whose LoRA B are random (not 0), so A gets gradients too; no clipping, so
+    a gradient of the wrong size cannot be hidden by it. Same tensors for the same kw."""
+    learner = make(tiny_path, tmp_path, roles=(ACTOR, REFLECTOR, CRITIC), gradient_clipping=0.0, **kw)
+    gen = torch.Generator().manual_seed(7)
+    for a in (ACTOR, REFLECTOR):
+        t = learner.adapter_tensors(a)
+        learner._set_adapter_tensors(a, {k: torch.randn(v.shape, generator=gen) * 0.05 if "lora_B" in k else v
+                                         for k, v in t.items()})
+    return learner
+
+
+def captured_grads(learner: Learner) -> list:
+    """Records the gradients the inner optimizer is handed (after DeepSpeed's reduction and accumulation; fp32
+    masters or partitions under ZeRO), per param group, one entry per call (ZeRO 1/2 call it once per group)."""
+    seen: list = []
+    inner_step = learner._opt.step
+
+    def step(*a, **kw):
+        seen.extend([None if p.grad is None else p.grad.detach().float().clone() for p in g["params"]]
+                    for g in learner._opt.param_groups)
+        return inner_step(*a, **kw)
+
+    learner._opt.step = step
+    return seen
+
+
+def summed_backward_step(learner: Learner, parts) -> None:
+    """The pre-issue-20 optimizer step: every part's forward, the losses summed, one backward, one step."""
+    adapters = {learner.adapter_of[b.role] for b, _ in parts}
+    for group in learner._opt.param_groups:
+        group["active"] = group["adapter"] in adapters
+    learner.engine.train()
+    total = 0
+    for batch, objective in parts:
+        learner._activate(learner.adapter_of[batch.role])
+        b = batch.to(learner.device)
+        total = total + objective(b, learner.engine(b.input_ids, b.attention_mask, b.loss_mask))[0]
+    learner.engine.backward(total)
+    learner.engine.step()
+
+
+def assert_grads_close(got: list, want: list) -> None:
+    """Same gradients, group by group, up to float rounding; then forget them (the next step records afresh)."""
+    assert len(got) == len(want) > 0
+    for g_got, g_want in zip(got, want):
+        assert len(g_got) == len(g_want)
+        for x, y in zip(g_got, g_want):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.allclose(x, y, rtol=1e-4, atol=1e-6 * float(y.abs().max()) + 1e-9), \
+                    float((x - y).abs().max())
+    got.clear()
+    want.clear()
+
+
+def trained_groups(grads: list) -> int:
+    return sum(any(x is not None and bool(x.abs().max() > 0) for x in g) for g in grads)
+
+
+@pytest.mark.parametrize(
+    "dtype,stage", [("float32", 0), ("bfloat16", 0), ("float32", 1), ("bfloat16", 2), ("float32", 3)]
+)
+def test_per_part_backward_matches_summed_loss_backward(tiny_path, tmp_path, dtype, stage):
+    new = perturbed(tiny_path, tmp_path / "new", dtype=dtype, zero_stage=stage)
+    ref = perturbed(tiny_path, tmp_path / "ref", dtype=dtype, zero_stage=stage)
+    for a in (ACTOR, REFLECTOR, CRITIC):
+        assert same(snapshot(new, a), snapshot(ref, a))
+    critic0 = snapshot(new, CRITIC)
+    got, want = captured_grads(new), captured_grads(ref)
+
+    for step in range(2):  # the second step also checks that the accumulators were reset by the first
+        torch.manual_seed(step)  # same LoRA-dropout masks on both
+        new.optimizer_step(joint_parts(new))
+        torch.manual_seed(step)
+        summed_backward_step(ref, joint_parts(ref))
+        assert trained_groups(want) == 2  # actor and reflector got gradients, the critic none
+        norm = float(torch.cat([x.flatten() for g in want for x in g if x is not None]).norm())
+        assert_grads_close(got, want)
+    for a in (ACTOR, REFLECTOR):
+        assert torch.allclose(torch.cat([t.flatten() for t in snapshot(new, a).values()]),
+                              torch.cat([t.flatten() for t in snapshot(ref, a).values()]), atol=1e-5)
+    assert same(snapshot(new, CRITIC), critic0) and same(snapshot(ref, CRITIC), critic0)  # untrained: bit-identical
+    assert new.grad_norm() == pytest.approx(norm, rel=1e-4)  # the step's norm (ZeRO 0: `_plain_grad_norm`)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_gradient_checkpointing_joint_step_matches_plain(tiny_path, tmp_path, stage):
+    gc = perturbed(tiny_path, tmp_path / "gc", zero_stage=stage, gradient_checkpointing=True)
+    plain = perturbed(tiny_path, tmp_path / "plain", zero_stage=stage)
+    critic0 = snapshot(gc, CRITIC)
+    q_proj = gc.peft.get_base_model().get_decoder().layers[0].self_attn.q_proj  # LoRA-wrapped
+    calls = []
+    q_proj.register_forward_hook(lambda *_: calls.append(1))
+    got, want = captured_grads(gc), captured_grads(plain)
+
+    parts = joint_parts(gc)
+    torch.manual_seed(0)
+    gc.optimizer_step(parts)
+    torch.manual_seed(0)
+    plain.optimizer_step(parts)
+
+    assert len(calls) == 2 * len(parts)  # each part's layer ran again in its backward: checkpointing is on
+    assert_grads_close(got, want)
+    for a in (ACTOR, REFLECTOR):
+        assert torch.allclose(torch.cat([t.flatten() for t in snapshot(gc, a).values()]),
+                              torch.cat([t.flatten() for t in snapshot(plain, a).values()]), atol=1e-5)
+    assert same(snapshot(gc, CRITIC), critic0)
+
+
+def test_gradient_checkpointing_trains_all_roles_in_one_step(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, gradient_checkpointing=True)
-    r0 = snapshot(learner, REFLECTOR)
+    a0, r0 = snapshot(learner, ACTOR), snapshot(learner, REFLECTOR)
     m = learner.train_il(samples(ACTOR, n=2) + samples(REFLECTOR, n=2, seed=4), epochs=1)
-    assert m["steps"] == 2  # recomputation would use the wrong adapter in a joint step
-    assert not same(snapshot(learner, REFLECTOR), r0)
+    assert m["steps"] == 1  # per-part backward: the recompute runs under each part's own adapter
+    assert not same(snapshot(learner, ACTOR), a0) and not same(snapshot(learner, REFLECTOR), r0)
 
 
 @pytest.mark.parametrize("slice_head", [True, False])
