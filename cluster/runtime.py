@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from agents.model import cache_dir
+from agents.model import cache_dir, portable_spec
 from cluster.config import Config, ConfigError
 
 
@@ -31,15 +31,21 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-def actor_env(cfg: Config) -> dict[str, Any]:
-    """Environment every retrorl actor gets, so caches resolve to the same folders on every node."""
-    cache = str(cache_dir(cfg.model.cache_dir))
-    return {"env_vars": {
-        "RETRORL_CACHE": cache,
-        "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions"),
-        # glibc keeps freed buffers per arena; few arenas keep the engine's churn of K/V buffers from piling up.
-        "MALLOC_ARENA_MAX": "2",
-    }}
+def actor_env(cfg: Config, gpus: float = 0) -> dict[str, Any]:
+    """The runtime env of a retrorl actor that reserves `gpus` GPUs.
+
+    The cache folder travels only when the user chose one (model.cache_dir or the driver's $RETRORL_CACHE, e.g.
+    shared storage); otherwise each node keeps its own default cache, where it provisions the model and games.
+    An actor that reserved no GPU gets none: Ray 2.60 no longer hides them (it leaves CUDA_VISIBLE_DEVICES alone
+    when an actor holds zero GPUs: ray/_private/utils.py:292 and accelerators/accelerator.py:4-13), so a CPU
+    learner or env worker on a GPU node would otherwise run on GPU 0 beside the engines."""
+    env = {"MALLOC_ARENA_MAX": "2"}  # few glibc arenas keep the engine's churn of K/V buffers from piling up
+    chosen = cfg.model.cache_dir or os.environ.get("RETRORL_CACHE")
+    if chosen:
+        env["RETRORL_CACHE"] = str(cache_dir(chosen))
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return {"env_vars": env}
 
 
 def bundles(cfg: Config, with_learner: bool) -> list[dict[str, float]]:
@@ -128,13 +134,15 @@ def check_backend(cfg: Config) -> None:
                               "rollout.backend=hf")
 
 
-def engine_actor(cfg: Config, model_path: str) -> tuple[type, dict[str, Any]]:
-    """The engine class for rollout.backend and its constructor arguments: one factory for every caller."""
+def engine_actor(cfg: Config) -> tuple[type, dict[str, Any]]:
+    """The engine class for rollout.backend and its constructor arguments: one factory for every caller. The
+    model is named as `portable_spec` gives it, so each node resolves it itself."""
     ro = cfg.rollout
     common = dict(
+        model_path=portable_spec(cfg.model.path),
         dtype=ro.dtype or cfg.model.dtype,
         lora=cfg.learner.lora.model_dump(),
-        threads=ro.threads or os.cpu_count(),
+        threads=ro.threads,  # None: the engine counts its own node's cores
         max_batch_size=ro.max_batch_size,
         seed=cfg.seed,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -142,60 +150,90 @@ def engine_actor(cfg: Config, model_path: str) -> tuple[type, dict[str, Any]]:
     if ro.backend == "vllm":
         from rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine, {**common, **ro.vllm.model_dump()}
+        vllm = ro.vllm.model_dump(exclude={"sleep_while_training"})
+        vllm["sleep_mode"] = cfg.engines_sleep
+        if vllm["max_model_len"] is None:
+            vllm["max_model_len"] = cfg.agent.max_context_tokens + cfg.agent.reflector.max_new_tokens
+        return VLLMEngine, {**common, **vllm}
     from rollout.hf_engine import HFEngine
 
     return HFEngine, common
 
 
-def start_actors(cfg: Config, model_path: str, run_path: str, with_learner: bool) -> Actors:
+def learner_kwargs(cfg: Config) -> dict[str, Any]:
+    """The learner actor's constructor arguments (learners.methods.MethodLearner)."""
+    lc, lora = cfg.learner, cfg.learner.lora
+    return dict(
+        model_path=portable_spec(cfg.model.path),
+        dtype=cfg.model.dtype,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        lora_target_modules=lora.target_modules,
+        shared_adapter=lc.shared_adapter,
+        zero_stage=lc.zero_stage,
+        gradient_clipping=lc.grad_clip,
+        lr=lc.lr,
+        seed=cfg.seed,
+        threads=lc.threads,  # None: the learner counts its own node's cores
+        gradient_checkpointing=lc.gpus > 0 if lc.gradient_checkpointing is None else lc.gradient_checkpointing,
+        max_len=lc.max_sample_tokens,
+        kl_coef=cfg.retroformer.kl_coef,
+        target_kl=cfg.retroformer.target_kl,
+        kl_horizon=cfg.retroformer.kl_horizon,
+    )
+
+
+def start_actors(cfg: Config, with_learner: bool) -> Actors:
+    """Env workers, engine replicas and the learner, up and answering. Nothing here is a path on the driver's
+    filesystem: the actors may run on other nodes, and what the learner writes comes back to the driver."""
     from learners.methods import MethodLearner
     from rollout.workers import EnvWorker
 
-    runtime_env = actor_env(cfg)
-    lora = cfg.learner.lora.model_dump()
     pg, index = reserve(cfg, with_learner)
     workers = [
         ray.remote(EnvWorker)
-        .options(num_cpus=0, runtime_env=runtime_env, max_restarts=cfg.rollout.worker_restarts)
+        .options(num_cpus=0, runtime_env=actor_env(cfg), max_restarts=cfg.rollout.worker_restarts)
         .remote(cfg.env.name, cfg.env.kwargs, cfg.rollout.envs_per_worker)
         for _ in range(cfg.rollout.env_workers)
     ]
-    engine_cls, engine_kwargs = engine_actor(cfg, model_path)
+    engine_cls, engine_kwargs = engine_actor(cfg)
     engines = [
         ray.remote(engine_cls)
-        .options(num_cpus=cfg.rollout.engine_cpus, num_gpus=cfg.rollout.engine_gpus, runtime_env=runtime_env,
+        .options(num_cpus=cfg.rollout.engine_cpus, num_gpus=cfg.rollout.engine_gpus,
+                 runtime_env=actor_env(cfg, cfg.rollout.engine_gpus),
                  max_restarts=cfg.rollout.engine_restarts, **_in_group(pg, index[i]))
-        .remote(model_path, **engine_kwargs)
+        .remote(**engine_kwargs)
         for i in range(cfg.rollout.engines)
     ]
     learner = None
     if with_learner:
         learner = (
             ray.remote(MethodLearner)
-            .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus, runtime_env=runtime_env,
+            .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus,
+                     runtime_env=actor_env(cfg, cfg.learner.gpus),
                      max_restarts=cfg.learner.restarts,
                      **_in_group(pg, index[-1]))
-            .remote(
-                model_path,
-                dtype=cfg.model.dtype,
-                lora_r=lora["r"],
-                lora_alpha=lora["alpha"],
-                lora_dropout=lora["dropout"],
-                lora_target_modules=lora["target_modules"],
-                shared_adapter=cfg.learner.shared_adapter,
-                zero_stage=cfg.learner.zero_stage,
-                gradient_clipping=cfg.learner.grad_clip,
-                lr=cfg.learner.lr,
-                seed=cfg.seed,
-                threads=cfg.learner.threads or os.cpu_count(),
-                output_dir=run_path,
-                max_len=cfg.learner.max_sample_tokens,
-                kl_coef=cfg.retroformer.kl_coef,
-                target_kl=cfg.retroformer.target_kl,
-                kl_horizon=cfg.retroformer.kl_horizon,
-            )
+            .remote(**learner_kwargs(cfg))
         )
     # Fail here, with the actor's own error, if an env or a model cannot be built.
     ray.get([w.num_envs.remote() for w in workers] + [e.versions.remote() for e in engines])
-    return Actors(workers, engines, learner, pg)
+    actors = Actors(workers, engines, learner, pg)
+    if learner is not None:
+        check_servable(cfg, actors)
+    return actors
+
+
+def check_servable(cfg: Config, actors: Actors) -> None:
+    """Every engine can serve the learner's adapters (its LoRA target modules and rank): checked now with the
+    untrained adapters, not found out at the first broadcast after SFT."""
+    updates = ray.get(actors.learner.untrained_adapters.remote())
+    try:
+        ray.get([e.check_adapter.remote(u) for e in actors.engines for u in updates])
+    except ValueError as exc:  # a RayTaskError is also an instance of its cause's class
+        actors.shutdown()
+        raise ConfigError(
+            f"the {cfg.rollout.backend} engine cannot serve LoRA on learner.lora.target_modules="
+            f"{cfg.learner.lora.target_modules}: {str(exc).splitlines()[-1]} Choose target modules it lists"
+            + (", or set rollout.backend=hf" if cfg.rollout.backend == "vllm" else "")
+        ) from None

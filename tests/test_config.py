@@ -110,7 +110,7 @@ def test_actors_that_do_not_fit_a_local_ray_fail_before_anything_is_written(tmp_
     (["rollout.engine_gpus=1"], "rollout.backend=vllm, or rollout.engine_gpus=0"),
     (["rollout.backend=vllm", "rollout.engine_gpus=2"], "at most 1 GPU"),
     (["rollout.backend=vllm", "rollout.dtype=bfloat16"], "rollout.dtype=float32"),
-    (["learner.gpus=2"], "learner.gpus to 0 or 1"),
+    (["learner.gpus=2"], "learner.gpus to at most 1"),
     (["rollout.backend=vllm", "rollout.engine_gpus=0.5"], "gpu_memory_utilization to at most 0.5"),
     (["method=eto", "rollout.mode=async"], "rollout.mode=sync"),
 ])
@@ -123,3 +123,40 @@ def test_vllm_on_gpu_and_cpu_configs_load():
     shared = ["rollout.backend=vllm", "rollout.engine_gpus=0.5", "rollout.vllm.gpu_memory_utilization=0.4"]
     assert load_config(None, shared).rollout.engine_gpus == 0.5
     assert load_config(None, ["rollout.backend=vllm", "rollout.dtype=float32"]).rollout.backend == "vllm"
+
+
+GPU_JOB = ["rollout.backend=vllm", "rollout.engine_gpus=1", "learner.gpus=1"]
+COLOCATED = ["rollout.backend=vllm", "rollout.engine_gpus=0.5", "learner.gpus=0.5",
+             "rollout.vllm.gpu_memory_utilization=0.45"]
+
+
+def test_gpu_defaults_follow_the_device():
+    """On GPUs: the learner checkpoints activations and vLLM plans its KV cache for the agent's context, not the
+    model's full one; on CPU neither."""
+    from cluster.runtime import engine_actor, learner_kwargs
+
+    gpu, cpu = load_config(None, GPU_JOB), load_config(None, [])
+    assert learner_kwargs(gpu)["gradient_checkpointing"] and not learner_kwargs(cpu)["gradient_checkpointing"]
+    assert not learner_kwargs(load_config(None, [*GPU_JOB, "learner.gradient_checkpointing=false"]))[
+        "gradient_checkpointing"]
+    cls, kwargs = engine_actor(gpu)
+    assert cls.__name__ == "VLLMEngine" and kwargs["enforce_eager"] is None  # the engine decides: eager on CPU
+    assert kwargs["max_model_len"] == gpu.agent.max_context_tokens + gpu.agent.reflector.max_new_tokens
+    assert kwargs["lora"]["target_modules"] == gpu.learner.lora.target_modules and not kwargs["sleep_mode"]
+    assert kwargs["model_path"] == "smollm2-135m" and kwargs["threads"] is None  # each node resolves both
+
+
+def test_one_gpu_for_engine_and_learner_sleeps_the_engine_while_training():
+    from cluster.runtime import bundles, engine_actor
+
+    cfg = load_config(None, COLOCATED)
+    assert cfg.engines_sleep and engine_actor(cfg)[1]["sleep_mode"]
+    assert bundles(cfg, with_learner=True) == [{"CPU": 1, "GPU": 0.5}, {"CPU": 1, "GPU": 0.5}]
+    assert not load_config(None, [*COLOCATED, "rollout.vllm.sleep_while_training=false"]).engines_sleep
+    assert not load_config(None, GPU_JOB).engines_sleep  # the learner has its own GPU
+    with pytest.raises(ConfigError, match="rollout.mode=sync"):
+        load_config(None, [*COLOCATED, "rollout.mode=async"])
+    with pytest.raises(ConfigError, match="GPU-only"):
+        load_config(None, ["rollout.vllm.sleep_while_training=true"])
+    with pytest.raises(ConfigError, match="learner.gpus to at most 1"):
+        load_config(None, ["learner.gpus=1.5"])

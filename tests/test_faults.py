@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from agents.adapters import read_folder
 from cluster.config import load_config
 from cluster.pipeline import Session, preflight
 from cluster.run_dir import RunDir
@@ -64,7 +65,7 @@ def test_a_killed_learner_is_restored_from_its_checkpoint(tmp_path):
         assert session.learner_restarts == 1 and session.call("pid") != first_pid
         after_kill = {r: session.call("adapter_tensors", r) for r in ("actor", "reflector")}
 
-        session.call("load_checkpoint", checkpoint)
+        session.call("load_checkpoint_files", read_folder(checkpoint))
         session.call("set_reference", ["reflector"])
         clean = session.call("train_il", samples, epochs=8, lr=0.01)
         same = [k for k in clean if "loss" in k or k in ("steps", "tokens")]
@@ -73,7 +74,7 @@ def test_a_killed_learner_is_restored_from_its_checkpoint(tmp_path):
             again = session.call("adapter_tensors", role)
             assert all(torch.equal(tensors[k], again[k]) for k in again)
         restarts = [e for e in session.run.metrics() if e["event"] == "learner_restart"]
-        assert [e["replayed"] for e in restarts] == [["load_checkpoint", "set_reference"]]
+        assert [e["replayed"] for e in restarts] == [["load_checkpoint_files", "set_reference"]]
     finally:
         session.close()
         ray.shutdown()

@@ -133,3 +133,66 @@ def test_a_running_request_keeps_its_version(engines):
     running = ray.get(ref)
     assert running.version == before and running.completion_ids == expected.completion_ids
     assert generate(vllm, "reflector", long, PROMPTS[:1])[0].version == before + 1
+
+
+def test_check_adapter_accepts_the_learners_layout_and_refuses_another(engines):
+    """At start the session has every engine load the learner's untrained adapters under a probe id: an adapter
+    an engine cannot serve is refused then, with the engine's own reason, and nothing it serves changes."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from agents.model import TINY_MODEL, resolve_model
+
+    vllm, hf = engines
+    before = ray.get([vllm.versions.remote(), hf.versions.remote()])
+    loaded = ray.get(vllm.stats.remote())["loaded_adapters"]
+    good = AdapterUpdate("actor", 0, lora_tensors(3))
+    ray.get([vllm.check_adapter.remote(good), hf.check_adapter.remote(good)])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(TINY_MODEL)))
+    other = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj"]))
+    bad = AdapterUpdate("actor", 0, dict(get_peft_model_state_dict(other)))
+    for engine in (vllm, hf):
+        with pytest.raises(ValueError, match="does not fit this engine's LoRA config"):
+            ray.get(engine.check_adapter.remote(bad))
+    assert ray.get([vllm.versions.remote(), hf.versions.remote()]) == before
+    assert ray.get(vllm.stats.remote())["loaded_adapters"] == loaded  # the probe was unloaded again
+
+
+def test_a_killed_vllm_replica_takes_its_engine_core_with_it_and_restarts(engines, tiny_model_path):
+    """SIGKILL an engine replica: Ray ends its whole process group (its worker runs as a group leader), vLLM's
+    engine-core child included, so nothing is left holding the device, and the replica Ray restarts serves."""
+    import os
+    import signal
+
+    import psutil
+
+    replica = ray.remote(VLLMEngine).options(num_cpus=0, max_restarts=1).remote(
+        tiny_model_path, dtype="float32", threads=1, kv_cache_gib=1, seed=0)
+    pid = ray.get(replica.pid.remote())
+    children = psutil.Process(pid).children(recursive=True)
+    assert children and os.getpgid(pid) == pid  # the engine core runs beside the actor, in its process group
+    os.kill(pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    deadline = time.monotonic() + 300
+    while True:  # Ray restarts it (the vLLM engine takes a while to come up)
+        try:
+            new_pid = ray.get(replica.pid.remote(), timeout=60)
+            break
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    assert new_pid != pid
+    (result,) = generate(replica, "actor", prompts=PROMPTS[:1])
+    assert len(result.completion_ids) > 0
+    ray.kill(replica)
+
+
+def test_a_starting_replica_waits_for_a_dead_ones_gpu_memory():
+    """Fault injected: the GPU's memory is still held by a dead replica for three polls, then freed."""
+    from rollout.vllm_engine import wait_for_gpu_memory
+
+    readings = iter([(10, 100), (20, 100), (50, 100), (95, 100)])
+    assert wait_for_gpu_memory(0.9, timeout_s=5, poll_s=0.01, mem_get_info=lambda: next(readings)) > 0
+    with pytest.raises(RuntimeError, match="gpu_memory_utilization=0.9"):
+        wait_for_gpu_memory(0.9, timeout_s=0.05, poll_s=0.01, mem_get_info=lambda: (10 * 2**30, 100 * 2**30))
