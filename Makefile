@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.retrorl-installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup system-deps train test bench clean
 
 setup: $(STAMP)
 
@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml Makefile
 train: setup
 	$(VENV)/bin/retrorl train $(ARGS)
 
-test: setup
+test: setup system-deps
 	# faulthandler stays on through interpreter exit, so a crash after the last test prints every thread's stack.
 	$(PY) -X faulthandler -m pytest -q $(ARGS)
+
+# Debian packages the tests need: Prometheus (tests/test_monitoring.py scrapes a real job with it). Needs root.
+system-deps:
+	@command -v prometheus >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 bench: setup
 	$(PY) benchmarks/rollout.py
