@@ -8,6 +8,7 @@ Everything started here is stopped by its process group; never `ray stop`, which
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,6 +219,21 @@ class SimCluster:
         return subprocess.Popen(cmd, cwd=root, env=self.env, stdout=self._log("job"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
+    def run_tiny_sft(self, runs: Path, *extra: str) -> str:
+        """`ray job submit` a short real SFT job (tiny model, 2 training games) writing under `runs`, with the test
+        session's cache; asserts it succeeded and returns its log."""
+        from agents.model import cache_dir
+
+        job = self.submit(
+            ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
+             "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
+             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
+             "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}", *extra],
+            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
+        log = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in log, log[-4000:]
+        return log
+
     def stop_job(self, submission_id: str) -> None:
         subprocess.run([str(BIN / "ray"), "job", "stop", f"--address={self.url}", submission_id], env=self.env,
                        capture_output=True, timeout=120)
@@ -227,8 +243,6 @@ class SimCluster:
         out = self.ray("list", "actors", f"--address={self.url}", "--format=json", "--detail", "--limit=1000",
                        f"--filter=class_name={class_name}")
         assert out.returncode == 0, out.stdout + out.stderr
-        import json
-
         return json.loads(out.stdout)
 
     def _log(self, name: str):

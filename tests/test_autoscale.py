@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.model import cache_dir
 from cluster.config import load_config
 from cluster.runtime import bundles
 from raysim import SimCluster
@@ -149,15 +148,7 @@ def test_a_job_scales_a_worker_type_up_from_zero(tmp_path, tiny_model_path):
         # zero workers: only the head, with no CPU for the engines and the learner
         assert [n["node_id"] for n in before] == [FAKE_HEAD_NODE_ID]
         assert before[0]["resources_total"].get("CPU", 0) == 0
-        job = sim.submit(
-            ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
-             "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
-             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
-             "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}"],
-            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
-        log = job.stdout + job.stderr
-        assert job.returncode == 0, log[-4000:]
-        assert "succeeded" in log, log[-4000:]
+        sim.run_tiny_sft(runs)
         # The autoscaler launched a node of the yaml's worker type (it is still up: idle_timeout_minutes).
         after = _alive_nodes(sim)
         workers = [n for n in after if n["node_id"] != FAKE_HEAD_NODE_ID]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agents.model import cache_dir, hardware, resolve_dtype
+from agents.model import hardware, resolve_dtype
 from raysim import SimCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,15 +37,7 @@ def test_ray_job_submit_runs_retrorl_train_on_a_loopback_head(tmp_path, tiny_mod
     runs = tmp_path / "runs"
     try:
         sim.start_head()
-        job = sim.submit(
-            ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
-             "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
-             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
-             "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}"],
-            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
-        log = job.stdout + job.stderr
-        assert job.returncode == 0, log[-4000:]
-        assert "succeeded" in log, log[-4000:]
+        sim.run_tiny_sft(runs)
     finally:
         sim.stop()
     assert sim.head.poll() is not None

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from agents.model import cache_dir
 from cluster import monitoring
 from cluster.telemetry import _RAY_METRICS
 from raysim import SimCluster, free_ports
@@ -92,14 +91,7 @@ def test_prometheus_scrapes_a_running_jobs_retrorl_series(tmp_path):
         prom = monitoring.start_prometheus(session, prom_port, scrape_interval="1s")
         assert prom.url == f"http://127.0.0.1:{prom_port}"
 
-        job = sim.submit(
-            ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama", "--set", "name=watched",
-             "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
-             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
-             "--set", "rollout.envs_per_worker=2", "--set", "telemetry.tensorboard=false",
-             "--set", f"run_root={runs}"],
-            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        sim.run_tiny_sft(runs, "--set", "name=watched", "--set", "telemetry.tensorboard=false")
         (run,) = runs.iterdir()
         # The Ray dashboard sees it (its Metrics view stops asking to set up Prometheus).
         health = urllib.request.Request(f"http://127.0.0.1:{dashboard}/api/prometheus_health",
