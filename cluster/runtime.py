@@ -234,6 +234,7 @@ def check_servable(cfg: Config, actors: Actors) -> None:
         actors.shutdown()
         raise ConfigError(
             f"the {cfg.rollout.backend} engine cannot serve LoRA on learner.lora.target_modules="
-            f"{cfg.learner.lora.target_modules}: {str(exc).splitlines()[-1]} Choose target modules it lists"
+            f"{cfg.learner.lora.target_modules}: {str(exc).splitlines()[-1].removeprefix('ValueError: ')}. "
+            "Choose target modules it serves"
             + (", or set rollout.backend=hf" if cfg.rollout.backend == "vllm" else "")
         ) from None

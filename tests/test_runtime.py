@@ -29,3 +29,28 @@ def test_actors_without_a_gpu_reservation_see_no_gpu():
         ray.shutdown()
     assert plain == os.environ.get("CUDA_VISIBLE_DEVICES")  # what Ray does by itself: nothing
     assert hidden == "" and assigned == "0"
+
+
+def test_an_engine_that_cannot_serve_the_learners_adapters_fails_at_start(monkeypatch, tiny_model_path):
+    """check_servable has every engine load the learner's untrained adapters: an engine built for other LoRA
+    targets is a ConfigError naming learner.lora.target_modules, before anything trains."""
+    import pytest
+
+    from cluster.config import ConfigError
+    from cluster.runtime import Actors, check_servable, learner_kwargs
+    from learners.methods import MethodLearner
+    from rollout.hf_engine import HFEngine
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # an in-process learner's
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(None, ["model.path=tiny-llama", "learner.lora.target_modules=[q_proj, v_proj]"])
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        learner = ray.remote(MethodLearner).options(num_cpus=0).remote(**learner_kwargs(cfg))
+        engines = [ray.remote(HFEngine).options(num_cpus=0).remote(tiny_model_path, lora={**lora, "r": 8, "alpha": 16})
+                   for lora in ({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["q_proj"]})]
+        check_servable(cfg, Actors([], engines[:1], learner))  # the same targets: served
+        with pytest.raises(ConfigError, match=r"learner.lora.target_modules=\['q_proj', 'v_proj'\]"):
+            check_servable(cfg, Actors([], engines, learner))
+    finally:
+        ray.shutdown()
