@@ -11,10 +11,12 @@ name removed (`...q_proj.lora_A.weight`), which is what `PeftModel.from_pretrain
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +47,7 @@ def write_adapter_dir(
     """
     from safetensors.torch import save_file
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with staged_dir(final) as tmp:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(cpu, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
         config = copy.deepcopy(lora_config)
@@ -55,12 +55,6 @@ def write_adapter_dir(
         if base_model_path is not None:
             config.base_model_name_or_path = str(base_model_path)
         config.save_pretrained(str(tmp))
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -82,24 +76,32 @@ def read_folder(path: str | os.PathLike) -> dict[str, bytes]:
 
 
 def write_folder(files: dict[str, bytes], final: str | os.PathLike) -> Path:
-    """Write `files` (name -> bytes) as the folder `final`, atomically: a temp folder beside it, each file fsynced,
-    then renamed into place. A reader sees the old folder or the whole new one."""
+    """Write `files` (name -> bytes) as the folder `final`, atomically (`staged_dir`)."""
+    final = Path(final)
+    with staged_dir(final) as tmp:
+        for name, data in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"{name!r} is not a plain file name")
+            (tmp / name).write_bytes(data)
+    return final
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `final` to write a folder's files into. On a clean exit each file in it is fsynced and
+    the folder is renamed into place (`replace_dir`); on an error it is removed. A reader (an engine hot-loading
+    an adapter, a --resume reading a checkpoint) sees the old folder or the whole new one, never a part."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        for name, data in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"{name!r} is not a plain file name")
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -129,8 +129,7 @@ def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None
     marker = target / _COMPLETE
     if marker.is_file() and json.loads(marker.read_text() or "{}") == stamp:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):  # creates the parent folder
         if not (marker.is_file() and json.loads(marker.read_text() or "{}") == stamp):
             _build_tiny_model(target, seed, stamp, cache)
     return target

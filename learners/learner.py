@@ -38,7 +38,7 @@ from torch import nn
 
 from agents.model import cache_dir, hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
-from agents.adapters import AdapterUpdate, replace_dir
+from agents.adapters import AdapterUpdate, staged_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
@@ -561,9 +561,7 @@ class Learner:
         from safetensors.torch import save_file
 
         final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
+        with staged_dir(final) as tmp:
             tensors = {f"{a}/{k}": v for a in self.adapter_names for k, v in self.adapter_tensors(a).items()}
             tensors.update({f"{_REF}{r}/{k}": v for r, ref in self._reference.items() for k, v in ref.items()})
             save_file(tensors, str(tmp / "adapters.safetensors"))
@@ -593,13 +591,6 @@ class Learner:
                 "extra": self._extra_state(),
             }
             (tmp / "learner.json").write_text(json.dumps(meta, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
