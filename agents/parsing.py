@@ -17,10 +17,15 @@ class Parsed:
     ok: bool  # both fields present and the action non-empty; False counts as a format error
 
 
+_WRAPPERS = ("``", '""', "''", "[]", "<>")
+
+
 def _clean_action(text: str) -> str:
-    action = text.strip().splitlines()[0] if text.strip() else ""
-    action = action.strip().strip("`\"'[]<>").strip()
-    action = action.rstrip(".!").strip()
+    """First line, lower case, without a quoting pair around the whole action or a final full stop. Brackets
+    inside an action are kept: ReAct's tools read `search[entity]` and WebShop's `click[buy now]`."""
+    action = (text.strip().splitlines()[0] if text.strip() else "").rstrip(".!").strip()
+    while len(action) >= 2 and action[0] + action[-1] in _WRAPPERS:
+        action = action[1:-1].strip().rstrip(".!").strip()
     return action[:_MAX_ACTION_CHARS].lower()
 
 

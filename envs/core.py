@@ -53,6 +53,8 @@ class TextEnv(gym.Env):
     observation_space = gym.spaces.Text(max_length=1 << 16)
     action_space = gym.spaces.Text(max_length=512)
     family: str = ""
+    needs: str = ""  # what building it takes beyond the base install, for `retrorl envs` ("" = nothing)
+    data: str = ""  # where its tasks come from, for `retrorl envs`
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,6 +67,10 @@ class TextEnv(gym.Env):
 
     def expert_actions(self, task_id: str) -> list[str]:
         raise NotImplementedError
+
+    def split_sizes(self) -> dict[str, int]:
+        """Tasks per split, for `retrorl envs`; families whose listing builds games override it with a cheap count."""
+        return {split: len(self.tasks(split)) for split in SPLITS}
 
     def prepare(self) -> None:
         """Build whatever the tasks need (games, caches) now, once, before many workers start."""

@@ -33,6 +33,10 @@ def _replay(actions, won_last=True):
         ("Action: take key", "take key", False),  # no thought: still acted on, counted as a format error
         ("I think I should take key", "i think i should take key", False),
         ("Thought: nothing to do\nAction:", "", False),
+        ("Thought: look it up\nAction: Search[Milhouse Van Houten]", "search[milhouse van houten]", True),
+        ("Thought: buy\nAction: click[Buy Now]", "click[buy now]", True),
+        ("Thought: go\nAction: [go east]", "go east", True),
+        ("Thought: go\nAction: <`go east`>.", "go east", True),
         ("", "", False),
     ],
 )
