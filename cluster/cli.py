@@ -1,4 +1,4 @@
-"""`retrorl` command line: train, eval, demos, report."""
+"""`retrorl` command line: train, eval, demos, report, envs."""
 
 from __future__ import annotations
 
@@ -36,7 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="comparison table across run directories and a plot (report.md, report.png)")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories with eval/results.json")
     report.add_argument("--out", help="output folder (default: RUN_DIR/eval for one run, ./report for several)")
+    envs = sub.add_parser("envs", help="list the env families: split sizes, what each needs, where its tasks come "
+                                        "from (the configured family with the config's env.kwargs)")
+    common(envs)
     return parser
+
+
+def _list_envs(args: argparse.Namespace) -> int:
+    """Print the family table; the config's own family is described with its env.kwargs."""
+    from envs import families
+    from envs.listing import describe, markdown
+
+    cfg = load_config(args.config, args.overrides)
+    rows = [describe(name, **(cfg.env.kwargs if name == cfg.env.name else {})) for name in families()]
+    print(markdown(rows))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.report import main as report_main
 
         return report_main(args.runs, args.out)
+    if args.command == "envs":
+        try:
+            return _list_envs(args)
+        except ConfigError as exc:
+            print(f"retrorl: error: {exc}", file=sys.stderr)
+            return 2
     # Errors the user can fix are one line naming the fix, and a non-zero exit; anything else is a bug.
     from agents.model import ModelError
     from envs.core import EnvError

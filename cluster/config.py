@@ -334,16 +334,38 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node = child
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    path = Path(path) if path else DEFAULT_CONFIG
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping; `extends: other.yaml` (relative to the file) starts from that file's keys, so a
+    family's config lists only what differs from configs/default.yaml."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
+        raise ConfigError(f"config file {path} not found" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, (*seen, path)))}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` takes one config file name, e.g. extends: default.yaml")
+    return _merge(_read_yaml(path.parent / parent, (*seen, path.resolve())), data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    path = Path(path) if path else DEFAULT_CONFIG
+    data = _read_yaml(path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:

@@ -107,6 +107,8 @@ def _normalize(action: str) -> str:
 
 class SciWorldEnv(TextEnv):
     family = "sciworld"
+    needs = "Java 17; pip install 'retrorl[sciworld]'"
+    data = "the scienceworld package's tasks and variations (ETO's 24 tasks; seen = dev, unseen = test)"
 
     def __init__(
         self,

@@ -116,6 +116,8 @@ def _clean(text: str) -> str:
 
 class TextWorldEnv(TextEnv):
     family = "textworld"
+    needs = "a C compiler (jericho builds on install)"
+    data = "games generated offline by the textworld package, fixed seeds, cached"
 
     def __init__(
         self,
@@ -208,6 +210,9 @@ class TextWorldEnv(TextEnv):
                     build_games(todo, self.workers)
                 except Exception as e:  # noqa: BLE001 - report any generator failure as an env error
                     raise EnvError(f"could not build TextWorld games: {e}") from e
+
+    def split_sizes(self) -> dict[str, int]:
+        return dict(self.counts)  # without building the games
 
     def prepare(self) -> None:
         """Build every split now (e.g. once on the driver before starting many env workers)."""

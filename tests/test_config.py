@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cluster.cli import main
 from cluster.config import ConfigError, load_config
+from envs import families
 
 
 def test_defaults_and_overrides():
@@ -64,11 +67,30 @@ def test_cli_bad_env_options_exit_2_before_any_run_dir(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("path", ["configs/default.yaml", "configs/sciworld.yaml"])
+SHIPPED = sorted(str(p) for p in Path("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 @pytest.mark.parametrize("method", ["sft", "eto", "retroformer", "retroact"])
 def test_shipped_configs_load_for_every_method(path, method):
     cfg = load_config(path, [f"method={method}"])
     assert cfg.method == method and cfg.run_name == f"{cfg.env.name}-{method}"
+    assert cfg.env.name in families()  # and the env each names exists
+
+
+def test_extends_merges_sections_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\nagent: {memory_size: 2, max_context_tokens: 1024}\n"
+                                        "eval: {splits: [seen, unseen]}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nagent: {memory_size: 1}\neval: {splits: [seen]}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["agent.max_steps=7"])
+    assert (cfg.seed, cfg.agent.memory_size, cfg.agent.max_context_tokens) == (3, 1, 1024)
+    assert cfg.eval.splits == ["seen"] and cfg.agent.max_steps == 7
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml not found.*extended by"):
+        load_config(tmp_path / "child.yaml")
 
 
 def test_method_config_errors_name_the_fix(tmp_path):
@@ -160,3 +182,17 @@ def test_one_gpu_for_engine_and_learner_sleeps_the_engine_while_training():
         load_config(None, ["rollout.vllm.sleep_while_training=true"])
     with pytest.raises(ConfigError, match="learner.gpus to at most 1"):
         load_config(None, ["learner.gpus=1.5"])
+
+
+def test_envs_lists_every_family_and_what_is_missing(capsys):
+    assert main(["envs"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(families()) <= set(rows)
+    assert [c.strip() for c in rows["textworld"].split("|")[2:5]] == ["24", "8", "8"]  # default counts, no build
+    # The configured family is described with the config's kwargs; one that cannot be built says why.
+    assert main(["envs", "--set", "env.kwargs={n_train: 5, kinds: [treasure]}"]) == 0
+    assert [c.strip() for c in capsys.readouterr().out.split("| textworld |")[1].split("|")[:3]] == ["5", "8", "8"]
+    assert main(["envs", "--set", "env.kwargs={kinds: [nethack]}"]) == 0
+    out = capsys.readouterr().out
+    assert "Not usable here:" in out and "- textworld: unknown textworld kinds ['nethack']" in out
