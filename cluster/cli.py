@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
-        prepared = preflight(cfg, with_learner=with_learner)
+        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval")
         run = RunDir(resume) if resume else RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)

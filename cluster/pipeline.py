@@ -68,13 +68,18 @@ class Prepared:
     env: TextEnv
 
 
-def preflight(cfg: Config, with_learner: bool = True) -> Prepared:
+def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
     resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
-    hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead)."""
+    hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
+    plays expert demos (train and demos do; eval does not)."""
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     load_tokenizer(model_path)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
+    if needs_demos and not env.has_demos:
+        raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "
+                          "ETO's expert side): evaluate on it with `retrorl eval` (zero-shot, or a checkpoint "
+                          "trained on another env via --set init.checkpoint=RUN/checkpoints/NAME)")
     env.prepare()
     if cfg.method in ("retroformer", "retroact") and not train_tasks(cfg, env)[1]:
         raise ConfigError(f"demos.tasks={cfg.demos.tasks} gives expert demos to every training task, so "

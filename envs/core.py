@@ -55,6 +55,7 @@ class TextEnv(gym.Env):
     family: str = ""
     needs: str = ""  # what building it takes beyond the base install, for `retrorl envs` ("" = nothing)
     data: str = ""  # where its tasks come from, for `retrorl envs`
+    has_demos: bool = True  # expert_actions wins its tasks; False: it raises EnvError (no expert exists)
 
     def __init__(self) -> None:
         super().__init__()

@@ -72,6 +72,8 @@ def expert_replay(env: TextEnv, task_id: str) -> Replay:
 
 def failed_replay(env: TextEnv, task_id: str, rng: random.Random, wrong_steps: int = 3) -> Replay | None:
     """Follow the expert for a random prefix, then take `wrong_steps` admissible actions off the expert's path.
+    A family that lists no admissible actions (textcraft, hotpotqa) gets the expert's later steps out of order
+    instead (crafting before gathering, answering before searching).
 
     Returns None when the attempt does not fail (no off-path action exists, or a wrong step still won).
     """
@@ -83,7 +85,7 @@ def failed_replay(env: TextEnv, task_id: str, rng: random.Random, wrong_steps: i
     admissible = replay.transitions[-1].admissible if replay.transitions else replay.admissible
     avoid = {expert[prefix]} if prefix < len(expert) else set()
     for _ in range(wrong_steps):
-        options = sorted(a for a in admissible if a not in avoid)
+        options = sorted(a for a in (admissible or expert[prefix + 1:]) if a not in avoid)
         if not options:
             break
         action = rng.choice(options)
