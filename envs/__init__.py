@@ -8,6 +8,7 @@ them with what each needs. Nothing here imports Ray.
 """
 
 from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, families, make_env, register_family
+from .alfworld_env import AlfWorldEnv
 from .hotpotqa_env import HotpotQAEnv
 from .sciworld_env import SciWorldEnv
 from .textcraft_env import TextCraftEnv
@@ -17,6 +18,7 @@ from .webshop_env import WebShopEnv
 
 register_family("textworld", TextWorldEnv)
 register_family("sciworld", SciWorldEnv)
+register_family("alfworld", AlfWorldEnv)
 register_family("twx", TwxEnv)
 register_family("textcraft", TextCraftEnv)
 register_family("hotpotqa", HotpotQAEnv)
@@ -25,7 +27,7 @@ register_family("webshop", WebShopEnv)
 DEFAULT_ENV = "textworld"
 
 __all__ = [
-    "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "EnvLost", "HotpotQAEnv", "SciWorldEnv", "StepInfo",
+    "AlfWorldEnv", "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "EnvLost", "HotpotQAEnv", "SciWorldEnv", "StepInfo",
     "Task", "TextCraftEnv", "TextEnv", "TextWorldEnv", "TwxEnv", "WebShopEnv", "families", "make_env",
     "register_family",
 ]

@@ -6,6 +6,7 @@ whose data no registry ships). Tiny random model, two tasks per split: these che
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +36,9 @@ def _families(tmp_path_factory) -> dict[str, list[str]]:
         "textcraft": ["env.name=textcraft", "env.kwargs={n_train: 2, n_seen: 2, n_unseen: 2}"],
         "hotpotqa": ["env.name=hotpotqa", f"env.kwargs={{data_file: {hotpot}, n_train: 2, n_seen: 2, n_unseen: 2}}"],
     }
+    if importlib.util.find_spec("alfworld") is not None:
+        families["alfworld"] = ["env.name=alfworld", "env.kwargs={task_types: [pick_and_place_simple, "
+                                "look_at_obj_in_light], n_train: 2, n_seen: 2, n_unseen: 2}"]
     if HAVE_JAVA:
         families["twx"] = ["env.name=twx", "env.kwargs={games: [sorting, arithmetic], n_train: 1, n_seen: 1, "
                            "n_unseen: 1}"]
@@ -42,11 +46,11 @@ def _families(tmp_path_factory) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["textcraft", "hotpotqa", "twx"])
+@pytest.mark.parametrize("family", ["alfworld", "textcraft", "hotpotqa", "twx"])
 def test_sft_on_each_family(family, tmp_path, tmp_path_factory):
     families = _families(tmp_path_factory)
     if family not in families:
-        pytest.skip("needs Java 17 on PATH")
+        pytest.skip(f"{family} needs its extra (and Java 17 for twx)")
     argv = ["train", "--method", "sft", "--set", f"run_root={tmp_path}"]
     for override in TINY + families[family]:
         argv += ["--set", override]
