@@ -46,7 +46,17 @@ def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
                                     sum(len(t.steps) for e in episodes for t in e.trials[:trials])),
         "reflections": len(reflections),
         "reflection_improved": _ratio(sum(after > before for before, after in reflections), len(reflections)),
+        # per task, so any two runs on the same tasks can be compared with paired statistics (cluster/stats.py)
+        # and a table recomputed from the committed results alone
+        "outcomes": [_outcome(e, p, trials) for e, p in zip(episodes, padded)],
     }
+
+
+def _outcome(episode: Episode, padded: list[float], trials: int) -> dict[str, Any]:
+    played = episode.trials[:trials]
+    return {"task": episode.task_id, "returns": padded, "success": any(t.success for t in played),
+            "steps": sum(len(t.steps) for t in played),
+            "versions": sorted({s.generation.version for t in played for s in t.steps})}
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -148,29 +148,102 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None) 
     return "\n".join(lines)
 
 
+def _outcomes(row: dict[str, Any]) -> dict[str, tuple[bool, float]] | None:
+    """task id -> (success, the row's last padded trial return), from a row's `outcomes`; None for older rows."""
+    outcomes = row.get("outcomes")
+    if not isinstance(outcomes, list):
+        return None
+    pairs = {}
+    for o in outcomes:
+        returns = o.get("returns") if isinstance(o, dict) else None
+        if not (isinstance(returns, list) and returns and _number(returns[-1]) is not None and "task" in o):
+            return None
+        pairs[str(o["task"])] = (bool(o.get("success")), float(returns[-1]))
+    return pairs
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    return "-" if value is None else f"{100 * value:{'+' if signed else ''}.1f}"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
 def paired(runs: Sequence[RunData]) -> list[str]:
-    """Game-by-game comparison of every later run with the first one (the baseline), for rows of the same split and
-    number of trials: games won only by the run, only by the baseline, by both. Rows without `solved` are left out."""
+    """Every later run against the first (the baseline), row by row where split and number of trials match.
+    Rows with per-task `outcomes` get paired statistics on the tasks both evaluated (cluster/stats.py): exact
+    McNemar on success, the mean return difference (FR for K-trial rows, IR for one-trial rows) with a bootstrap
+    95% CI and a paired t-test; older rows with only `solved` get the game counts."""
+    from cluster.stats import compare
+
     if len(runs) < 2:
         return []
     names = _names(runs)
-    base = {(r.get("split"), r.get("trials")): r for r in runs[0].rows if isinstance(r.get("solved"), list)}
+    base = {(r.get("split"), r.get("trials"), r.get("method")): r for r in runs[0].rows}
+    base_any = {(r.get("split"), r.get("trials")): r for r in runs[0].rows}
     lines = []
     for run, name in zip(runs[1:], names[1:]):
         for row in run.rows:
-            ref = base.get((row.get("split"), row.get("trials")))
-            if ref is None or not isinstance(row.get("solved"), list):
+            key = (row.get("split"), row.get("trials"))
+            # The same label when the baseline has it (SFT ReAct vs SFT ReAct), else any row of that shape.
+            ref = base.get((*key, row.get("method"))) or base_any.get(key)
+            if ref is None:
                 continue
-            mine, theirs = set(row["solved"]), set(ref["solved"])
-            lines.append(f"| {row.get('split')} | `{name}` | {row.get('method')} | {ref.get('method')} | "
-                         f"{len(mine - theirs)} | {len(theirs - mine)} | {len(mine & theirs)} | "
-                         f"{row.get('episodes')} |")
+            mine, theirs = _outcomes(row), _outcomes(ref)
+            lead = f"| {row.get('split')} | `{name}` | {row.get('method')} | {ref.get('method')} |"
+            if mine is not None and theirs is not None:
+                c = compare(mine, theirs)
+                if c is None:
+                    continue
+                ci = "-" if c.return_ci is None else f"[{_pct(c.return_ci[0], True)}, {_pct(c.return_ci[1], True)}]"
+                lines.append(f"{lead} {c.tasks} | {c.only_a} | {c.only_b} | {c.both} | {_p(c.p_success)} | "
+                             f"{_pct(c.return_diff, True)} | {ci} | {_p(c.p_return)} |")
+            elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
+                won, ref_won = set(row["solved"]), set(ref["solved"])
+                lines.append(f"{lead} {row.get('episodes')} | {len(won - ref_won)} | {len(ref_won - won)} | "
+                             f"{len(won & ref_won)} | - | - | - | - |")
     if not lines:
         return []
-    header = [(f"Game by game against `{names[0]}` (same split and number of trials): games won only by the run, "
-               "only by the baseline, by both."), "",
-              "| split | run | method | baseline | only run | only baseline | both | games |", "|" + "---|" * 8]
-    return header + lines + [""]
+    header = [(f"Paired, task by task, against `{names[0]}` (same split and number of trials): tasks won only by "
+               "the run, only by the baseline, by both; exact McNemar p on success; the mean return difference "
+               "x100 (run - baseline; FR for K-trial rows, IR for one-trial rows), its bootstrap 95% CI and a "
+               "paired t-test p. Rows from runs without per-task outcomes show the counts only."), "",
+              "| split | run | method | baseline | tasks | only run | only baseline | both | McNemar p | "
+              "return diff | 95% CI | paired t p |", "|" + "---|" * 12]
+    return header + lines + ["", *across_seeds(runs)]
+
+
+def across_seeds(runs: Sequence[RunData]) -> list[str]:
+    """Runs of one config method at several seeds: per (method label, split, trials), the mean over seeds of
+    success and of the last-trial return, with a t 95% CI."""
+    from cluster.stats import mean_ci
+
+    groups: dict[tuple[str, str, str, Any], list[tuple[Any, dict[str, Any]]]] = {}
+    for run in runs:
+        for row in run.rows:
+            key = (run.method, str(row.get("method")), str(row.get("split")), row.get("trials"))
+            groups.setdefault(key, []).append((run.seed, row))
+    lines = []
+    for (method, label, split, trials), members in sorted(groups.items(), key=lambda g: str(g[0])):
+        seeds = sorted({str(seed) for seed, _ in members})
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for values in ([_number(r.get("success")) for _, r in members],
+                       [_number((_curve(r) or [None])[-1]) for _, r in members]):
+            numbers = [v for v in values if v is not None]
+            if not numbers:
+                cells.append("-")
+                continue
+            mean, low, high = mean_ci(numbers)
+            cells.append(_pct(mean) + ("" if low is None else f" [{_pct(low)}, {_pct(high)}]"))
+        lines.append(f"| {split} | {method} | {label} | {len(members)} | {', '.join(seeds)} | {cells[0]} | {cells[1]} |")
+    if not lines:
+        return []
+    return ["Across seeds (runs of one config method): mean over runs x100 and its t 95% CI.", "",
+            "| split | config method | method | runs | seeds | success | last-trial return |", "|" + "---|" * 7,
+            *lines, ""]
 
 
 def _curve(row: dict[str, Any]) -> list[float] | None:

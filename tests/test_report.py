@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -245,11 +246,20 @@ def test_game_by_game_against_the_first_run(tmp_path, capsys):
     assert set(rows) == {"ETO ReAct", "ETO + reflection"}
     # first trial: A won t1; B won t2
     react = rows["ETO ReAct"]
-    assert (react["baseline"], react["only run"], react["only baseline"], react["both"], react["games"]) == (
+    assert (react["baseline"], react["only run"], react["only baseline"], react["both"], react["tasks"]) == (
         "SFT ReAct", "1", "1", "0", "4")
+    # IR differences -1, +1, 0, 0: mean 0, t = 0; McNemar on 1 vs 1 discordant tasks: 2 * 3/4, capped at 1
+    assert (react["McNemar p"], react["return diff"], react["paired t p"]) == ("1.000", "+0.0", "1.000")
+    low, high = (float(x) for x in react["95% CI"].strip("[]").split(","))
+    assert -100 <= low < 0 < high <= 100
     # three trials: A won t1, t3; B won t2, t3, t4
     full = rows["ETO + reflection"]
     assert (full["baseline"], full["only run"], full["only baseline"], full["both"]) == ("SFT + reflection", "2", "1", "1")
+    # FR differences -1, +1, 0, +1: mean 0.25, sd sqrt(2.75 / 3), t = 0.25 / (sd / 2) on 3 df (Student's t CDF
+    # with 3 df in closed form, as in tests/test_stats.py)
+    t = 0.25 / (math.sqrt(2.75 / 3) / 2)
+    p = 2 * (1 - (0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi))
+    assert (full["McNemar p"], full["return diff"], full["paired t p"]) == ("1.000", "+25.0", f"{p:.3f}")
 
 
 @pytest.mark.parametrize("n", [1, 10, 14, 20, 31])
@@ -260,3 +270,20 @@ def test_palette_keeps_every_curve_distinct(n):
 
     colours = palette(n)
     assert len(colours) == n and len({to_rgb(c) for c in colours}) == n  # the 11th curve no longer reuses C0
+
+
+def test_across_seeds_mean_and_t_interval(tmp_path, capsys):
+    """Three seeds of one method winning 1, 2 and 3 of 4 games: success 25 / 50 / 75, mean 50, sd 25, t interval
+    50 -+ t(0.975, 2 df) * 25 / sqrt 3 = 50 -+ 62.1."""
+    fail = [(0.0, 5), (0.0, 5), (0.0, 5)]
+    paths = []
+    for seed in range(3):
+        episodes = [_episode(f"t{i}", "seen", [(1.0, 2)] if i <= seed else fail) for i in range(4)]
+        paths.append(tmp_path / f"retroact-{seed}")
+        _write_run(paths[-1], "retroact", seed, episodes, "RetroAct", [])
+    assert cli.main(["report", *map(str, paths), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    (row,) = [r for r in _table(md, 2) if r["method"] == "RetroAct + reflection"]
+    half = 4.302653 * 25 / math.sqrt(3)
+    assert (row["runs"], row["seeds"]) == ("3", "0, 1, 2")
+    assert row["success"] == row["last-trial return"] == f"50.0 [{50 - half:.1f}, {50 + half:.1f}]"

@@ -1,0 +1,92 @@
+"""Paired statistics for comparing two evaluations on the same tasks, and a mean's interval across seeds.
+
+Two runs evaluated on the same task ids give paired outcomes per task: success (won within the row's trials) and
+return (the row's last padded trial return: IR for a one-trial row, FR for a K-trial row). Success is compared with
+an exact McNemar test (only the discordant tasks carry information: a two-sided binomial test of `only_a` against
+`only_a + only_b` at 1/2), returns with a paired t-test and a percentile-bootstrap 95% CI of the mean difference.
+Across seeds, a t interval of the mean. scipy provides the distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+LEVEL = 0.95  # every interval here
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # a report renders the same figures every time
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (1.0 when there are none)."""
+    from scipy.stats import binom
+
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * float(binom.cdf(min(only_a, only_b), n, 0.5)))
+
+
+def paired_t_p(diffs: Sequence[float]) -> float | None:
+    """Two-sided p of a paired t-test on the differences; 1.0 when they are all equal to 0, None when undefined
+    (fewer than 2 pairs, or all equal but not 0)."""
+    from scipy.stats import t as student
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else None
+    return float(2 * student.sf(abs(mean / (sd / math.sqrt(n))), n - 1))
+
+
+def bootstrap_ci(diffs: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float] | None:
+    """Percentile bootstrap interval (LEVEL) of the mean of `diffs`; None without any."""
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(resamples))
+    tail = (1 - LEVEL) / 2
+    return means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """Mean and its t interval (LEVEL); no interval from a single value."""
+    from scipy.stats import t as student
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    half = student.ppf(1 - (1 - LEVEL) / 2, n - 1) * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Paired:
+    tasks: int  # tasks evaluated by both
+    only_a: int  # won by a, not by b
+    only_b: int
+    both: int
+    p_success: float  # exact McNemar
+    return_diff: float  # mean of a - b
+    return_ci: tuple[float, float] | None
+    p_return: float | None  # paired t
+
+
+def compare(a: Mapping[str, tuple[bool, float]], b: Mapping[str, tuple[bool, float]]) -> Paired | None:
+    """`a` against `b` over the tasks both evaluated: task id -> (success, return). None when they share none."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    only_a = sum(a[t][0] and not b[t][0] for t in common)
+    only_b = sum(b[t][0] and not a[t][0] for t in common)
+    diffs = [a[t][1] - b[t][1] for t in common]
+    return Paired(len(common), only_a, only_b, sum(a[t][0] and b[t][0] for t in common),
+                  mcnemar_exact(only_a, only_b), sum(diffs) / len(diffs), bootstrap_ci(diffs), paired_t_p(diffs))

@@ -1,0 +1,49 @@
+"""cluster/stats.py against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cluster.stats import bootstrap_ci, compare, mcnemar_exact, mean_ci, paired_t_p
+
+
+def test_exact_mcnemar():
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # 2 * P(X <= 0), X ~ Bin(6, 1/2)
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * (1 + 10) / 1024)  # 2 * P(X <= 1), X ~ Bin(10, 1/2)
+    assert mcnemar_exact(2, 1) == 1.0  # 2 * (1 + 3) / 8 = 1, capped
+    assert mcnemar_exact(0, 0) == 1.0  # no discordant task, no evidence
+
+
+def test_paired_t():
+    # diffs 1, 1, 1, 0: mean 0.75, sd 0.5, t = 0.75 / (0.5 / 2) = 3 on 3 df; Student's t with 3 df has the CDF
+    # 1/2 + (t / (sqrt3 (1 + t^2 / 3)) + atan(t / sqrt3)) / pi.
+    cdf = 0.5 + (3 / (math.sqrt(3) * 4) + math.atan(3 / math.sqrt(3))) / math.pi
+    assert paired_t_p([1, 1, 1, 0]) == pytest.approx(2 * (1 - cdf))
+    assert paired_t_p([1, 1, 1, 0]) == pytest.approx(0.05767, abs=1e-5)
+    assert paired_t_p([0.0, 0.0, 0.0]) == 1.0 and paired_t_p([0.5, 0.5]) is None and paired_t_p([1.0]) is None
+
+
+def test_mean_ci_across_seeds():
+    mean, low, high = mean_ci([0.2, 0.4, 0.6])  # sd 0.2, se 0.2 / sqrt 3, t(0.975, 2 df) = 4.302653
+    half = 4.302653 * 0.2 / math.sqrt(3)
+    assert (mean, low, high) == pytest.approx((0.4, 0.4 - half, 0.4 + half), abs=1e-6)
+    assert mean_ci([0.3]) == (0.3, None, None)
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    low, high = bootstrap_ci([0.0] * 50 + [1.0] * 50)  # mean 0.5, se 0.05: about 0.5 -+ 1.96 * 0.05
+    assert 0.38 < low < 0.42 and 0.58 < high < 0.62
+    assert bootstrap_ci([0.0] * 50 + [1.0] * 50) == (low, high)  # seeded: a report renders the same figures
+    assert bootstrap_ci([]) is None
+
+
+def test_compare_pairs_only_common_tasks():
+    a = {"t1": (True, 1.0), "t2": (False, 0.5), "t3": (True, 1.0), "extra": (True, 1.0)}
+    b = {"t1": (False, 0.0), "t2": (False, 0.5), "t3": (True, 1.0)}
+    c = compare(a, b)
+    assert (c.tasks, c.only_a, c.only_b, c.both) == (3, 1, 0, 1)
+    assert c.p_success == 1.0 and c.return_diff == pytest.approx(1 / 3)
+    assert compare({"x": (True, 1.0)}, b) is None
