@@ -285,6 +285,88 @@ def palette(n: int) -> list[str]:
     return [to_hex(colormaps["turbo"](i / (n - 1))) for i in range(n)]
 
 
+@dataclass
+class Series:
+    """One line of the plot: the mean over the runs of a group, and its 95% band where one can be computed."""
+    label: str
+    xs: list[int]
+    mean: list[float]
+    low: list[float | None]
+    high: list[float | None]
+    style: str = "-"
+
+
+def _band(values: list[float], per_task: list[float] | None) -> tuple[float, float | None, float | None]:
+    """Mean over runs with a t interval across them; a single run's interval is a bootstrap over its tasks."""
+    from cluster.stats import bootstrap_ci, mean_ci
+
+    if len(values) > 1 or not per_task:
+        return mean_ci(values)
+    ci = bootstrap_ci(per_task)
+    return values[0], *(ci if ci is not None else (None, None))
+
+
+def trial_series(runs: Sequence[RunData]) -> tuple[list[Series], list[str]]:
+    """Panel (a): runs grouped by (config method, row label, split), so seeds of one method are one line with a
+    band, not one legend entry each; and the (run, label, split) rows without a curve."""
+    splits = sorted({str(r.get("split", "-")) for run in runs for r in run.rows})
+    styles = ["-", "--", ":", "-."]  # one line style per split
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    skipped = []
+    for run, name in zip(runs, _names(runs)):
+        for row in run.rows:
+            label, split = str(row.get("method", "-")), str(row.get("split", "-"))
+            if _curve(row) is None:
+                skipped.append(f"`{name}` / {label} / {split}")
+                continue
+            groups.setdefault((run.method, label, split), []).append(row)
+    series = []
+    for (method, label, split), rows in groups.items():
+        curves = [_curve(r) for r in rows]
+        n = min(len(c) for c in curves)  # type: ignore[arg-type]
+        points = []
+        for k in range(n):
+            outcomes = rows[0].get("outcomes") if len(rows) == 1 else None
+            per_task = [o["returns"][k] for o in outcomes] if isinstance(outcomes, list) else None
+            points.append(_band([c[k] for c in curves], per_task))  # type: ignore[index]
+        series.append(Series(f"{method}: {label} ({split}), {len(rows)} run{'s' if len(rows) > 1 else ''}",
+                             list(range(1, n + 1)), [p[0] for p in points], [p[1] for p in points],
+                             [p[2] for p in points], styles[splits.index(split) % len(styles)]))
+    return series, skipped
+
+
+def round_series(runs: Sequence[RunData]) -> list[Series]:
+    """Panel (b): train_return per round, runs grouped by (config method, logged method), mean and t band."""
+    groups: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for run in runs:
+        for method, points in run.rounds.items():
+            for step, ret in points:
+                groups.setdefault((run.method, method), {}).setdefault(step, []).append(ret)
+    series = []
+    for (config_method, method), by_round in sorted(groups.items()):
+        steps = sorted(by_round)
+        bands = [_band(by_round[step], None) for step in steps]
+        runs_in = max(len(v) for v in by_round.values())
+        series.append(Series(f"{config_method}: {method}, {runs_in} run{'s' if runs_in > 1 else ''}", steps,
+                             [b[0] for b in bands], [b[1] for b in bands], [b[2] for b in bands]))
+    return series
+
+
+def _draw(ax, series: list[Series]) -> None:
+    for line, colour in zip(series, palette(len(series))):
+        single = len(line.xs) == 1  # a ReAct row: its one trial, drawn as a hollow square around that point
+        ax.plot(line.xs, [100 * v for v in line.mean], color=colour, marker="s" if single else "o",
+                markersize=11 if single else 6, markerfacecolor="none" if single else colour,
+                linestyle=line.style, label=line.label)
+        if all(v is not None for v in line.low + line.high):
+            low, high = [100 * v for v in line.low], [100 * v for v in line.high]  # type: ignore[operator]
+            if single:
+                ax.errorbar(line.xs, [100 * v for v in line.mean], yerr=[[m * 100 - lo for m, lo in zip(
+                    line.mean, low)], [hi - m * 100 for m, hi in zip(line.mean, high)]], color=colour, capsize=4)
+            else:
+                ax.fill_between(line.xs, low, high, color=colour, alpha=0.15, linewidth=0)
+
+
 def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
     """PNG bytes of the two panels, and the (run, label, split) rows left out of panel (a)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -293,33 +375,12 @@ def plot(runs: Sequence[RunData]) -> tuple[bytes, list[str]]:
     fig = Figure(figsize=(14, 6), dpi=100)
     FigureCanvasAgg(fig)
     per_trial, per_round = fig.subplots(1, 2)
-    colours = palette(len(runs))  # panel (b): one colour per run
-    styles = ["-", "--", ":", "-."]  # panel (a): one line style per split, one colour per (run, label)
-    splits = sorted({str(r.get("split", "-")) for run in runs for r in run.rows})
-    curves = list(dict.fromkeys((i, str(r.get("method", "-"))) for i, run in enumerate(runs) for r in run.rows))
-    curve_colours = dict(zip(curves, palette(len(curves))))
-    skipped = []
-    for run_index, (run, name) in enumerate(zip(runs, _names(runs))):
-        for row in run.rows:
-            label, split = str(row.get("method", "-")), str(row.get("split", "-"))
-            curve = _curve(row)
-            if curve is None:
-                skipped.append(f"`{name}` / {label} / {split}")
-                continue
-            colour = curve_colours[(run_index, label)]
-            single = len(curve) == 1  # a ReAct row: its one trial, drawn as a hollow square around that point
-            per_trial.plot(range(1, len(curve) + 1), [100 * v for v in curve], color=colour,
-                           marker="s" if single else "o", markersize=11 if single else 6,
-                           markerfacecolor="none" if single else colour,
-                           linestyle=styles[splits.index(split) % len(styles)], label=f"{name}: {label} ({split})")
-    _finish_axis(per_trial, "(a) mean return per trial (eval)", "trial", "mean return x100 (padded after a win)",
-                 "no rows with returns_per_trial")
-
-    for run, name, colour in zip(runs, _names(runs), colours):
-        for index, (method, points) in enumerate(sorted(run.rounds.items())):
-            per_round.plot([p[0] for p in points], [100 * p[1] for p in points], color=colour, marker="o",
-                           linestyle=styles[index % len(styles)], label=f"{name}: {method}")
-    _finish_axis(per_round, "(b) train_return per training round", "round", "mean training return x100",
+    trials, skipped = trial_series(runs)
+    _draw(per_trial, trials)
+    _finish_axis(per_trial, "(a) mean return per trial (eval), 95% CI", "trial",
+                 "mean return x100 (padded after a win)", "no rows with returns_per_trial")
+    _draw(per_round, round_series(runs))
+    _finish_axis(per_round, "(b) train_return per training round, 95% CI", "round", "mean training return x100",
                  "no training rounds")
 
     buffer = io.BytesIO()

@@ -287,3 +287,16 @@ def test_across_seeds_mean_and_t_interval(tmp_path, capsys):
     half = 4.302653 * 25 / math.sqrt(3)
     assert (row["runs"], row["seeds"]) == ("3", "0, 1, 2")
     assert row["success"] == row["last-trial return"] == f"50.0 [{50 - half:.1f}, {50 + half:.1f}]"
+    # The plot draws the three seeds as one line per (method, label, split) with a t band across them; a single
+    # run's band is a bootstrap over its tasks.
+    from cluster.report import load_run, trial_series
+    from cluster.stats import bootstrap_ci
+
+    series, skipped = trial_series([load_run(p) for p in paths])
+    assert not skipped and [s.label for s in series] == [
+        "retroact: RetroAct ReAct (seen), 3 runs", "retroact: RetroAct + reflection (seen), 3 runs"]
+    full = series[1]
+    assert full.xs == [1, 2, 3] and full.mean == pytest.approx([0.5] * 3)
+    assert full.low == pytest.approx([0.5 - half / 100] * 3) and full.high == pytest.approx([0.5 + half / 100] * 3)
+    (one,) = [s for s in trial_series([load_run(paths[1])])[0] if "reflection" in s.label]
+    assert one.label.endswith("1 run") and (one.low[0], one.high[0]) == bootstrap_ci([1.0, 1.0, 0.0, 0.0])
