@@ -46,8 +46,13 @@ def expert_completion(action: str) -> str:
     return f"Thought: {template_thought(action)}\nAction: {action}"
 
 
+def turn_ids(formatter: ChatFormatter, text: str) -> list[int]:
+    """The ids of a scripted turn: the text, then eos, which the model must learn to emit."""
+    return formatter.encode(text) + [formatter.eos_id]
+
+
 def _expert_generation(formatter: ChatFormatter, role: str, prompt_ids: list[int], text: str) -> Generation:
-    ids = formatter.encode(text) + [formatter.eos_id]  # the turn ends with eos, which the model must learn to emit
+    ids = turn_ids(formatter, text)
     return Generation(role, prompt_ids, ids, [0.0] * len(ids), EXPERT_VERSION, text, "expert")
 
 

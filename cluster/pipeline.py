@@ -18,7 +18,7 @@ import ray
 from agents.actor import ActorPrompt
 from agents.adapters import read_folder, write_folder
 from agents.chat import ChatFormatter
-from agents.expert import demo_episodes
+from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
@@ -68,19 +68,36 @@ class Prepared:
     env: TextEnv
 
 
+def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> None:
+    """Every expert turn the actor imitates must fit in agent.actor.max_new_tokens: a longer one is cut at
+    generation, so the trained actor could never write its whole action. (TextCraft's crafting turns run to 65
+    tokens; with the default 32 its SFT actor wrote `craft 1 red nether bricks using` and won 0 of 16 games.)"""
+    budget = cfg.agent.actor.max_new_tokens
+    lengths = [len(turn_ids(formatter, expert_completion(action)))
+               for task_id, _ in train_tasks(cfg, env)[0] for action in env.expert_actions(task_id)]
+    over = [n for n in lengths if n > budget]
+    if over:
+        raise ConfigError(f"agent.actor.max_new_tokens={budget} cuts {len(over)} of the {len(lengths)} expert turns "
+                          f"the actor imitates on {cfg.env.name!r} (the longest is {max(over)} tokens), so the trained "
+                          f"actor could not finish their actions: set --set agent.actor.max_new_tokens={max(over)} "
+                          "or more")
+
+
 def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
     resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
     hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
     plays expert demos (train and demos do; eval does not)."""
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
-    load_tokenizer(model_path)
+    formatter = ChatFormatter(load_tokenizer(model_path))
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     if needs_demos and not env.has_demos:
         raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "
                           "ETO's expert side): evaluate on it with `retrorl eval` (zero-shot, or a checkpoint "
                           "trained on another env via --set init.checkpoint=RUN/checkpoints/NAME)")
     env.prepare()
+    if needs_demos:
+        check_turn_budget(cfg, env, formatter)
     if cfg.method in ("retroformer", "retroact") and not train_tasks(cfg, env)[1]:
         raise ConfigError(f"demos.tasks={cfg.demos.tasks} gives expert demos to every training task, so "
                           f"{cfg.method} has none left to explore: lower demos.tasks, or list more training tasks "

@@ -227,7 +227,7 @@ class SimCluster:
         job = self.submit(
             ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
              "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
-             "--set", "agent.actor.max_new_tokens=8", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
+             "--set", "agent.actor.max_new_tokens=32", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
              "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}", *extra],
             runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
         log = job.stdout + job.stderr

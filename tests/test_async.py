@@ -14,7 +14,7 @@ from learners.batching import bound_policy_lag, episode_samples, il_samples
 TINY = [
     "model.path=tiny-llama",
     "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}",
-    "agent.actor.max_new_tokens=12",
+    "agent.actor.max_new_tokens=32",  # the longest expert turn fits (preflight checks it)
     "agent.max_steps=3",  # a random model's trials run to the cap: keep them short
     "agent.reflector.max_new_tokens=12",
     "rollout.env_workers=1",

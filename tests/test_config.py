@@ -196,3 +196,15 @@ def test_envs_lists_every_family_and_what_is_missing(capsys):
     assert main(["envs", "--set", "env.kwargs={kinds: [nethack]}"]) == 0
     out = capsys.readouterr().out
     assert "Not usable here:" in out and "- textworld: unknown textworld kinds ['nethack']" in out
+
+
+def test_a_turn_budget_that_cuts_expert_actions_fails_at_start(tmp_path, capsys):
+    """TextCraft's crafting turns run past 16 tokens: a trained actor could never finish them, so train refuses
+    before any run directory, naming the setting and the length it needs."""
+    argv = ["train", "--method", "sft", "--config", "configs/textcraft.yaml", "--set", f"run_root={tmp_path}",
+            "--set", "model.path=tiny-llama", "--set", "env.kwargs={n_train: 3, n_seen: 1, n_unseen: 1}",
+            "--set", "agent.actor.max_new_tokens=16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "agent.actor.max_new_tokens=16 cuts" in err and "set --set agent.actor.max_new_tokens=" in err
+    assert not any(tmp_path.iterdir())

@@ -18,7 +18,7 @@ from hotpotqa_data import write_questions
 from webshop_server import ShopServer, catalogue, goals
 
 TINY = [
-    "model.path=tiny-llama", "eval.trials=2", "agent.actor.max_new_tokens=12", "agent.reflector.max_new_tokens=12",
+    "model.path=tiny-llama", "eval.trials=2", "agent.actor.max_new_tokens=80", "agent.reflector.max_new_tokens=12",
     "agent.max_steps=3", "rollout.env_workers=1", "rollout.envs_per_worker=2", "ray.num_cpus=2",
     "learner.epochs=1", "agent.max_context_tokens=2048",
 ]

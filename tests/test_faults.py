@@ -22,7 +22,7 @@ from learners.batching import il_samples
 TINY = [
     "model.path=tiny-llama",
     "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}",
-    "agent.actor.max_new_tokens=12",
+    "agent.actor.max_new_tokens=32",  # the longest expert turn fits (preflight checks it)
     "agent.reflector.max_new_tokens=12",
     "rollout.env_workers=1",
     "rollout.envs_per_worker=2",
