@@ -141,7 +141,8 @@ class DemoCfg(_Strict):
 
 
 class EvalCfg(_Strict):
-    splits: list[Literal["train", "seen", "unseen"]] = Field(default_factory=lambda: ["seen", "unseen"])
+    # valid: held-out tasks for choosing settings; seen / unseen: the test splits (envs/core.py)
+    splits: list[Literal["train", "valid", "seen", "unseen"]] = Field(default_factory=lambda: ["seen", "unseen"])
     trials: int = Field(3, ge=1)
     zero_shot: bool = False  # also evaluate the base model before any training
     before_training: bool = False  # also evaluate the starting policy (SFT) before the method's RL / DPO stage

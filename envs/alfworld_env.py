@@ -14,13 +14,15 @@ Two sources of games:
 
 * Offline (default, `data_dir=None`): games generated from what the wheel ships (scene inventories, receptacle
   tables, the 6 task types' goal templates; see `envs._alfgen`), each checked by ALFWorld's expert (hand-coded;
-  else the task's recipe read off the game's facts) whose actions are the demo (<= 40 actions). `train` and `seen`
-  draw from ALFRED's training scenes with disjoint seeds; `unseen` uses the scenes ALFRED's generator holds out
+  else the task's recipe read off the game's facts) whose actions are the demo (<= 40 actions). `train`, `valid` and
+  `seen` draw from ALFRED's training scenes with disjoint seeds; `unseen` uses the scenes ALFRED's generator holds out
   (constants.TEST_SCENE_NUMBERS: 6 kitchens, living rooms, bedrooms, bathrooms), so seen/unseen measure in- and
   out-of-distribution generalisation in the way the papers' valid_seen / valid_unseen do. Scores on these games
   are NOT comparable with the papers': object placement is sampled, not ALFRED's. Counts (n_train=60,
-  n_seen=30, n_unseen=30) are spread evenly over `task_types` (default all 6). Ids read
-  `alfworld:gen-<split>:<task_type>-<index>`; the id fixes the seed, so it names the same game whatever the counts.
+  n_seen=30, n_unseen=30, n_valid=None: as many as n_seen) are spread evenly over `task_types` (default all 6). Ids
+  read `alfworld:gen-<split>:<task_type>-<index>`; the id fixes the seed (a hash of `<split>:<task_type>-<index>`,
+  so each split has its own seeds: valid's are new, the other splits' games did not change when it was added), so
+  it names the same game whatever the counts.
   Built on first use into `<cache_dir>/alfworld/gen-<settings hash>/<split>/<task_type>-<index>/`
   (game.tw-pddl, traj_data.json, meta.json: the files an official game folder has), each in a temp folder moved
   into place, under a lock so concurrent workers build once, by `workers` builder subprocesses (~1-4 s a game).
@@ -28,10 +30,14 @@ Two sources of games:
   folder `alfworld-download` fills. Splits as ALFWorld's configs name them: train = `json_2.1.1/train`,
   seen = `json_2.1.1/valid_seen` (140 games), unseen = `json_2.1.1/valid_unseen` (134), with the games ALFWorld
   itself would load (alfred_tw_env.py:155-190: a traj_data.json with game.tw-pddl beside it, no movable/sliced
-  trials, a selected task type, `solvable` true). Ids read `alfworld:<valid_seen|valid_unseen|train>:<trial folder
-  relative to the split>`. Expert actions are the game file's `walkthrough` (what `alfworld-generate` stores), else
-  the hand-coded expert's run (or the oracle plan), computed once and cached. The listing is cached per folder
-  and rebuilt when game files change.
+  trials, a selected task type, `solvable` true). `valid` = a fixed subset of the train folder's games, taken out
+  of train: per task type (n_valid spread evenly; None: as many as seen has, 140 with all types), the games first in
+  SHA-1 order of their trial folder (at most half of a type's games), so the choice does not depend on the listing
+  order and a larger n_valid only adds games. Ids read `alfworld:<valid_seen|valid_unseen|train>:<trial folder
+  relative to the split>` (a valid game keeps its `alfworld:train:...` id: the id names the game's folder).
+  Expert actions are the game file's `walkthrough` (what `alfworld-generate` stores), else the hand-coded expert's
+  run (or the oracle plan), computed once and cached. The listing is cached per folder and rebuilt when game files
+  change.
 
 Step limit: `max_steps` (default 50, RetroAct/ReAct's ALFWorld budget; ETO uses 40) for every task.
 
@@ -61,7 +67,7 @@ from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
 _GEN_VERSION = 1  # bump when generation changes, so caches rebuild
 _INSTALL = "pip install 'retrorl[alfworld]'  (alfworld, whose textworld[pddl] extra compiles fast-downward: g++, cmake)"
 _DATA_ROOT = "json_2.1.1"  # ALFWorld's base_config.yaml: $ALFWORLD_DATA/json_2.1.1/{train,valid_seen,valid_unseen}
-_OFFICIAL_SPLITS = {"train": "train", "seen": "valid_seen", "unseen": "valid_unseen"}
+_OFFICIAL_SPLITS = {"train": "train", "valid": "train", "seen": "valid_seen", "unseen": "valid_unseen"}
 _MAX_COUNT = 10_000
 _BANNER = re.compile(r"^\s*-= Welcome to TextWorld, ALFRED! =-\s*")
 _TASK_LINE = re.compile(r"\n*\s*Your task is to:\s*(.*?)\s*$", re.S)
@@ -113,6 +119,7 @@ class AlfWorldEnv(TextEnv):
         n_train: int = 60,
         n_seen: int = 30,
         n_unseen: int = 30,
+        n_valid: int | None = None,
         max_steps: int = 50,
         data_dir: str | os.PathLike[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -127,7 +134,10 @@ class AlfWorldEnv(TextEnv):
         except ImportError as e:
             raise EnvError(f"the alfworld env needs the alfworld package with textworld[pddl]: {_INSTALL}") from e
         self.task_types = _parse_task_types(task_types)
-        self.counts = {"train": n_train, "seen": n_seen, "unseen": n_unseen}
+        # n_valid None: as many as seen (official data: as many games as valid_seen has, see _official_train_valid)
+        self.n_valid = n_valid
+        self.counts = {"train": n_train, "valid": n_seen if n_valid is None else n_valid, "seen": n_seen,
+                       "unseen": n_unseen}
         if any(not 0 <= n < _MAX_COUNT for n in self.counts.values()):
             raise EnvError(f"task counts must be in [0, {_MAX_COUNT}): {self.counts}")
         if max_steps < 1:
@@ -150,7 +160,7 @@ class AlfWorldEnv(TextEnv):
         raw = str(data_dir)
         path = Path(os.path.expanduser(os.path.expandvars(raw)))
         root = path / _DATA_ROOT if (path / _DATA_ROOT).is_dir() else path
-        missing = [name for name in _OFFICIAL_SPLITS.values() if not (root / name).is_dir()]
+        missing = [name for name in dict.fromkeys(_OFFICIAL_SPLITS.values()) if not (root / name).is_dir()]
         if missing:
             raise EnvError(
                 f"ALFWorld data not found: {path} (from data_dir={raw!r}) has no {_DATA_ROOT}/{{{','.join(missing)}}}. "
@@ -214,18 +224,18 @@ class AlfWorldEnv(TextEnv):
         key = json.dumps({"gen": _GEN_VERSION, "expert_cap": _alfgen.EXPERT_MAX_STEPS, **_versions()}, sort_keys=True)
         return self.cache_dir / "alfworld" / f"gen-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
-    def _per_type(self, split: str) -> dict[str, int]:
-        n, k = self.counts[split], len(self.task_types)
+    def _per_type(self, n: int) -> dict[str, int]:
+        k = len(self.task_types)
         return {t: n // k + (1 if i < n % k else 0) for i, t in enumerate(self.task_types)}
 
     def _specs(self, split: str) -> list[dict[str, Any]]:
         specs = []
         root = self._gen_root()
         scenes = _alfgen.scene_pool(split)
-        for task_type, n in self._per_type(split).items():
+        for task_type, n in self._per_type(self.counts[split]).items():
             for idx in range(n):
                 name = f"{task_type}-{idx:04d}"
-                # the id alone fixes the seed; train and seen draw disjoint seeds (distinct hash inputs)
+                # the id alone fixes the seed; train, valid and seen draw disjoint seeds (distinct hash inputs)
                 seed = int(hashlib.sha1(f"{split}:{name}".encode()).hexdigest()[:8], 16)
                 specs.append({"task_id": f"alfworld:gen-{split}:{name}", "task_type": task_type, "split": split,
                               "index": idx, "seed": seed, "scenes": scenes, "dest": str(root / split / name)})
@@ -247,7 +257,7 @@ class AlfWorldEnv(TextEnv):
     def _generated(self, split: str) -> dict[str, dict[str, Any]]:
         specs = self._specs(split)
         if any(read_json(Path(s["dest"]) / META_FILE) is None for s in specs):
-            # First use builds every split's missing games in one go (one round of worker start-ups, not three).
+            # First use builds every split's missing games in one go (one round of worker start-ups, not four).
             self._build([s for sp in SPLITS for s in self._specs(sp)])
         # Interleaved over the task types (type-0 of each, then index 1, ...): a smaller count's tasks are a prefix.
         order = {t: i for i, t in enumerate(self.task_types)}
@@ -265,13 +275,32 @@ class AlfWorldEnv(TextEnv):
         if split not in SPLITS:
             raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
         if split not in self._metas:
-            self._metas[split] = self._official_listing(split) if self.data_root else self._generated(split)
+            if self.data_root is None:
+                self._metas[split] = self._generated(split)
+            elif split in ("train", "valid"):
+                self._metas["train"], self._metas["valid"] = self._official_train_valid()
+            else:
+                self._metas[split] = self._official_listing(split)
         return self._metas[split]
+
+    def _official_train_valid(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """The train folder's games split into train and valid (module docstring): per task type, valid takes the
+        games first in SHA-1 order of their trial folder, at most half the type's games; train keeps the rest in
+        listing order. Valid is interleaved over the types, so a smaller n_valid's games are a prefix."""
+        listing = self._official_listing("train")
+        n_valid = self.n_valid if self.n_valid is not None else len(self._load_split("seen"))
+        picked: list[tuple[int, int, str]] = []  # (rank within its type, type order, task id)
+        for order, (task_type, n) in enumerate(self._per_type(n_valid).items()):
+            ids = sorted((tid for tid, meta in listing.items() if meta["kind"] == task_type),
+                         key=lambda tid: (hashlib.sha1(tid.split(":", 2)[2].encode()).hexdigest(), tid))
+            picked += [(rank, order, tid) for rank, tid in enumerate(ids[:min(n, len(ids) // 2)])]
+        valid = {tid: listing[tid] for _, _, tid in sorted(picked)}
+        return {tid: meta for tid, meta in listing.items() if tid not in valid}, valid
 
     def split_sizes(self) -> dict[str, int]:
         if self.data_root is None:
             return dict(self.counts)  # without building the games
-        return {split: len(self._load_split(split)) for split in SPLITS}
+        return {split: len(self._load_split(split)) for split in SPLITS}  # official data: list the folders
 
     def prepare(self) -> None:
         """Build (or list) every split now, e.g. once on the driver before starting many env workers."""
@@ -281,26 +310,31 @@ class AlfWorldEnv(TextEnv):
     def tasks(self, split: str) -> list[Task]:
         return [Task(tid, split, self.max_steps, meta["kind"]) for tid, meta in self._load_split(split).items()]
 
-    def _split_of(self, task_id: str) -> str | None:
+    def _splits_of(self, task_id: str) -> tuple[str, ...]:
+        """The splits the id can belong to: its own (generated games), or those its folder feeds (official data:
+        the train folder's games are train or valid)."""
         parts = task_id.split(":", 2)
         if len(parts) != 3 or parts[0] != self.family:
-            return None
+            return ()
         if self.data_root is not None:
-            return next((s for s, folder in _OFFICIAL_SPLITS.items() if folder == parts[1]), None)
-        return parts[1][len("gen-"):] if parts[1].startswith("gen-") and parts[1][4:] in SPLITS else None
+            return tuple(s for s, folder in _OFFICIAL_SPLITS.items() if folder == parts[1])
+        return (parts[1][4:],) if parts[1].startswith("gen-") and parts[1][4:] in SPLITS else ()
+
+    def _find(self, task_id: str) -> tuple[str, dict[str, Any]]:
+        for split in self._splits_of(task_id):
+            meta = self._load_split(split).get(task_id)
+            if meta is not None:
+                return split, meta
+        example = ("alfworld:valid_seen:<trial folder>" if self.data_root
+                   else "alfworld:gen-seen:pick_and_place_simple-0000")
+        raise EnvError(f"unknown task {task_id!r} for env 'alfworld' (ids look like {example})")
 
     def _meta(self, task_id: str) -> dict[str, Any]:
-        split = self._split_of(task_id)
-        meta = self._load_split(split).get(task_id) if split else None
-        if meta is None:
-            example = ("alfworld:valid_seen:<trial folder>" if self.data_root
-                       else "alfworld:gen-seen:pick_and_place_simple-0000")
-            raise EnvError(f"unknown task {task_id!r} for env 'alfworld' (ids look like {example})")
-        return meta
+        return self._find(task_id)[1]
 
     def task(self, task_id: str) -> Task:
-        meta = self._meta(task_id)
-        return Task(task_id, self._split_of(task_id) or "", self.max_steps, meta["kind"])
+        split, meta = self._find(task_id)
+        return Task(task_id, split, self.max_steps, meta["kind"])
 
     def expert_actions(self, task_id: str) -> list[str]:
         meta = self._meta(task_id)

@@ -4,19 +4,47 @@ An env is a `gymnasium.Env` with text observations and actions:
   reset(seed=None, options={"task": task_id}) -> (obs, info)   info: instruction, task_id, max_steps
   step(action: str) -> (obs, reward, terminated, truncated, info)   info: score in [0,1], won, valid
 An action the game does not understand is an observation ("Nothing happens."), never an exception. A family lists
-its tasks per split (train / seen / unseen) and yields expert actions that win each task.
+its tasks per split and yields expert actions that win each task.
+
+Four disjoint splits per family:
+  train   the tasks methods learn from (expert demos, exploration).
+  valid   held-out in-distribution tasks, drawn like seen's (the settings / scenes / kinds seen shares with train),
+          disjoint from every other split: the split for choosing settings (learning rates, checkpoints, prompts).
+  seen    test: new tasks of the trained distribution (in-distribution generalisation).
+  unseen  test: tasks of held-out settings / kinds (out-of-distribution generalisation).
+The test splits are evaluated once per reported configuration; every choice is made on `valid` only. Adding valid
+changed no other split's task ids or games: valid has its own seeds / goal range, or comes off the END of the pool
+another split takes its first N from (`split_off_valid`), so a capped split keeps exactly its tasks; only a split
+that takes its whole pool (count None) gives up the valid tasks (each family's docstring says which, if any).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 import gymnasium as gym
 
-SPLITS = ("train", "seen", "unseen")
+SPLITS = ("train", "valid", "seen", "unseen")
 INVALID_ACTION_OBS = "Nothing happens."
+
+
+_T = TypeVar("_T")
+
+
+def split_off_valid(pool: Sequence[_T], n_train: int | None, n_valid: int | None) -> tuple[list[_T], list[_T]]:
+    """(train, valid) from one ordered pool: train = the pool's first `n_train` (None: all it leaves), valid = the
+    pool's LAST `n_valid`, never overlapping train. Taken from the end, valid does not move train: the first
+    `n_train` are the same whatever `n_valid` is, and valid's tasks stay the same when `n_train` changes (as long as
+    the pool leaves room). A capped train leaves valid only what lies beyond its cap (fewer than `n_valid` on a
+    short pool, possibly none); an uncapped train gives valid at most half the pool (rounded down), so train keeps
+    some. `n_valid` None: all that is left (uncapped train: half the pool)."""
+    size = len(pool)
+    keep = min(n_train, size) if n_train is not None else size - size // 2
+    start = keep if n_valid is None else max(size - n_valid, keep)
+    train = pool[:n_train] if n_train is not None else pool[:start]
+    return list(train), list(pool[start:])
 
 
 class EnvError(RuntimeError):

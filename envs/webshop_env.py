@@ -26,9 +26,11 @@ library's html.parser (the clients use BeautifulSoup's "html.parser" builder on 
   goals with seed 233), task ids `webshop:fixed_<n>`. Splits follow WebShop's goal index ranges
   (baseline_models/env.py): `unseen` = test goals 0..499 (first `n_unseen`, default 100: Reflexion and Retroformer
   evaluate fixed_0..fixed_99, ReAct fixed_0..fixed_499), `seen` = WebShop's eval goals 500..1499 (first `n_seen`,
-  default 100), `train` = goals 1500.. (first `n_train`, default 1000; WebShop's full data has ~12k human goals,
-  its `-d small` data fewer: a goal the server lacks is an EnvError at reset). `kind` = "shop" (the goal's
-  category is only visible after buying).
+  default 100), `train` = goals 1500..4999 (first `n_train`, default 1000, at most 3500), `valid` = goals
+  5000..5999 inside WebShop's train range (first `n_valid`, default None: as many as `n_seen`), which train can
+  never reach (WebShop shuffles all goals with one seed before cutting its ranges, so every range is the same
+  distribution). WebShop's full data has ~12k human goals, its `-d small` data fewer: a goal the server lacks is an
+  EnvError at reset. `kind` = "shop" (the goal's category is only visible after buying).
 * `max_steps` = 14: ReAct's notebook (webshop_run) and Retroformer's / Reflexion's webshop_trial.py loop 15 times,
   and the first pass steps the 'reset' action, so an episode gets 14 agent actions (think[...] ones included).
 * No expert demos: WebShop's human demonstrations are not in any registry, so `expert_actions` raises EnvError
@@ -54,8 +56,9 @@ from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task,
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_MAX_STEPS = 14  # 15 loop passes in the clients, the first one the reset
 # WebShop's goal index ranges (baseline_models/env.py: test range(500), eval range(500, 1500), train 1500..)
-SPLIT_START = {"unseen": 0, "seen": 500, "train": 1500}
-SPLIT_CAP = {"unseen": 500, "seen": 1000, "train": None}
+# valid: a fixed block inside WebShop's train range, past the goals train may list (train's cap ends where it starts)
+SPLIT_START = {"unseen": 0, "seen": 500, "train": 1500, "valid": 5000}
+SPLIT_CAP = {"unseen": 500, "seen": 1000, "train": 3500, "valid": 1000}
 SHOWN_PRODUCTS = 3  # webshop_text shows the first 3 products of a result page (prod_cnt >= 3 -> '')
 SCORE_LABEL = "Your score (min 0.0, max 1.0)"  # done_page.html
 INVALID = "Invalid action!"  # the clients' observation when their assertions fail
@@ -201,8 +204,8 @@ def _match(name: str, candidates: list[str]) -> str | None:
 class WebShopEnv(TextEnv):
     family = "webshop"
     needs = "a running WebShop server (env.kwargs.server_url)"
-    data = ("the user's WebShop server: goals fixed_<n> (test 0-499 = unseen, eval 500-1499 = seen, train 1500+); "
-            "expert demos: none")
+    data = ("the user's WebShop server: goals fixed_<n> (test 0-499 = unseen, eval 500-1499 = seen, train 1500-4999, "
+            "valid 5000-5999 from WebShop's train range); expert demos: none")
     has_demos = False
 
     def __init__(
@@ -211,17 +214,19 @@ class WebShopEnv(TextEnv):
         n_train: int = 1000,
         n_seen: int = 100,
         n_unseen: int = 100,
+        n_valid: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         timeout_s: float = 30.0,
     ) -> None:
         super().__init__()
         self.server_url = server_url.rstrip("/")
-        self.counts = {"train": n_train, "seen": n_seen, "unseen": n_unseen}
+        self.counts = {"train": n_train, "valid": n_seen if n_valid is None else n_valid, "seen": n_seen,
+                       "unseen": n_unseen}
         for split, n in self.counts.items():
             cap = SPLIT_CAP[split]
-            if n < 0 or (cap is not None and n > cap):
-                raise EnvError(f"webshop: n_{split} must be in [0, {cap if cap is not None else 'inf'}] "
-                               f"(WebShop's goal range for {split} starts at fixed_{SPLIT_START[split]})")
+            if not 0 <= n <= cap:
+                raise EnvError(f"webshop: n_{split} must be in [0, {cap}] (the goal range for {split} is "
+                               f"fixed_{SPLIT_START[split]}..fixed_{SPLIT_START[split] + cap - 1})")
         if max_steps < 1:
             raise EnvError("webshop: max_steps must be >= 1")
         self.max_steps = max_steps
@@ -293,7 +298,8 @@ class WebShopEnv(TextEnv):
         except urllib.error.HTTPError as e:
             raise EnvError(f"the WebShop server at {self.server_url} could not start session {session} (HTTP "
                            f"{e.code}): its goal list may be shorter than {session} (WebShop's `-d small` data "
-                           "has fewer goals); use fewer tasks (env.kwargs.n_train / n_seen / n_unseen)") from e
+                           "has fewer goals); use fewer tasks (env.kwargs.n_train / n_valid / n_seen / n_unseen)"
+                           ) from e
         except OSError as e:
             raise EnvError(f"cannot reach a WebShop server at {self.server_url} ({e}); {_START_HINT}") from e
 

@@ -85,6 +85,10 @@ def test_extends_merges_sections_and_replaces_lists(tmp_path):
     cfg = load_config(tmp_path / "child.yaml", ["agent.max_steps=7"])
     assert (cfg.seed, cfg.agent.memory_size, cfg.agent.max_context_tokens) == (3, 1, 1024)
     assert cfg.eval.splits == ["seen"] and cfg.agent.max_steps == 7
+    assert load_config(None).eval.splits == ["seen", "unseen"]  # the test splits by default
+    assert load_config(None, ["eval.splits=[valid]"]).eval.splits == ["valid"]  # choosing settings: valid only
+    with pytest.raises(ConfigError, match="eval.splits"):
+        load_config(None, ["eval.splits=[test]"])
     (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
     with pytest.raises(ConfigError, match="loop"):
         load_config(tmp_path / "child.yaml")
@@ -189,10 +193,12 @@ def test_envs_lists_every_family_and_what_is_missing(capsys):
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert set(families()) <= set(rows)
-    assert [c.strip() for c in rows["textworld"].split("|")[2:5]] == ["24", "8", "8"]  # default counts, no build
+    header = next(line for line in out.splitlines() if line.startswith("| env |"))
+    assert [c.strip() for c in header.split("|")[2:6]] == ["train", "valid", "seen", "unseen"]
+    assert [c.strip() for c in rows["textworld"].split("|")[2:6]] == ["24", "8", "8", "8"]  # default counts, no build
     # The configured family is described with the config's kwargs; one that cannot be built says why.
     assert main(["envs", "--set", "env.kwargs={n_train: 5, kinds: [treasure]}"]) == 0
-    assert [c.strip() for c in capsys.readouterr().out.split("| textworld |")[1].split("|")[:3]] == ["5", "8", "8"]
+    assert [c.strip() for c in capsys.readouterr().out.split("| textworld |")[1].split("|")[:4]] == ["5", "8", "8", "8"]
     assert main(["envs", "--set", "env.kwargs={kinds: [nethack]}"]) == 0
     out = capsys.readouterr().out
     assert "Not usable here:" in out and "- textworld: unknown textworld kinds ['nethack']" in out

@@ -7,6 +7,7 @@ skipped when the alfworld package (with textworld[pddl]'s fast-downward) is abse
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -18,6 +19,7 @@ import pytest
 
 import envs
 from envs import INVALID_ACTION_OBS, SPLITS, EnvError
+from envs._alfgen import scene_pool
 from envs.alfworld_env import AlfWorldEnv
 
 HAVE_PACKAGE = all(importlib.util.find_spec(m) is not None for m in ("alfworld", "fast_downward"))
@@ -68,7 +70,7 @@ def test_missing_package_names_the_extra(monkeypatch):
 
 @needs_alfworld
 def test_task_lists(env: AlfWorldEnv, cache: Path):
-    assert {split: len(env.tasks(split)) for split in SPLITS} == {"train": 3, "seen": 1, "unseen": 1}
+    assert {split: len(env.tasks(split)) for split in SPLITS} == {"train": 3, "valid": 1, "seen": 1, "unseen": 1}
     tasks = _all_tasks(env)
     assert len({t.task_id for t in tasks}) == len(tasks)
     assert [t.kind for t in env.tasks("train")] == list(TYPES)  # spread over (and interleaved by) task type
@@ -80,7 +82,28 @@ def test_task_lists(env: AlfWorldEnv, cache: Path):
         assert 2 <= len(actions) <= 40, (t, actions)
     smaller = AlfWorldEnv(cache_dir=cache, **{**SMALL, "n_train": 2})
     assert smaller.tasks("train") == env.tasks("train")[:2]  # a smaller count's games are a prefix (same ids)
-    assert env.split_sizes() == {"train": 3, "seen": 1, "unseen": 1}
+    assert env.split_sizes() == {"train": 3, "valid": 1, "seen": 1, "unseen": 1}
+
+
+@needs_alfworld
+def test_valid_split_has_its_own_seeds_on_training_scenes(env: AlfWorldEnv, cache: Path):
+    # valid defaults to as many as seen, listed without building
+    assert AlfWorldEnv(cache_dir=cache).split_sizes() == {"train": 60, "valid": 30, "seen": 30, "unseen": 30}
+    assert AlfWorldEnv(cache_dir=cache, n_valid=4).split_sizes()["valid"] == 4
+    ids = {split: [t.task_id for t in env.tasks(split)] for split in SPLITS}
+    assert ids["valid"] == ["alfworld:gen-valid:pick_and_place_simple-0000"]
+    metas = {tid: json.loads((Path(env._meta(tid)["game"]).parent / "meta.json").read_text())
+             for split in SPLITS for tid in ids[split]}
+    # train / seen / unseen ids and seeds as recorded before valid existed: the same games
+    assert ids["train"] == [f"alfworld:gen-train:{t}-0000" for t in TYPES]
+    recorded = {"alfworld:gen-train:pick_and_place_simple-0000": 1711009412,
+                "alfworld:gen-train:look_at_obj_in_light-0000": 2708501165,
+                "alfworld:gen-seen:pick_and_place_simple-0000": 2880479005,
+                "alfworld:gen-unseen:pick_and_place_simple-0000": 2169973844,
+                "alfworld:gen-valid:pick_and_place_simple-0000": 161986796}
+    assert {tid: metas[tid]["seed"] for tid in recorded} == recorded
+    assert len({m["seed"] for m in metas.values()}) == len(metas)
+    assert metas[ids["valid"][0]]["scene"] in scene_pool("seen") and scene_pool("valid") == scene_pool("train")
 
 
 @needs_alfworld
@@ -175,11 +198,12 @@ def test_cache_is_reused_and_half_built_games_are_never_used(env: AlfWorldEnv, c
 
 
 def _official_folder(env: AlfWorldEnv, root: Path) -> dict[str, list[str]]:
-    """A data folder laid out like alfworld-download's, from generated games; returns the rel paths per split."""
+    """A data folder laid out like alfworld-download's, from generated games; returns the rel paths per folder."""
     layout: dict[str, list[str]] = {}
-    folders = {"train": "train", "seen": "valid_seen", "unseen": "valid_unseen"}
-    for split, folder in folders.items():
-        for i, task in enumerate(env.tasks(split)):
+    # the train folder gets the generated valid games too: with 2 games of one type, one of them is official valid
+    folders = {"train": ("train", "valid"), "valid_seen": ("seen",), "valid_unseen": ("unseen",)}
+    for folder, splits in folders.items():
+        for i, task in enumerate(t for split in splits for t in env.tasks(split)):
             src = Path(env._meta(task.task_id)["game"]).parent
             rel = f"{task.kind}-Obj-None-Recep-{i}/trial_T2019_{i:04d}"
             dest = root / "json_2.1.1" / folder / rel
@@ -210,14 +234,25 @@ def test_official_data_folder(env: AlfWorldEnv, tmp_path: Path, monkeypatch):
     official = AlfWorldEnv(data_dir="$ALFWORLD_DATA", cache_dir=tmp_path / "cache", max_steps=40, task_types=TYPES)
     try:
         # movable, sliced, unsolvable trials and those without a game file are skipped, as ALFWorld does
-        assert official.split_sizes() == {"train": 3, "seen": 1, "unseen": 1}
-        for split, folder in {"train": "train", "seen": "valid_seen", "unseen": "valid_unseen"}.items():
+        assert official.split_sizes() == {"train": 3, "valid": 1, "seen": 1, "unseen": 1}
+        for split, folder in {"seen": "valid_seen", "unseen": "valid_unseen"}.items():
             ids = sorted(f"alfworld:{folder}:{rel}" for rel in layout[folder])
             assert [t.task_id for t in official.tasks(split)] == ids
-        for i, generated in enumerate(env.tasks("train")):  # same games, same kinds, the stored walkthroughs
-            task = official.task(f"alfworld:train:{layout['train'][i]}")
-            assert (task.kind, task.split, task.max_steps) == (generated.kind, "train", 40)
-            assert official.expert_actions(task.task_id) == env.expert_actions(generated.task_id)
+        # valid: of the type with 2 train-folder games (at most half a type's games), the first by SHA-1 of its folder
+        pair = [f"alfworld:train:{rel}" for rel in layout["train"] if rel.startswith(TYPES[0])]
+        (valid,) = [t.task_id for t in official.tasks("valid")]
+        assert valid == min(pair, key=lambda tid: hashlib.sha1(tid.split(":", 2)[2].encode()).hexdigest())
+        train_ids = sorted(f"alfworld:train:{rel}" for rel in layout["train"])
+        assert [t.task_id for t in official.tasks("train")] == [tid for tid in train_ids if tid != valid]
+        generated = env.tasks("train") + env.tasks("valid")
+        for i, rel in enumerate(layout["train"]):  # same games, same kinds, the stored walkthroughs
+            task = official.task(f"alfworld:train:{rel}")
+            assert (task.kind, task.split, task.max_steps) == (
+                generated[i].kind, "valid" if task.task_id == valid else "train", 40)
+            assert official.expert_actions(task.task_id) == env.expert_actions(generated[i].task_id)
+        assert _replay(official, valid, official.expert_actions(valid))["won"]
+        assert AlfWorldEnv(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", task_types=TYPES,
+                           n_valid=0).split_sizes() == {"train": 4, "valid": 0, "seen": 1, "unseen": 1}
         seen = official.tasks("seen")[0]
         actions = official.expert_actions(seen.task_id)  # computed by the hand-coded expert
         assert _replay(official, seen.task_id, actions)["won"]

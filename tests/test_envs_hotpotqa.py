@@ -19,7 +19,7 @@ from envs.hotpotqa_env import (
 )
 from hotpotqa_data import EVAL_QUESTIONS, QUESTIONS
 
-SIZES = {"train": 2, "seen": 2, "unseen": 2}
+SIZES = {"train": 2, "valid": 0, "seen": 2, "unseen": 2}  # 6 questions: none left for valid
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,36 @@ def test_splits_are_disjoint_hash_samples(env: HotpotQAEnv, files):
     prepared = HotpotQAEnv(data_file=files["data"], n_train=1, n_seen=1, n_unseen=1, cache_dir=files["cache"] / "p")
     prepared.prepare()  # writes the split cache: a worker built afterwards reads it instead of the file
     (cached,) = (files["cache"] / "p" / "hotpotqa").glob("split-*.json")
-    assert {k: len(v) for k, v in json.loads(cached.read_text()).items()} == {"train": 1, "seen": 1, "unseen": 1}
-    assert len(HotpotQAEnv(data_file=files["data"], n_train=None, n_seen=1, n_unseen=1,
+    assert {k: len(v) for k, v in json.loads(cached.read_text()).items()} == {"train": 1, "valid": 1, "seen": 1,
+                                                                               "unseen": 1}
+    assert len(HotpotQAEnv(data_file=files["data"], n_train=None, n_seen=1, n_unseen=1, n_valid=0,
                            cache_dir=files["cache"]).tasks("train")) == 4
+
+
+def test_valid_is_the_end_of_the_hash_order(env: HotpotQAEnv, files):
+    # ids recorded before valid existed: the other splits are unchanged
+    assert [t.task_id for t in env.tasks("train")] == ["hotpotqa:5ab3b0bf5542992ade7c6e39",
+                                                       "hotpotqa:5a8b57f25542995d1e6f1371"]
+    assert [t.task_id for t in env.tasks("seen")] == ["hotpotqa:5a8c7595554299585d9e36b6",
+                                                      "hotpotqa:5a7bbc50554299042af8f7d0"]
+    assert [t.task_id for t in env.tasks("unseen")] == ["hotpotqa:5a8e3ea95542995a26add48d",
+                                                        "hotpotqa:5a7a06935542990198eaf050"]
+    last = "hotpotqa:5a8b57f25542995d1e6f1371"  # the last question by hash
+    small = HotpotQAEnv(data_file=files["data"], n_train=1, n_seen=1, n_unseen=1, cache_dir=files["cache"])
+    assert small.split_sizes() == {"train": 1, "valid": 1, "seen": 1, "unseen": 1}  # valid: as many as seen
+    assert [t.task_id for t in small.tasks("train")] == ["hotpotqa:5a8c7595554299585d9e36b6"]  # as before valid
+    assert [t.task_id for t in small.tasks("valid")] == [last]
+    every = [t.task_id for split in SPLITS for t in small.tasks(split)]
+    assert len(every) == len(set(every))
+    # train uncapped: it stops where valid starts (valid: at most half of what seen leaves)
+    uncapped = HotpotQAEnv(data_file=files["data"], n_train=None, n_seen=1, n_unseen=1, n_valid=10,
+                           cache_dir=files["cache"])
+    assert len(uncapped.tasks("train")) == 2 and [t.task_id for t in uncapped.tasks("valid")][-1] == last
+    assert not {t.task_id for t in uncapped.tasks("train")} & {t.task_id for t in uncapped.tasks("valid")}
+    assert HotpotQAEnv(data_file=files["data"], cache_dir=files["cache"]).counts["valid"] == 100  # = n_seen
+    for task in small.tasks("valid"):  # expert wins
+        env.reset(options={"task": task.task_id})
+        assert [env.step(a) for a in env.expert_actions(task.task_id)][-1][4]["won"]
 
 
 def test_eval_file_is_unseen_and_kept_out_of_training(files):
@@ -91,8 +118,8 @@ def test_eval_file_is_unseen_and_kept_out_of_training(files):
                       cache_dir=files["cache"])
     unseen = {t.task_id for t in env.tasks("unseen")}
     assert unseen == {f"hotpotqa:{q['_id']}" for q in EVAL_QUESTIONS}
-    seen_train = {t.task_id for split in ("seen", "train") for t in env.tasks(split)}
-    assert len(seen_train) == 5 and not seen_train & unseen
+    seen_train = {t.task_id for split in ("seen", "train", "valid") for t in env.tasks(split)}
+    assert len(seen_train) == 5 and not seen_train & unseen and len(env.tasks("valid")) == 1
     for task in env.tasks("unseen"):  # expert wins on the eval file's questions too
         steps = _play(env, task.task_id, env.expert_actions(task.task_id))
         assert steps[-1][4]["won"]
@@ -102,7 +129,7 @@ def test_unseen_ids_pick_the_evaluation_questions(files):
     picked = [QUESTIONS[4]["_id"], QUESTIONS[1]["_id"], QUESTIONS[4]["_id"]]
     env = HotpotQAEnv(data_file=files["data"], unseen_ids=picked, n_train=None, n_seen=1, cache_dir=files["cache"])
     assert [t.task_id for t in env.tasks("unseen")] == [f"hotpotqa:{q}" for q in picked[:2]]  # in order, once
-    others = {t.task_id for split in ("seen", "train") for t in env.tasks(split)}
+    others = {t.task_id for split in ("seen", "train", "valid") for t in env.tasks(split)}
     assert len(others) == 4 and not others & {t.task_id for t in env.tasks("unseen")}
     with pytest.raises(EnvError, match="1 of the 2 unseen_ids"):
         HotpotQAEnv(data_file=files["data"], unseen_ids=[picked[0], "5a0000000000000000000000"],

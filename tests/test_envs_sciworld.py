@@ -29,6 +29,7 @@ GOLD_TASKS = [
     ("sciworld:lifespan-longest-lived:93", "unseen"),
     ("sciworld:find-non-living-thing:150", "seen"),
     ("sciworld:use-thermometer:0", "train"),
+    ("sciworld:use-thermometer:265", "valid"),
 ]
 
 
@@ -70,6 +71,35 @@ def test_eto_splits(env: SciWorldEnv):
     assert boil["unseen"].task_id == "sciworld:boil:21" and boil["unseen"].max_steps == 100  # ETO's limit
     assert boil["train"].max_steps == STEP_LIMITS["boil"][1] > 100  # raised so gold paths fit
     assert env.task("sciworld:boil:21") == boil["unseen"]
+
+
+@pytest.mark.sciworld
+@needs_sciworld
+def test_valid_is_train_variations_beyond_the_train_cap(env: SciWorldEnv, cache: Path):
+    ids = {split: [t.task_id for t in env.tasks(split)] for split in SPLITS}
+    # train / seen / unseen as recorded before valid existed
+    assert len(ids["train"]) == 230 and len(ids["seen"]) == 199
+    assert ids["train"][:3] == ["sciworld:boil:0", "sciworld:boil:1", "sciworld:boil:2"]
+    assert ids["seen"][0] == "sciworld:boil:14" and ids["unseen"][0] == "sciworld:boil:21"
+    # valid: the last <= 10 train variations past train's cap; none for tasks with <= 10 train variations
+    assert len(ids["valid"]) == 168 and len({t.kind for t in env.tasks("valid")}) == 20
+    assert [i for i in ids["valid"] if ":boil:" in i] == [f"sciworld:boil:{v}" for v in range(10, 14)]
+    assert [i for i in ids["valid"] if ":use-thermometer:" in i] == [f"sciworld:use-thermometer:{v}"
+                                                                     for v in range(260, 270)]
+    assert all(t.max_steps == STEP_LIMITS[t.kind][0] for t in env.tasks("valid"))  # ETO's limits, like seen
+    every = [i for split in SPLITS for i in ids[split]]
+    assert len(every) == len(set(every))
+    # with train uncapped, valid comes off the end of train's variations (at most half a task's) and train keeps
+    # the rest
+    uncapped = SciWorldEnv(cache_dir=cache, per_task={"train": None})
+    train, valid = ({t.task_id for t in uncapped.tasks(split) if t.kind == "identify-life-stages-2"}
+                    for split in ("train", "valid"))
+    assert (train, valid) == ({f"sciworld:identify-life-stages-2:{v}" for v in (0, 1)},
+                              {f"sciworld:identify-life-stages-2:{v}" for v in (2, 3)})
+    assert not {t.task_id for t in uncapped.tasks("train")} & {t.task_id for t in uncapped.tasks("valid")}
+    assert len(SciWorldEnv(cache_dir=cache, per_task={"valid": 2}).tasks("valid")) == 2 * 20
+    with pytest.raises(EnvError, match="unknown splits"):
+        SciWorldEnv(cache_dir=cache, per_task={"validation": 5})
 
 
 @pytest.mark.sciworld
@@ -144,10 +174,14 @@ def test_listing_from_cache_needs_no_jvm_and_close_stops_it(env: SciWorldEnv, ca
         other.task("sciworld:boil:9999")
     with pytest.raises(EnvError):
         other.reset(options={"task": "sciworld:no-such-task:1"})
+    before = os.environ.get("JAVA_TOOL_OPTIONS")
     other.reset(options={"task": "sciworld:lifespan-longest-lived:93"})
-    opts = os.environ["JAVA_TOOL_OPTIONS"].split()
-    assert any(o.startswith("-Xmx") for o in opts) and "-XX:+UseSerialGC" in opts
     proc = other._sw._gateway.java_process
+    if Path(f"/proc/{proc.pid}/environ").exists():  # the JVM got the heap cap
+        jvm_env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        opts = next(v for v in jvm_env if v.startswith(b"JAVA_TOOL_OPTIONS=")).decode().split("=", 1)[1].split()
+        assert any(o.startswith("-Xmx") for o in opts) and "-XX:+UseSerialGC" in opts
+    assert os.environ.get("JAVA_TOOL_OPTIONS") == before  # for that JVM only: twx's JVMs keep their own cap
     other.close()
     assert proc.poll() is not None and other._sw is None
     other.close()  # idempotent

@@ -39,12 +39,22 @@ def test_missing_package_names_the_extra(monkeypatch):
 @needs_textcraft
 def test_splits_hold_out_goals_and_product_kinds(env: TextCraftEnv):
     tasks = {split: env.tasks(split) for split in SPLITS}
-    assert {s: len(t) for s, t in tasks.items()} == {"train": 284, "seen": 71, "unseen": 64}
+    # valid: as many as seen, the last goals of the 284 train had before valid existed (train keeps the first 213)
+    assert {s: len(t) for s, t in tasks.items()} == {"train": 213, "valid": 71, "seen": 71, "unseen": 64}
     goals = {s: {t.task_id for t in ts} for s, ts in tasks.items()}
-    assert not (goals["train"] & goals["seen"]) and not (goals["unseen"] & (goals["train"] | goals["seen"]))
+    every = [t.task_id for ts in tasks.values() for t in ts]
+    assert len(every) == len(set(every)) == 284 + 71 + 64  # four disjoint splits
     kind = lambda tid: tid.split(":")[1].rsplit("_", 1)[-1]  # noqa: E731
     assert {kind(t) for t in goals["unseen"]} == HELD_OUT_KINDS
-    assert not {kind(t) for t in goals["train"] | goals["seen"]} & HELD_OUT_KINDS
+    assert not {kind(t) for t in goals["train"] | goals["valid"] | goals["seen"]} & HELD_OUT_KINDS
+    # ids recorded before valid existed: train's order is unchanged, seen and unseen are the same
+    ids = {s: [t.task_id for t in ts] for s, ts in tasks.items()}
+    assert ids["train"][:3] == ["textcraft:cut_sandstone_slab", "textcraft:carrot_on_a_stick", "textcraft:oak_boat"]
+    assert ids["seen"][:3] == ["textcraft:brown_carpet", "textcraft:nether_brick_wall", "textcraft:jungle_boat"]
+    assert ids["unseen"][:3] == ["textcraft:light_blue_bed", "textcraft:blue_bed", "textcraft:yellow_bed"]
+    assert ids["valid"][0] == "textcraft:red_sandstone_wall" and ids["valid"][-1] == "textcraft:jungle_button"
+    assert [t.task_id for t in TextCraftEnv(n_valid=0).tasks("train")] == ids["train"] + ids["valid"]  # the old 284
+    assert TextCraftEnv(n_train=200, n_valid=5).tasks("valid") == tasks["valid"][-5:]
     for split in SPLITS:
         assert {t.kind for t in tasks[split]} == {"depth-2", "depth-3", "depth-4"}
         assert all(t.split == split and t.max_steps >= DEFAULT_MAX_STEPS for t in tasks[split])

@@ -1,6 +1,6 @@
 """The textworld family: API shape, expert replays, invalid actions, truncation, the game cache, errors.
 
-Builds 8 small games (4 treasure, 4 cooking) once per module into a temp cache (~15 s on 2 cores).
+Builds 10 small games (5 treasure, 5 cooking) once per module into a temp cache (~15 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _game_files(cache: Path) -> dict[str, float]:
 
 def test_task_lists(env: TextWorldEnv, cache: Path):
     counts = {split: len(env.tasks(split)) for split in SPLITS}
-    assert counts == {"train": 4, "seen": 2, "unseen": 2}
+    assert counts == {"train": 4, "valid": 2, "seen": 2, "unseen": 2}  # valid: as many as seen
     tasks = _all_tasks(env)
     assert len({t.task_id for t in tasks}) == len(tasks)
     for split in SPLITS:
@@ -66,6 +66,27 @@ def test_task_lists(env: TextWorldEnv, cache: Path):
     digests = {t.task_id: hashlib.sha1((Path(env._meta(t.task_id)["dir"]) / "tw-game.z8").read_bytes()).hexdigest()
                for t in tasks}
     assert len(set(digests.values())) == len(digests)
+
+
+def test_valid_split_is_seen_settings_with_its_own_seeds(env: TextWorldEnv, cache: Path):
+    default = TextWorldEnv(cache_dir=cache)
+    assert default.split_sizes() == {"train": 24, "valid": 8, "seen": 8, "unseen": 8}  # listed without building
+    assert TextWorldEnv(cache_dir=cache, n_valid=3).split_sizes()["valid"] == 3
+    ids = {split: [t.task_id for t in env.tasks(split)] for split in SPLITS}
+    assert ids["valid"] == ["treasure-valid-0000", "cooking-valid-0000"]
+    # the other splits' ids and games are what they were before valid existed (recorded then)
+    assert ids["train"][:3] == ["treasure-train-0000", "cooking-train-0000", "treasure-train-0001"]
+    assert ids["seen"] == ["treasure-seen-0000", "cooking-seen-0000"]
+    assert ids["unseen"] == ["treasure-unseen-0000", "cooking-unseen-0000"]
+    metas = {tid: env._meta(tid) for split in SPLITS for tid in ids[split]}
+    seeds = {tid: m["seed"] % 100_003 for tid, m in metas.items()}  # the first seed tried (+ k * retry stride)
+    assert seeds["treasure-train-0000"] == 10_000 and seeds["cooking-seen-0000"] == 20_000
+    assert seeds["treasure-unseen-0000"] == 30_000 and seeds["cooking-valid-0000"] == 40_000
+    for tid in ids["valid"]:  # seen's settings and cache folder, another game
+        twin = tid.replace("valid", "seen")
+        assert metas[tid]["settings"] == metas[twin]["settings"]
+        assert Path(metas[tid]["dir"]).parent == Path(metas[twin]["dir"]).parent
+    assert len({m["dir"] for m in metas.values()}) == len(metas)
 
 
 def test_reset_and_step_api(env: TextWorldEnv):

@@ -65,17 +65,35 @@ def test_unknown_games_are_refused():
 
 @pytest.mark.twx
 @needs_twx
-def test_splits_are_the_games_own_folds(env: TwxEnv):
+def test_splits_are_the_games_own_folds(env: TwxEnv, cache: Path):
     tasks = {split: env.tasks(split) for split in SPLITS}
-    assert {s: len(t) for s, t in tasks.items()} == {"train": 10, "seen": 5, "unseen": 5}
+    assert {s: len(t) for s, t in tasks.items()} == {"train": 10, "valid": 5, "seen": 5, "unseen": 5}
     assert [t.kind for t in tasks["seen"]] == list(DEFAULT_GAMES)
-    for split, fold, first_seed in (("train", "train", 0), ("seen", "dev", 10000), ("unseen", "test", 20000)):
+    for split, fold, first_seed in (("train", "train", 0), ("valid", "dev", 10000), ("seen", "dev", 10000),
+                                    ("unseen", "test", 20000)):
         for t in tasks[split]:
             family, game, t_fold, seed = t.task_id.split(":")
             assert (family, game, t_fold, t.split) == ("twx", t.kind, fold, split)
             assert int(seed) >= first_seed and t.max_steps == GAMES[game].max_steps
             assert env.task(t.task_id) == t
     assert tasks["train"][:2] == [t for t in tasks["train"] if t.kind == "cookingworld"]
+    # train / seen / unseen as recorded before valid existed; valid: the dev fold's last seeds (seen's fold)
+    ids = {split: [t.task_id for t in ts] for split, ts in tasks.items()}
+    assert ids["train"][:3] == ["twx:cookingworld:train:0", "twx:cookingworld:train:1", "twx:coin:train:0"]
+    assert ids["seen"][0] == "twx:cookingworld:dev:10000" and ids["unseen"][0] == "twx:cookingworld:test:20000"
+    assert [i for i in ids["valid"] if ":coin:" in i] == ["twx:coin:dev:10999"]
+    every = [i for ts in ids.values() for i in ts]
+    assert len(every) == len(set(every))
+    default = TwxEnv(cache_dir=cache)  # the module's cache: seed lists without a JVM
+    sizes = {split: len(default.tasks(split)) for split in SPLITS}
+    assert sizes == {"train": 250, "valid": 50, "seen": 50, "unseen": 50}  # valid: as many as seen
+    valid = [t.task_id for t in default.tasks("valid") if t.kind == "coin"]
+    assert valid == [f"twx:coin:dev:{seed}" for seed in range(10990, 11000)]
+    assert not set(valid) & {t.task_id for t in TwxEnv(cache_dir=cache, n_seen=990).tasks("seen")}
+    # seen uncapped: valid comes off the end of the dev fold and seen keeps the rest
+    uncapped = TwxEnv(cache_dir=cache, games=["coin"], n_seen=None, n_valid=10)
+    assert len(uncapped.tasks("seen")) == 990 and [t.task_id for t in uncapped.tasks("valid")] == valid
+    assert default._sim is None and uncapped._sim is None
     with pytest.raises(EnvError, match="unknown split"):
         env.tasks("test")
     with pytest.raises(EnvError, match="unknown task"):

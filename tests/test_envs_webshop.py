@@ -29,7 +29,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def env(server: ShopServer) -> WebShopEnv:
-    return WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=2)
+    return WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=2, n_valid=0)
 
 
 def _play(env: WebShopEnv, task_id: str, actions: list[str]):
@@ -46,10 +46,20 @@ def _free_port() -> int:
 def test_splits_follow_webshop_goal_ranges():
     env = WebShopEnv()  # listing tasks needs no server
     tasks = {split: env.tasks(split) for split in SPLITS}
-    assert env.split_sizes() == {"train": 1000, "seen": 100, "unseen": 100}
+    assert env.split_sizes() == {"train": 1000, "valid": 100, "seen": 100, "unseen": 100}  # valid: as many as seen
     assert [t.task_id for t in tasks["unseen"][:2]] == ["webshop:fixed_0", "webshop:fixed_1"]
     assert tasks["seen"][0].task_id == "webshop:fixed_500" and tasks["train"][0].task_id == "webshop:fixed_1500"
-    assert tasks["unseen"][-1].task_id == "webshop:fixed_99"
+    assert tasks["unseen"][-1].task_id == "webshop:fixed_99" and tasks["train"][-1].task_id == "webshop:fixed_2499"
+    # valid: a block of WebShop's train range that train cannot reach (its cap ends where valid starts)
+    assert [t.task_id for t in tasks["valid"]] == [f"webshop:fixed_{n}" for n in range(5000, 5100)]
+    widest = WebShopEnv(n_train=3500, n_valid=1000)
+    assert widest.tasks("train")[-1].task_id == "webshop:fixed_4999" and len(widest.tasks("valid")) == 1000
+    every = [t.task_id for split in SPLITS for t in widest.tasks(split)]
+    assert len(every) == len(set(every))
+    with pytest.raises(EnvError, match=r"n_train must be in \[0, 3500\].*fixed_1500\.\.fixed_4999"):
+        WebShopEnv(n_train=3501)
+    with pytest.raises(EnvError, match=r"n_valid must be in \[0, 1000\].*fixed_5000\.\.fixed_5999"):
+        WebShopEnv(n_valid=1001)
     assert all(t.max_steps == 14 and t.kind == "shop" and t.split == s for s, ts in tasks.items() for t in ts)
     assert WebShopEnv(n_unseen=500, max_steps=20).tasks("unseen")[-1].max_steps == 20
     with pytest.raises(EnvError, match="n_unseen"):
@@ -140,9 +150,20 @@ def test_truncation_and_other_splits(env: WebShopEnv):
     assert "lavender deodorant cream" in info["instruction"]
 
 
+def test_valid_goal_plays_like_the_others():
+    with ShopServer(catalogue(), {**goals(), 5000: goals()[0]}) as shop:  # goal 5000: a copy of goal 0
+        env = WebShopEnv(server_url=shop.url, n_train=1, n_seen=1, n_unseen=2, n_valid=1)
+        env.prepare()  # goals 0, 1, 500, 1500, 5000: there
+        assert env.task("webshop:fixed_5000").split == "valid"
+        *_, (obs, reward, terminated, _, info) = _play(env, "webshop:fixed_5000", WIN)
+        assert terminated and info["won"] and reward == 1.0
+
+
 def test_goal_missing_on_server_is_an_env_error(server: ShopServer):
-    WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=2).prepare()  # goals 0, 1, 500, 1500: there
-    env = WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=3)
+    WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=2, n_valid=0).prepare()  # 0, 1, 500, 1500: there
+    with pytest.raises(EnvError, match="fixed_5000.*n_valid"):
+        WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=2).prepare()  # valid's goal 5000 is not
+    env = WebShopEnv(server_url=server.url, n_train=1, n_seen=1, n_unseen=3, n_valid=0)
     with pytest.raises(EnvError, match="fixed_2"):
         env.reset(options={"task": "webshop:fixed_2"})  # the server has no goal 2 (HTTP 500)
     with pytest.raises(EnvError, match="fixed_2.*n_unseen"):
