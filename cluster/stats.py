@@ -68,6 +68,18 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]
     return mean, mean - half, mean + half
 
 
+def mcnemar_tasks_needed(delta: float, discordant: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Tasks a paired success comparison needs to detect a success-rate difference `delta` with McNemar's test
+    (two-sided `alpha`, the given power), when a fraction `discordant` of tasks is won by exactly one of the two
+    policies (Connor 1987's normal approximation: n = (z_a sqrt(d) + z_b sqrt(d - delta^2))^2 / delta^2)."""
+    from scipy.stats import norm
+
+    if not 0 < abs(delta) <= discordant <= 1:
+        raise ValueError("need 0 < |delta| <= discordant <= 1")
+    z_a, z_b = norm.ppf(1 - alpha / 2), norm.ppf(power)
+    return math.ceil((z_a * math.sqrt(discordant) + z_b * math.sqrt(discordant - delta**2)) ** 2 / delta**2)
+
+
 @dataclass(frozen=True)
 class Paired:
     tasks: int  # tasks evaluated by both

@@ -47,3 +47,14 @@ def test_compare_pairs_only_common_tasks():
     assert (c.tasks, c.only_a, c.only_b, c.both) == (3, 1, 0, 1)
     assert c.p_success == 1.0 and c.return_diff == pytest.approx(1 / 3)
     assert compare({"x": (True, 1.0)}, b) is None
+
+
+def test_tasks_needed_for_a_five_point_gain():
+    # (1.95996 sqrt(0.2) + 0.84162 sqrt(0.2 - 0.0025))^2 / 0.0025 = (0.87652 + 0.37403)^2 / 0.0025 = 625.5
+    from cluster.stats import mcnemar_tasks_needed
+
+    assert mcnemar_tasks_needed(0.05, 0.2) == 626
+    # d = 0.1: (1.95996 * 0.31623 + 0.84162 * 0.31225)^2 / 0.0025 = (0.61979 + 0.26280)^2 / 0.0025 = 311.5
+    assert mcnemar_tasks_needed(0.05, 0.1) == 312
+    with pytest.raises(ValueError):
+        mcnemar_tasks_needed(0.2, 0.1)  # a difference larger than the discordant fraction is impossible
