@@ -74,7 +74,7 @@ def test_sft_on_each_family(family, tmp_path, tmp_path_factory):
 def test_webshop_is_evaluated_not_trained(tmp_path, capsys):
     with ShopServer(catalogue(), goals()) as shop:
         sets = [f"run_root={tmp_path}", "env.name=webshop",
-                f"env.kwargs={{server_url: '{shop.url}', n_train: 1, n_seen: 1, n_unseen: 2}}"]
+                f"env.kwargs={{server_url: '{shop.url}', n_train: 1, n_valid: 0, n_seen: 1, n_unseen: 2}}"]
         argv = [a for s in TINY + sets for a in ("--set", s)]
         assert main(["train", "--method", "sft", *argv]) == 2  # no expert demos: refused before any run dir
         assert "no expert demos" in capsys.readouterr().err and not any(tmp_path.iterdir())
