@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, read_json
+from ._jvm import exited, java_heap
 from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, split_off_valid
 
 SIMPLIFICATION = "easy"
@@ -86,37 +87,6 @@ STEP_LIMITS: dict[str, tuple[int, int]] = {
     "mendelian-genetics-unknown-plant": (180, 180),
 }
 ETO_TASKS: tuple[str, ...] = tuple(list(STEP_LIMITS)[:24])
-
-
-@contextmanager
-def _java_options(heap: str) -> Iterator[None]:
-    """Cap the heap of the JVM about to start: append to JAVA_TOOL_OPTIONS, keeping any -Xmx / GC the user set.
-    The JVM starts inside ScienceWorldEnv's constructor (scienceworld.py:39-46, py4j's launch_gateway, which
-    inherits os.environ then); restored after, so JVMs other families start later do not inherit this cap (twx's
-    own 128m cap would otherwise give way to it)."""
-    before = os.environ.get("JAVA_TOOL_OPTIONS")
-    opts = (before or "").split()
-    if not any(o.startswith("-Xmx") for o in opts):
-        opts.append(f"-Xmx{heap}")
-    if not any(o.startswith("-XX:+Use") and o.endswith("GC") for o in opts):
-        opts.append("-XX:+UseSerialGC")
-    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(opts)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("JAVA_TOOL_OPTIONS", None)
-        else:
-            os.environ["JAVA_TOOL_OPTIONS"] = before
-
-
-def _exited(proc: Any, grace_s: float = 2.0) -> bool:
-    """Whether the JVM process has exited; a socket error can arrive a moment before the exit is visible."""
-    try:
-        proc.wait(timeout=grace_s)
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it is alive
-        return False
-    return True
 
 
 def _normalize(action: str) -> str:
@@ -176,7 +146,7 @@ class SciWorldEnv(TextEnv):
             from scienceworld import ScienceWorldEnv
 
             try:
-                with _java_options(self.jvm_heap):
+                with java_heap(self.jvm_heap):
                     self._sw = ScienceWorldEnv("", envStepLimit=10**9)  # step limits are ours, per task
             except Exception as e:  # noqa: BLE001 - py4j/JVM start-up failures
                 raise EnvError(f"could not start the ScienceWorld JVM ({e}); {_INSTALL_JAVA}") from e
@@ -189,7 +159,7 @@ class SciWorldEnv(TextEnv):
         try:
             yield
         except Exception as e:  # noqa: BLE001 - py4j raises several types when its JVM is gone
-            if self._sw is None or not _exited(self._sw._gateway.java_process):
+            if self._sw is None or not exited(self._sw._gateway.java_process):
                 raise
             sw, self._sw = self._sw, None
             sw.close = lambda: None  # its __del__ would try the dead gateway again

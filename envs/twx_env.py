@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from ._jvm import exited, java_heap
 from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, split_off_valid
 
 _INSTALL_PKG = "pip install 'retrorl[twx]'  (the textworld-express package)"
@@ -64,7 +65,6 @@ _INSTALL_JAVA = ("install Java 17 and put `java` on PATH, e.g. `apt-get install 
                  "(Debian/Ubuntu) or `brew install openjdk@17` (macOS)")
 _FOLD = {"train": "train", "valid": "dev", "seen": "dev", "unseen": "test"}  # valid: the dev fold's end
 _UNKNOWN = "Unknown action: I'm not sure what you mean."
-_EXIT_GRACE_S = 2.0  # a socket error can arrive a moment before the dead JVM's exit is visible
 _MAX_ACTION_CHARS = 256
 
 
@@ -86,35 +86,6 @@ GAMES: dict[str, GameSpec] = {
     "peckingorder": GameSpec("", 15),
 }
 DEFAULT_GAMES = ("cookingworld", "coin", "mapreader", "sorting", "arithmetic")
-
-
-@contextmanager
-def _java_options(heap: str) -> Iterator[None]:
-    """JAVA_TOOL_OPTIONS for the JVM about to start (the package launches it with fixed options,
-    textworld_express.py:41): a heap cap and the serial GC unless the user's options set their own. Restored after,
-    so JVMs that other families start later do not inherit this family's cap."""
-    before = os.environ.get("JAVA_TOOL_OPTIONS")
-    opts = (before or "").split()
-    if not any(o.startswith("-Xmx") for o in opts):
-        opts.append(f"-Xmx{heap}")
-    if not any(o.startswith("-XX:+Use") and o.endswith("GC") for o in opts):
-        opts.append("-XX:+UseSerialGC")
-    os.environ["JAVA_TOOL_OPTIONS"] = " ".join(opts)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("JAVA_TOOL_OPTIONS", None)
-        else:
-            os.environ["JAVA_TOOL_OPTIONS"] = before
-
-
-def _exited(proc: Any) -> bool:
-    try:
-        proc.wait(timeout=_EXIT_GRACE_S)
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: it is alive
-        return False
-    return True
 
 
 def normalize_command(action: str) -> str:
@@ -191,7 +162,7 @@ class TwxEnv(TextEnv):
         if self._sim is None:
             simulator = _simulator_class()
             try:
-                with _java_options(self.jvm_heap):
+                with java_heap(self.jvm_heap):
                     self._sim = simulator(envStepLimit=10**9)  # step limits are ours, per game
             except Exception as e:  # noqa: BLE001 - py4j/JVM start-up failures
                 raise EnvError(f"could not start the TextWorld-Express JVM ({e}); {_INSTALL_JAVA}") from e
@@ -205,7 +176,7 @@ class TwxEnv(TextEnv):
         try:
             yield
         except Exception as e:  # noqa: BLE001 - py4j raises several types when its JVM is gone
-            if self._sim is None or not _exited(self._sim._gateway.java_process):
+            if self._sim is None or not exited(self._sim._gateway.java_process):
                 raise
             self._drop_jvm()
             raise EnvLost(f"the TextWorld-Express JVM died ({type(e).__name__}); replay the episode") from e
