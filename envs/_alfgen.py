@@ -34,13 +34,14 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from .cache import build_in_subprocesses
 
 GAME_FILE = "game.tw-pddl"  # the names ALFWorld's loader looks for (alfred_tw_env.py:155-160)
 TRAJ_FILE = "traj_data.json"
@@ -445,23 +446,7 @@ def build_game(spec: dict[str, Any], solvers: _Solvers) -> dict[str, Any]:
 
 def build_games(specs: list[dict[str, Any]], workers: int) -> None:
     """Build `specs` in up to `workers` subprocesses (never in the caller's process, see the module docstring)."""
-    workers = max(1, min(workers, len(specs)))
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    procs = []
-    for i in range(workers):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from envs._alfgen import worker_main; worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        )
-        procs.append((proc, json.dumps(specs[i::workers])))
-    errors = []
-    for proc, payload in procs:
-        out, _ = proc.communicate(payload)
-        if proc.returncode != 0:
-            errors.append(out[-2000:])
-    if errors:
-        raise RuntimeError("ALFWorld game generation failed:\n" + "\n".join(errors))
+    build_in_subprocesses("envs._alfgen", specs, workers, "ALFWorld game")
 
 
 def worker_main() -> None:

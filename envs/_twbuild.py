@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
+
+from .cache import build_in_subprocesses
 
 GAME_FILE = "tw-game.z8"  # jericho strips the status line only for story files named tw-*
 META_FILE = "meta.json"
@@ -78,23 +79,7 @@ def build_game(spec: dict[str, Any]) -> dict[str, Any]:
 
 def build_games(specs: list[dict[str, Any]], workers: int) -> None:
     """Build `specs` in up to `workers` subprocesses (always out of process: the env process stays lean)."""
-    workers = max(1, min(workers, len(specs)))
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    procs = []
-    for i in range(workers):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", "from envs._twbuild import worker_main; worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        )
-        procs.append((proc, json.dumps(specs[i::workers])))
-    errors = []
-    for proc, payload in procs:
-        out, _ = proc.communicate(payload)
-        if proc.returncode != 0:
-            errors.append(out[-2000:])
-    if errors:
-        raise RuntimeError("TextWorld game generation failed:\n" + "\n".join(errors))
+    build_in_subprocesses("envs._twbuild", specs, workers, "TextWorld game")
 
 
 def _cache_knowledge_bases() -> None:

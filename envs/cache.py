@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,3 +61,26 @@ def file_lock(path: Path) -> Iterator[None]:
         finally:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def build_in_subprocesses(module: str, specs: list[dict[str, Any]], workers: int, what: str) -> None:
+    """Hand `specs` round-robin to up to `workers` subprocesses running `<module>.worker_main` (which reads the
+    JSON list of its specs from stdin); raise with their output's tail if any fails. Plain subprocesses, not
+    multiprocessing: spawn would re-import the caller's `__main__`, and fork is unsafe in threaded hosts."""
+    workers = max(1, min(workers, len(specs)))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    procs = []
+    for i in range(workers):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"from {module} import worker_main; worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )
+        procs.append((proc, json.dumps(specs[i::workers])))
+    errors = []
+    for proc, payload in procs:
+        out, _ = proc.communicate(payload)
+        if proc.returncode != 0:
+            errors.append(out[-2000:])
+    if errors:
+        raise RuntimeError(f"{what} generation failed:\n" + "\n".join(errors))
