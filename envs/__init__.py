@@ -27,7 +27,7 @@ register_family("webshop", WebShopEnv)
 DEFAULT_ENV = "textworld"
 
 __all__ = [
-    "AlfWorldEnv", "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "EnvLost", "HotpotQAEnv", "SciWorldEnv", "StepInfo",
-    "Task", "TextCraftEnv", "TextEnv", "TextWorldEnv", "TwxEnv", "WebShopEnv", "families", "make_env",
+    "AlfWorldEnv", "DEFAULT_ENV", "INVALID_ACTION_OBS", "SPLITS", "EnvError", "EnvLost", "HotpotQAEnv", "SciWorldEnv",
+    "StepInfo", "Task", "TextCraftEnv", "TextEnv", "TextWorldEnv", "TwxEnv", "WebShopEnv", "families", "make_env",
     "register_family",
 ]

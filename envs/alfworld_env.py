@@ -62,7 +62,7 @@ from typing import Any, Sequence
 from . import _alfgen
 from ._alfgen import GAME_FILE, META_FILE, TASK_TYPES, TRAJ_FILE
 from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
+from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 1  # bump when generation changes, so caches rebuild
 _INSTALL = "pip install 'retrorl[alfworld]'  (alfworld, whose textworld[pddl] extra compiles fast-downward: g++, cmake)"
@@ -272,8 +272,7 @@ class AlfWorldEnv(TextEnv):
 
     # -- task lists -------------------------------------------------------------------------------------------
     def _load_split(self, split: str) -> dict[str, dict[str, Any]]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         if split not in self._metas:
             if self.data_root is None:
                 self._metas[split] = self._generated(split)

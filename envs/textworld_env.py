@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 from ._twbuild import GAME_FILE, META_FILE
 from .cache import default_cache_dir, file_lock, read_json
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, StepInfo, Task, TextEnv
+from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 2  # bump when generation changes, so caches rebuild
 # disjoint while counts stay < 10_000; valid came last, so it has the next range (the others' seeds never moved)
@@ -185,8 +185,7 @@ class TextWorldEnv(TextEnv):
         return specs
 
     def _load_split(self, split: str) -> dict[str, dict[str, Any]]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         if split in self._metas:
             return self._metas[split]
         specs = self._specs(split)

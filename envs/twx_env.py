@@ -58,7 +58,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
 from ._jvm import exited, java_heap
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv, split_off_valid
+from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 _INSTALL_PKG = "pip install 'retrorl[twx]'  (the textworld-express package)"
 _INSTALL_JAVA = ("install Java 17 and put `java` on PATH, e.g. `apt-get install openjdk-17-jre-headless` "
@@ -249,8 +249,7 @@ class TwxEnv(TextEnv):
         return self._tasks
 
     def tasks(self, split: str) -> list[Task]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         return list(self._all_tasks()[split])
 
     def task(self, task_id: str) -> Task:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
 
-from .core import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, StepInfo, Task, TextEnv
+from .core import EnvError, EnvLost, INVALID_ACTION_OBS, StepInfo, Task, TextEnv, check_split
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_MAX_STEPS = 14  # 15 loop passes in the clients, the first one the reset
@@ -241,8 +241,7 @@ class WebShopEnv(TextEnv):
 
     # -- tasks -----------------------------------------------------------------------------------------------
     def tasks(self, split: str) -> list[Task]:
-        if split not in SPLITS:
-            raise EnvError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+        check_split(split)
         return list(self._tasks[split])
 
     def task(self, task_id: str) -> Task:
