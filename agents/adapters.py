@@ -17,13 +17,33 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are read: cluster/config.py imports LORA from here
+    import torch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA shape the learner trains and every engine must load. Its defaults are the one definition of
+    learner.lora's (cluster/config.py reads them from here, since the learner and the engines cannot import it)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def merged(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        """These settings with `overrides` (learner.lora as a dict, as engines receive it) on top."""
+        return {**asdict(self), **(overrides or {})}
+
+
+LORA = LoraSpec()
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,8 @@ def read_adapter_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(str(folder / WEIGHTS_NAME))
     if (folder / "adapter_model.bin").is_file():
+        import torch
+
         return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
 

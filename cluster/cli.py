@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with a method (demos, SFT or a checkpoint, the method, eval, table)")
     common(train)
     train.add_argument("--method", choices=["sft", "eto", "retroformer", "retroact"],
-                       help="training method (default: the config's `method`, retroact in configs/default.yaml)")
+                       help="training method (default: the config's `method`, retroact by default)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run in RUN_DIR with its own config: stored episodes are reused and "
                             "finished rounds are not run again")

@@ -22,7 +22,7 @@ from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
-from cluster.config import Config, ConfigError
+from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, say
 from cluster.run_dir import RunDir
@@ -43,6 +43,16 @@ def derive_seed(*parts: object) -> int:
     """A stable 31-bit seed per (run seed, purpose, index...): distinct streams that do not depend on call order."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def rollout_settings(agent: AgentCfg, trials: int, seed: int) -> RolloutSettings:
+    """The runner's settings from a config's `agent` section (the one place its defaults live)."""
+    def sampling(role):
+        return SamplingParams(temperature=role.temperature, max_new_tokens=role.max_new_tokens, top_p=role.top_p)
+
+    return RolloutSettings(trials=trials, memory_size=agent.memory_size, actor=sampling(agent.actor),
+                           reflector=sampling(agent.reflector), max_context_tokens=agent.max_context_tokens,
+                           show_actions=agent.show_actions, max_steps=agent.max_steps, seed=seed)
 
 
 Tasks = list[tuple[str, str]]  # (task_id, split)
@@ -186,24 +196,12 @@ class Session:
     # -- rollouts -----------------------------------------------------------------------------------------
     def settings(self, trials: int, actor_temperature: float | None = None,
                  reflector_temperature: float | None = None, seed: int | None = None) -> RolloutSettings:
-        a = self.cfg.agent
-        actor = SamplingParams(a.actor.temperature, a.actor.top_p, a.actor.max_new_tokens)
-        reflector = SamplingParams(a.reflector.temperature, a.reflector.top_p, a.reflector.max_new_tokens)
+        settings = rollout_settings(self.cfg.agent, trials, self.cfg.seed if seed is None else seed)
         if actor_temperature is not None:
-            actor = replace(actor, temperature=actor_temperature)
+            settings = replace(settings, actor=replace(settings.actor, temperature=actor_temperature))
         if reflector_temperature is not None:
-            reflector = replace(reflector, temperature=reflector_temperature)
-        return RolloutSettings(
-            trials=trials,
-            reflect=True,
-            memory_size=a.memory_size,
-            actor=actor,
-            reflector=reflector,
-            max_context_tokens=a.max_context_tokens,
-            show_actions=a.show_actions,
-            max_steps=a.max_steps,
-            seed=self.cfg.seed if seed is None else seed,
-        )
+            settings = replace(settings, reflector=replace(settings.reflector, temperature=reflector_temperature))
+        return settings
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
                 settings: RolloutSettings | None = None, rank: Any = None, restore: bool = True) -> list[Episode]:

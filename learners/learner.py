@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from agents.adapters import LORA, AdapterUpdate, staged_dir
 from agents.model import cache_dir, hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
-from agents.adapters import AdapterUpdate, staged_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
@@ -155,10 +155,10 @@ class Learner:
         model_path: str,
         dtype: str = "auto",
         *,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        lora_r: int = LORA.r,
+        lora_alpha: int = LORA.alpha,
+        lora_dropout: float = LORA.dropout,
+        lora_target_modules: Sequence[str] = LORA.target_modules,
         roles: Sequence[str] = ROLES,
         shared_adapter: bool = False,
         zero_stage: int = 0,

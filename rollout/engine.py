@@ -8,19 +8,17 @@ between batches, without a restart and without touching the other role.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from agents.adapters import AdapterUpdate  # noqa: F401 - part of the engine contract
-
-# The engines' LoRA config when none is given (the learner's default): what every adapter update must fit.
-LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 64
+    # No defaults for the policy's choices: a run's come from agent.actor / agent.reflector (cluster/config.py).
+    temperature: float  # 0 means greedy
+    max_new_tokens: int
+    top_p: float = 1.0  # 1: no nucleus cut (the config's default is this one)
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these (the eos is always a stop)
     seed: int | None = None
 

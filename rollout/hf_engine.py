@@ -34,8 +34,8 @@ from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
 from agents.model import load_model, node_threads, resolve_dtype, resolve_model, trim_heap
-from agents.adapters import AdapterUpdate, read_adapter_dir
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
+from agents.adapters import LORA, AdapterUpdate, read_adapter_dir
+from rollout.engine import GenerateResult, SamplingParams, check_request
 
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
 _ATTN = "retrorl_sdpa_gqa"
@@ -183,7 +183,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.dtype = resolve_dtype(dtype)
-        opts = {**LORA_DEFAULTS, **(lora or {})}
+        opts = LORA.merged(lora)
         config = LoraConfig(
             r=opts["r"],
             lora_alpha=opts["alpha"],

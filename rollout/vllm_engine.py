@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 import torch
 
-from agents.adapters import AdapterUpdate, read_adapter_dir, write_adapter_dir
+from agents.adapters import LORA, AdapterUpdate, read_adapter_dir, write_adapter_dir
 from agents.model import node_threads, resolve_model
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
+from rollout.engine import GenerateResult, SamplingParams, check_request
 
 
 GPU_FREE_WAIT_S = 120.0  # how long a starting replica waits for a dead one's GPU memory to be released
@@ -88,7 +88,7 @@ class VLLMEngine:
             wait_for_gpu_memory(gpu_memory_utilization)
         model_path = str(resolve_model(model_path))  # on this node: its own cache (the driver's may be elsewhere)
         self.dtype = _vllm_dtype(dtype, self.on_gpu)
-        opts = {**LORA_DEFAULTS, **(lora or {})}
+        opts = LORA.merged(lora)
         self._target_modules = set(opts["target_modules"])
         # dropout does not matter for inference; the folder's config must only match the tensors.
         self._lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
