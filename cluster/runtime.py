@@ -8,8 +8,9 @@ from typing import Any
 
 import ray
 
-from agents.model import cache_dir, portable_spec
+from agents.model import portable_spec
 from cluster.config import Config, ConfigError
+from envs.cache import resolve_cache_dir
 
 
 def init_ray(cfg: Config) -> None:
@@ -42,7 +43,7 @@ def actor_env(cfg: Config, gpus: float = 0) -> dict[str, Any]:
     env = {"MALLOC_ARENA_MAX": "2"}  # few glibc arenas keep the engine's churn of K/V buffers from piling up
     chosen = cfg.model.cache_dir or os.environ.get("RETRORL_CACHE")
     if chosen:
-        env["RETRORL_CACHE"] = str(cache_dir(chosen))
+        env["RETRORL_CACHE"] = str(resolve_cache_dir(chosen))
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return {"env_vars": env}

@@ -61,7 +61,7 @@ from typing import Any, Sequence
 
 from . import _alfgen
 from ._alfgen import GAME_FILE, META_FILE, TASK_TYPES, TRAJ_FILE
-from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from .cache import atomic_write_json, resolve_cache_dir, file_lock, read_json
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 1  # bump when generation changes, so caches rebuild
@@ -143,7 +143,7 @@ class AlfWorldEnv(TextEnv):
         if max_steps < 1:
             raise EnvError(f"max_steps must be >= 1, got {max_steps}")
         self.max_steps = int(max_steps)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
         self.data_root = self._official_root(data_dir) if data_dir is not None else None
         self._metas: dict[str, dict[str, dict[str, Any]]] = {}  # split -> task id -> meta (with "game", "kind")

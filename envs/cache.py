@@ -22,9 +22,11 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 
-def default_cache_dir() -> Path:
-    """$RETRORL_CACHE, else ~/.cache/retrorl."""
-    return Path(os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl")
+def resolve_cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The retrorl cache (models, env games, lists) as an absolute path: `override`, else $RETRORL_CACHE, else
+    ~/.cache/retrorl; `~` is expanded in each, so RETRORL_CACHE=~/big-disk means the same folder to every reader."""
+    root = override or os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl"
+    return Path(root).expanduser().resolve()
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cache import atomic_write_json, default_cache_dir, read_json
+from .cache import atomic_write_json, resolve_cache_dir, read_json
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -130,7 +130,7 @@ class SciWorldEnv(TextEnv):
         self.eto_step_limits = eto_step_limits
         self.with_admissible = with_admissible
         self.jvm_heap = jvm_heap
-        self.cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "sciworld" / (
+        self.cache = resolve_cache_dir(cache_dir) / "sciworld" / (
             f"scienceworld-{sw_version}")
         self._sw: Any = None  # ScienceWorldEnv, started on first need
         self._tasks: dict[str, list[Task]] | None = None

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ._twbuild import GAME_FILE, META_FILE
-from .cache import default_cache_dir, file_lock, read_json
+from .cache import resolve_cache_dir, file_lock, read_json
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 2  # bump when generation changes, so caches rebuild
@@ -146,7 +146,7 @@ class TextWorldEnv(TextEnv):
             raise EnvError(f"task counts must be in [0, 10000): {counts}")
         self.kinds = tuple(kinds)
         self.counts = counts
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.root = self.cache_dir / "textworld"
         # Inform 7's compiler gains nothing from SMT siblings (2 vCPUs: 2 builders are slower than 1), so default
         # to one builder per two logical CPUs.

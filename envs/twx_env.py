@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from .cache import atomic_write_json, resolve_cache_dir, file_lock, read_json
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -146,7 +146,7 @@ class TwxEnv(TextEnv):
         self.params = {g: (game_params or {}).get(g, GAMES[g].params) for g in self.games}
         self.limits = {g: int((max_steps or {}).get(g, GAMES[g].max_steps)) for g in self.games}
         self.jvm_heap = jvm_heap
-        self.cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "twx" / (
+        self.cache = resolve_cache_dir(cache_dir) / "twx" / (
             f"textworld-express-{twx_version}")
         self._sim: Any = None  # the package's env, started on first need
         self._loaded: tuple[str, str] | None = None  # (game, params) the simulator has loaded

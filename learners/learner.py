@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from agents.adapters import LORA, AdapterUpdate, staged_dir
-from agents.model import cache_dir, hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
+from agents.model import hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
+from envs.cache import resolve_cache_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
@@ -121,7 +122,7 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
     from deepspeed.accelerator import get_accelerator
 
     t0 = time.perf_counter()
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir(cache) / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(resolve_cache_dir(cache) / "torch_extensions"))
     pin_ninja()
     if not deepspeed.comm.is_initialized():
         for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
