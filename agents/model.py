@@ -12,10 +12,9 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
+from envs.atomic import staged_dir
 from envs.cache import file_lock, resolve_cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -91,9 +90,7 @@ def _convert_default_model(target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:  # an interrupted earlier conversion (no _COMPLETE) is swapped out
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a GGUF-quantised model: rebuild from a clean config and copy the weights.
@@ -106,12 +103,6 @@ def _convert_default_model(target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(json.dumps({"source": _GGUF_FILE}))
-        if target.exists():  # an interrupted earlier conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
@@ -155,17 +146,10 @@ def _build_tiny_model(target: Path, seed: int, stamp: dict, cache: str | os.Path
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -394,7 +394,7 @@ def default_out(run_dirs: Sequence[str | Path]) -> Path:
 
 def report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, Path, Path]:
     """Read every run, render both outputs in memory, then write them; a ReportError leaves nothing written."""
-    from rollout.store import write_atomic
+    from envs.atomic import write_atomic
 
     if not run_dirs:
         raise ReportError("no run directories given")

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import yaml
 
 from cluster.config import Config
-from rollout.store import TrajectoryStore, write_atomic
+from envs.atomic import write_atomic
+from rollout.store import TrajectoryStore
 
 # What a run's numbers depend on beside its config: the same config and seed on another install of these gave
 # another SFT (results/README.md, fresh-install).

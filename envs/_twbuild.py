@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .atomic import publish_dir
 from .cache import build_in_subprocesses
 
 GAME_FILE = "tw-game.z8"  # jericho strips the status line only for story files named tw-*
@@ -64,14 +65,7 @@ def build_game(spec: dict[str, Any]) -> dict[str, Any]:
             "textworld": textworld.__version__,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for path in tmp.iterdir():  # on disk before the rename, so even a power cut cannot publish empty files
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        try:
-            os.replace(tmp, dest)  # the folder appears complete or not at all
-        except OSError:
-            if not meta_path.exists():
-                raise
+        publish_dir(tmp, dest)  # the folder appears complete or not at all
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -59,7 +59,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cache import atomic_write_json, resolve_cache_dir, file_lock, read_json
+from .atomic import write_json_atomic
+from .cache import file_lock, read_json, resolve_cache_dir
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 DEV_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
@@ -268,7 +269,7 @@ class HotpotQAEnv(TextEnv):
                     splits = read_json(path)
                     if splits is None:
                         splits = self._select()
-                        atomic_write_json(path, splits)
+                        write_json_atomic(path, splits)
             self._questions = {}
             for split in SPLITS:
                 self._tasks[split] = []

@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cache import atomic_write_json, resolve_cache_dir, read_json
+from .atomic import write_json_atomic
+from .cache import read_json, resolve_cache_dir
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -195,7 +196,7 @@ class SciWorldEnv(TextEnv):
                 sw.load(name, 0, "")
                 data[name] = {"train": sw.get_variations_train(), "dev": sw.get_variations_dev(),
                               "test": sw.get_variations_test()}
-            atomic_write_json(path, data)
+            write_json_atomic(path, data)
         return data
 
     def _max_steps(self, name: str, split: str) -> int:
@@ -257,7 +258,7 @@ class SciWorldEnv(TextEnv):
                 if sw.server.getCompleted():
                     break
             data = {"actions": actions[:n], "won": won, "generated_length": len(actions)}
-            atomic_write_json(self._gold_file(task), data)
+            write_json_atomic(self._gold_file(task), data)
         return data
 
     def expert_actions(self, task_id: str) -> list[str]:

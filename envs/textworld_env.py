@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ._twbuild import GAME_FILE, META_FILE
-from .cache import resolve_cache_dir, file_lock, read_json
+from .cache import file_lock, read_json, resolve_cache_dir
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 2  # bump when generation changes, so caches rebuild

@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .cache import atomic_write_json, resolve_cache_dir, file_lock, read_json
+from .atomic import write_json_atomic
+from .cache import file_lock, read_json, resolve_cache_dir
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -228,7 +229,7 @@ class TwxEnv(TextEnv):
                             data[game] = {"train": list(sim.server.getSeedsTrain()),
                                           "dev": list(sim.server.getSeedsDev()),
                                           "test": list(sim.server.getSeedsTest())}
-                    atomic_write_json(path, data)
+                    write_json_atomic(path, data)
         return data
 
     def _all_tasks(self) -> dict[str, list[Task]]:
@@ -294,7 +295,7 @@ class TwxEnv(TextEnv):
                 data = read_json(path)
                 if data is None:
                     data = self._gold(task)
-                    atomic_write_json(path, data)
+                    write_json_atomic(path, data)
                     if self._task is not None and not self._over:  # generating replaced the episode in flight
                         with self._alive():
                             self._new_game(self._task)

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.adapters import LORA, AdapterUpdate, staged_dir
+from agents.adapters import LORA, AdapterUpdate
 from agents.model import hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
+from envs.atomic import staged_dir
 from envs.cache import resolve_cache_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches

@@ -1,6 +1,6 @@
 """Append-only trajectory store: one Parquet part per append, written atomically.
 
-Each part is written to a temp file, fsynced, then renamed into place, so a reader (or a crash) sees a part whole
+Each part is written with envs.atomic.write_atomic, so a reader (or a crash) sees a part whole
 or not at all; a crash costs at most the episodes of the append in flight. Rows are episodes: flat summary
 columns for pandas / pyarrow queries plus the full record as JSON (`record`) that `Episode.from_dict` restores.
   pandas.read_parquet("RUN/trajectories")  or  pyarrow.dataset.dataset("RUN/trajectories")
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agents.trajectory import Episode
+from envs.atomic import write_atomic
 
 SCHEMA = pa.schema(
     [
@@ -34,21 +34,6 @@ SCHEMA = pa.schema(
         ("record", pa.string()),
     ]
 )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that `path` holds either its old content or all of `data`, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TrajectoryStore:
