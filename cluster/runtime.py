@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,8 @@ import ray
 from agents.model import portable_spec
 from cluster.config import Config, ConfigError
 from envs.cache import resolve_cache_dir
+
+ENGINE_SHUTDOWN_S = 30.0  # an engine that has not freed its resources by then is killed anyway
 
 
 def init_ray(cfg: Config) -> None:
@@ -116,6 +119,13 @@ class Actors:
     placement: Any | None = None
 
     def shutdown(self) -> None:
+        """Let each engine free what outlives its process (the vLLM engine's adapter folders), then kill every
+        actor: ray.kill runs no exit handler in the actor (ray/_private/worker.py:3475-3478)."""
+        done, _ = ray.wait([e.shutdown.remote() for e in self.engines], num_returns=len(self.engines),
+                           timeout=ENGINE_SHUTDOWN_S)
+        for ref in done:
+            with contextlib.suppress(ray.exceptions.RayError):  # a dead engine has nothing left to free
+                ray.get(ref)
         for handle in self.workers + self.engines + ([self.learner] if self.learner else []):
             ray.kill(handle)
         if self.placement is not None:
