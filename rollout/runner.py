@@ -99,10 +99,6 @@ class EpisodeRunner:
         self.reflector_prompt = ReflectorPrompt(formatter)
         self._seeds = itertools.count(settings.seed * 1_000_003)
 
-    @property
-    def capacity(self) -> int:
-        return len(self.slots)
-
     async def _generate(self, ids: list[int], role: str, sampling: SamplingParams, stats: RolloutStats):
         if sampling.temperature > 0:
             sampling = replace(sampling, seed=next(self._seeds))
