@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,14 @@ def table_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
 
 
-def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None) -> str:
+def _where(path: Path, base: Path | None) -> str:
+    """A run's folder relative to the report's folder, so a committed report reads the same on every checkout."""
+    return str(path) if base is None else os.path.relpath(path, base.resolve())
+
+
+def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None, base: Path | None = None) -> str:
     lines = ["# retrorl report", "", "Runs:"]
-    lines += [f"- `{name}`: {run.path} (method {run.method}, seed {run.seed}"
+    lines += [f"- `{name}`: {_where(run.path, base)} (method {run.method}, seed {run.seed}"
               + "".join(f", learner {where}" for where in run.learners) + ")" for run, name in zip(runs, _names(runs))]
     lines += ["", "Returns and rates x100; avg_steps in env steps per trial.", "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -392,18 +398,23 @@ def default_out(run_dirs: Sequence[str | Path]) -> Path:
     return Path(run_dirs[0]) / "eval" if len(run_dirs) == 1 else Path("report")
 
 
+def render(run_dirs: Sequence[str | Path], out_dir: Path) -> tuple[str, bytes]:
+    """report.md's text and report.png's bytes for reports written to out_dir (run paths shown relative to it)."""
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    runs = [load_run(p) for p in run_dirs]
+    png, skipped = plot(runs)
+    return markdown(runs, skipped, "report.png", base=out_dir), png
+
+
 def report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, Path, Path]:
     """Read every run, render both outputs in memory, then write them; a ReportError leaves nothing written."""
     from envs.atomic import write_atomic
 
-    if not run_dirs:
-        raise ReportError("no run directories given")
-    runs = [load_run(p) for p in run_dirs]
     out_dir = Path(out) if out is not None else default_out(run_dirs)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"{out_dir}: --out exists and is not a directory")
-    png, skipped = plot(runs)
-    text = markdown(runs, skipped, "report.png")
+    text, png = render(run_dirs, out_dir)
     md_path, png_path = out_dir / "report.md", out_dir / "report.png"
     write_atomic(png_path, png)
     write_atomic(md_path, text.encode())

@@ -3,7 +3,7 @@
 # renders the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories
 # with the current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
 # Trajectories, adapters and checkpoints stay in the run folders.
-# usage: results/collect.sh OUT RUN_DIR...   (OUT: a folder under results/, e.g. results/fp32-16games)
+# usage: results/collect.sh OUT RUN_DIR...   (OUT: a folder directly under results/, e.g. results/fp32-16games)
 #        The first run is the baseline of the report's game-by-game table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,7 @@ for label in labels:
 write_atomic(out / "eval" / "results.json", (json.dumps(rows, indent=2, sort_keys=True) + "\n").encode())
 write_atomic(out / "eval" / "table.md", markdown_table(rows).encode())
 PY
-  dirs+=("$out/$name")
+  dirs+=("$name")
 done
-.venv/bin/retrorl report "${dirs[@]}" --out "$out"
+printf '%s\n' "${dirs[@]}" > "$out/runs.txt"  # the report's run list, baseline first (render.sh reads it)
+results/render.sh "$(basename "$out")"

@@ -149,9 +149,10 @@ def test_report_table_and_plot(runs, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md in printed
 
-    # the run list says where each run's learner trained, once per distinct machine (an eval-only run: nothing)
-    assert f"- `{run_a.name}`: {run_a.resolve()} (method sft, seed 0)\n" in md
-    assert (f"- `{run_b.name}`: {run_b.resolve()} (method retroact, seed 7, learner bfloat16 on AVX512, "
+    # the run list says where each run is, relative to the report (a committed report reads the same on every
+    # checkout), and where its learner trained, once per distinct machine (an eval-only run: nothing)
+    assert f"- `{run_a.name}`: ../{run_a.name} (method sft, seed 0)\n" in md
+    assert (f"- `{run_b.name}`: ../{run_b.name} (method retroact, seed 7, learner bfloat16 on AVX512, "
             "learner float32 on AVX2)\n") in md
 
     table = _table(md)

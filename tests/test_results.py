@@ -1,0 +1,26 @@
+"""Every committed results table is what `results/render.sh` renders from committed files: none is typed by hand."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.report import render
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+SETS = sorted(p.parent for p in RESULTS.glob("*/runs.txt"))
+
+
+def test_every_report_has_a_run_list():
+    reports = sorted(p.parent for p in RESULTS.glob("*/report.md"))
+    assert reports and reports == SETS, "each results/<set>/report.md needs a runs.txt naming its runs (render.sh)"
+
+
+@pytest.mark.parametrize("set_dir", SETS, ids=[s.name for s in SETS])
+def test_committed_report_is_rendered_from_committed_runs(set_dir: Path, monkeypatch):
+    runs = (set_dir / "runs.txt").read_text().split()
+    monkeypatch.chdir(set_dir)  # runs.txt paths are relative to the set, as render.sh runs them
+    for run in runs:
+        assert (Path(run) / "eval" / "results.json").is_file(), f"{set_dir.name}: {run} has no committed eval rows"
+    text, _ = render(runs, Path("."))
+    assert text == (set_dir / "report.md").read_text(), (
+        f"results/{set_dir.name}/report.md differs from what its runs render: run results/render.sh {set_dir.name}")
