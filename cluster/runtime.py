@@ -11,6 +11,8 @@ import ray
 from agents.model import cache_dir, portable_spec
 from cluster.config import Config, ConfigError
 
+PROGRESS_GROUP = "progress"  # the learner actor's concurrency group for `progress()` polls
+
 
 def init_ray(cfg: Config) -> None:
     """Join the cluster named by ray.address or RAY_ADDRESS (set by `ray job submit`), else start a local Ray
@@ -209,7 +211,10 @@ def start_actors(cfg: Config, with_learner: bool) -> Actors:
     learner = None
     if with_learner:
         learner = (
-            ray.remote(MethodLearner)
+            # Ray runs the PROGRESS_GROUP's calls in a thread of their own (ray/actor.py:1544-1547 adds the groups;
+            # a call picks one with .options(concurrency_group=...), actor.py:615, :669), so the driver can read
+            # `progress()` while a training call runs; the default group still runs one call at a time, in order.
+            ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(MethodLearner)
             .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus,
                      runtime_env=actor_env(cfg, cfg.learner.gpus),
                      max_restarts=cfg.learner.restarts,
