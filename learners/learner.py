@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -128,11 +129,28 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
         for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
-        )
+        with _printed_to_log():
+            deepspeed.init_distributed(
+                dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+            )
         atexit.register(_destroy_distributed)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _printed_to_log() -> Iterator[None]:
+    """What DeepSpeed prints while it starts goes to its logger at INFO: it prints `DeepSpeed ... built
+    successfully` at every start, built or loaded from the cache (deepspeed/comm/torch.py:52), and in a Ray actor
+    every print reaches the driver's terminal. If the start fails, the printed text goes to stderr with the error."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
+    for line in buffer.getvalue().splitlines():
+        logging.getLogger("DeepSpeed").info(line)
 
 
 def _destroy_distributed() -> None:

@@ -114,10 +114,12 @@ def test_sft_job_with_tiny_model(sft_run):
 @pytest.mark.slow
 def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
     """The driver's transcript (what the terminal showed): IL's live lines with steps, epoch, loss, tokens/s and
-    ETA, and the closing lines."""
+    ETA, none of the actors' weight-loading bars or DeepSpeed's start-up notices, and the closing lines."""
     run, _ = sft_run
     log = (run.path / "logs" / "driver.log").read_text()
     assert "\r" not in log and "\x1b" not in log
+    for noise in ("Loading weights", "Setting accelerator to CPU", "built successfully"):
+        assert noise not in log
     lines = log.splitlines()
     il = [line for line in lines if re.match(r"\[sft\] \d+/\d+ steps", line)]
     total = int(il[-1].split()[1].split("/")[1])
