@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from envs.core import EnvError
 
     try:
-        from agents.trajectory import ACTOR
+        from cluster.console import TRANSCRIPT, transcript
         from cluster.methods import run_method
         from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
@@ -93,30 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
-            from cluster.evaluation import markdown_table
-
-            session = Session(cfg, run, prepared, with_learner=with_learner)
-            try:
-                label = "base"
-                if cfg.init.checkpoint is not None:
-                    label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
-                    if args.untrained_reflector:
-                        session.start_policy([], roles=[ACTOR])
-                        label = f"Reflexion ({label} actor)"
-                    else:
-                        session.start_policy([])
-                rows = session.evaluate(label)
-            finally:
-                session.close()
-            run.write_json("eval/results.json", rows)
-            print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
+            with transcript(run.path):
+                _evaluate(cfg, run, prepared, with_learner, args.untrained_reflector)
         elif args.command == "demos":
-            session = Session(cfg, run, prepared, with_learner=False)
-            try:
-                episodes = session.demos(session.il_tasks())
-            finally:
-                session.close()
-            print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
+            with transcript(run.path):
+                session = Session(cfg, run, prepared, with_learner=False)
+                try:
+                    episodes = session.demos(session.il_tasks())
+                finally:
+                    session.close()
+                print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
+                print(f"log: {run.path / TRANSCRIPT}")
     except (ConfigError, ModelError, EnvError) as exc:
         print(f"retrorl: error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +112,32 @@ def main(argv: list[str] | None = None) -> int:
         if ray is not None and ray.is_initialized():  # a caller in the same process (tests) may start its own
             ray.shutdown()
     return 0
+
+
+def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool) -> None:
+    """`retrorl eval`: the protocol for the base model or init.checkpoint, its table, and the closing lines."""
+    from agents.trajectory import ACTOR
+    from cluster.console import closing_lines
+    from cluster.evaluation import markdown_table
+    from cluster.pipeline import Session
+
+    session = Session(cfg, run, prepared, with_learner=with_learner)
+    try:
+        label = "base"
+        if cfg.init.checkpoint is not None:
+            label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
+            if untrained_reflector:
+                session.start_policy([], roles=[ACTOR])
+                label = f"Reflexion ({label} actor)"
+            else:
+                session.start_policy([])
+        rows = session.evaluate(label)
+    finally:
+        session.close()
+    run.write_json("eval/results.json", rows)
+    print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
+    for line in closing_lines(run.path):
+        print(line)
 
 
 def resumable(path: str, args: argparse.Namespace):

@@ -19,7 +19,8 @@ from cluster.config import Config
 from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
-from cluster.progress import say
+from cluster.console import closing_lines, transcript
+from cluster.progress import duration, say
 from cluster.replay import replayed_round
 from cluster.run_dir import RunDir
 from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
@@ -196,17 +197,21 @@ PIPELINES: dict[str, Callable[[Session], Rows]] = {
 
 
 def run_method(cfg: Config, run: RunDir, prepared: Prepared) -> Rows:
-    """Run cfg.method end to end; the evaluation rows go to RUN/eval/ and the terminal."""
-    t0 = time.perf_counter()
-    session = Session(cfg, run, prepared)
-    try:
-        rows = PIPELINES[cfg.method](session)
-    finally:
-        session.close()
-    table = markdown_table(rows)
-    run.write_json("eval/results.json", rows)
-    run.write_text("eval/table.md", table)
-    run.log("done", method=cfg.method, seconds=time.perf_counter() - t0)
-    say("\n" + table)
-    say(f"finished in {time.perf_counter() - t0:.0f}s; results in {run.path / 'eval'}")
+    """Run cfg.method end to end; the evaluation rows go to RUN/eval/ and the terminal, whose lines are copied to
+    RUN/logs/driver.log."""
+    with transcript(run.path):
+        t0 = time.perf_counter()
+        session = Session(cfg, run, prepared)
+        try:
+            rows = PIPELINES[cfg.method](session)
+        finally:
+            session.close()
+        table = markdown_table(rows)
+        run.write_json("eval/results.json", rows)
+        run.write_text("eval/table.md", table)
+        run.log("done", method=cfg.method, seconds=time.perf_counter() - t0)
+        say("\n" + table)
+        say(f"finished in {duration(time.perf_counter() - t0)}")
+        for line in closing_lines(run.path):
+            say(line)
     return rows

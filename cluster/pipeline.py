@@ -24,10 +24,10 @@ from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
 from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
-from cluster.progress import Progress, say
+from cluster.progress import Progress, TrainingProgress, say
 from cluster.run_dir import RunDir
 from cluster.resume import Resume
-from cluster.runtime import check_backend, check_resources, init_ray, start_actors
+from cluster.runtime import PROGRESS_GROUP, check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import TokenSample, generation_sample, il_samples
@@ -37,6 +37,7 @@ from rollout.runner import EpisodeRunner, RolloutSettings
 
 _READ_ONLY = frozenset({"pid", "versions", "score_reflections"})  # learner calls that change nothing
 _RESTART_WAIT_S = 600.0  # a restarted learner reloads the model and starts DeepSpeed
+_TRAIN_POLL_S = 1.0  # a training call's live line is refreshed this often (one small learner call each time)
 
 
 def derive_seed(*parts: object) -> int:
@@ -308,7 +309,7 @@ class Session:
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))
         self._engines_idle()
         metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr, role_epochs=cfg.role_epochs,
-                            max_tokens_per_batch=cfg.max_tokens_per_batch)
+                            max_tokens_per_batch=cfg.max_tokens_per_batch, watch="sft")
         checkpoint = self.checkpoint("sft")
         self.run.log("train", phase="sft", checkpoint=checkpoint, **metrics)
         say(f"[sft] done: {_brief(metrics)}")
@@ -345,8 +346,9 @@ class Session:
         self.run.log("resume", checkpoint=path)
         self.broadcast(force=True)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A learner method (learners.methods.MethodLearner), waited for.
+    def call(self, method: str, *args: Any, watch: str | None = None, **kwargs: Any) -> Any:
+        """A learner method (learners.methods.MethodLearner), waited for; with `watch` (a training call's phase),
+        under a live progress line.
 
         Learner faults: the calls made since the last checkpoint are journaled. If the learner dies, Ray restarts
         it (learner.restarts), the journal is replayed from that checkpoint's load (adapters, optimizer, step, RNG),
@@ -357,7 +359,7 @@ class Session:
             try:
                 if attempt:
                     self._replay_journal()
-                result = ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+                result = self._wait(getattr(self.actors.learner, method).remote(*args, **kwargs), watch)
                 break
             except ACTOR_DIED:
                 if attempt >= self.cfg.learner.restarts:
@@ -369,6 +371,29 @@ class Session:
             self._journal = [("load_checkpoint_files", (files,), {})]
         elif method not in _READ_ONLY:
             self._journal.append((method, args, kwargs))
+        return result
+
+    def _wait(self, ref: Any, watch: str | None) -> Any:
+        """The call's result; meanwhile, with `watch`, the learner's `progress()` as a live line, and each logged
+        line (every tenth of the steps) as a `train_progress` record in metrics.jsonl."""
+        if watch is None:
+            return ray.get(ref)
+        line = TrainingProgress(watch)
+        poll = self.actors.learner.progress.options(concurrency_group=PROGRESS_GROUP)
+
+        def show(snap: dict[str, Any]) -> None:
+            if line.update(snap):
+                self.run.log("train_progress", phase=watch, **{k: v for k, v in snap.items() if k != "running"})
+
+        while not ray.wait([ref], timeout=_TRAIN_POLL_S)[0]:
+            try:
+                snap = ray.get(poll.remote())
+            except ray.exceptions.RayError:  # the learner died: the call's own result raises it below
+                break
+            if snap["running"]:  # else the previous call's state: this call has not started yet
+                show(snap)
+        result = ray.get(ref)
+        show(ray.get(poll.remote()))  # the last step (a short call may end before the first poll)
         return result
 
     def _replay_journal(self) -> None:
@@ -388,7 +413,7 @@ class Session:
     def train(self, phase: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One learner update (`method` of learners.methods.MethodLearner), then the broadcast."""
         self._engines_idle()
-        metrics = self.call(method, *args, **kwargs)
+        metrics = self.call(method, *args, watch=phase, **kwargs)
         self.run.log("train", phase=phase, **metrics)
         say(f"[{phase}] {_brief(metrics)}")
         if metrics.get("steps"):

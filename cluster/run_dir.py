@@ -8,6 +8,7 @@
   RUN/metrics.jsonl          one JSON object per event, appended (a `learner` record at each start: its dtype, CPU)
   RUN/tensorboard/           the same numbers as TensorBoard scalars (cluster/telemetry.py)
   RUN/eval/                  results.json and table.md
+  RUN/logs/driver.log        what the driver's terminal showed (cluster/console.py)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from envs.cache import resolve_cache_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
+from learners.progress import TrainProgress, tracked
 
 SHARED_ADAPTER = "shared"
 _REF = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
@@ -129,11 +131,28 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
         for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
-        )
+        with _printed_to_log():
+            deepspeed.init_distributed(
+                dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+            )
         atexit.register(_destroy_distributed)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _printed_to_log() -> Iterator[None]:
+    """What DeepSpeed prints while it starts goes to its logger at INFO: it prints `DeepSpeed ... built
+    successfully` at every start, built or loaded from the cache (deepspeed/comm/torch.py:52), and in a Ray actor
+    every print reaches the driver's terminal. If the start fails, the printed text goes to stderr with the error."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
+    for line in buffer.getvalue().splitlines():
+        logging.getLogger("DeepSpeed").info(line)
 
 
 def _destroy_distributed() -> None:
@@ -206,6 +225,7 @@ class Learner:
         self._rng = random.Random(seed)  # batch order; checkpointed
         self._reference: dict[str, dict[str, torch.Tensor]] = {}  # role -> frozen LoRA tensors; checkpointed
         self._plain_grad_norm: float | None = None
+        self._progress = TrainProgress()  # read by `progress()` while a training call runs
         self.init_distributed_s = init_distributed(cache)
 
         torch.manual_seed(seed)  # LoRA A init
@@ -327,6 +347,11 @@ class Learner:
         """The dtype it trains in (what `dtype: auto` resolved to) and the machine it runs on, for the run's record."""
         return {"dtype": str(self.dtype).removeprefix("torch."), "zero_stage": self.zero_stage, **hardware()}
 
+    def progress(self) -> dict[str, Any]:
+        """Where the training call in flight (or the last one) stands: steps, epoch, loss, tokens/s, ETA. A caller
+        reads it from another thread while the call runs (the learner actor serves it in its own concurrency group)."""
+        return self._progress.snapshot()
+
     def pid(self) -> int:
         """The learner's process id (operators and fault-injection tests kill it by pid)."""
         return os.getpid()
@@ -430,7 +455,10 @@ class Learner:
         count = {"steps": 0, "tokens": 0, "seq_tokens": 0, "padded": 0}
         t0 = time.perf_counter()
         for parts in steps:
-            for (batch, objective), (loss, n, extra) in zip(parts, self.optimizer_step(parts)):
+            self._progress.begin_step()
+            done = self.optimizer_step(parts)
+            self._progress.end_step([(loss, n) for loss, n, _ in done], sum(b.n_tokens for b, _ in parts))
+            for (batch, objective), (loss, n, extra) in zip(parts, done):
                 key = tag(batch, objective)
                 acc = sums.setdefault(key, [0.0, 0])
                 acc[0] += loss * n
@@ -461,6 +489,16 @@ class Learner:
         trim_heap()  # the engines serve next on this machine: give the activations back
         return metrics
 
+    def fit_epochs(
+        self,
+        epochs: Sequence[Sequence[Sequence[tuple[Batch, Objective]]]],
+        tag: Callable[[Batch, Objective], str] | None = None,
+    ) -> list[dict[str, float]]:
+        """`fit` each epoch's steps, planned in full first so `progress()` knows the total; one metrics dict per
+        epoch. Planning ahead draws batches from `self._rng` in the same order as planning each epoch in turn."""
+        self._progress.plan([len(e) for e in epochs])
+        return [self.fit(e, tag) for e in epochs]
+
     def prepare(self, samples: Sequence[TokenSample]) -> tuple[list[TokenSample], dict[str, int]]:
         """Samples a step can train on: known roles, under the length cap, with at least one trained token."""
         self._check_roles(samples)
@@ -469,6 +507,7 @@ class Learner:
         return nonempty, {"dropped_long": dropped_long, "dropped_empty": len(kept) - len(nonempty),
                           "samples": len(nonempty)}
 
+    @tracked("il")
     def train_il(
         self,
         samples: Sequence[TokenSample],
@@ -489,12 +528,12 @@ class Learner:
         self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
         per_role = {s.role: (role_epochs or {}).get(s.role, epochs) for s in kept}
-        per_epoch = []
+        plan = []
         for epoch in range(max(per_role.values(), default=epochs)):
             current = [s for s in kept if per_role[s.role] > epoch]
             batches = make_batches(current, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
-            per_epoch.append(self.fit([(b, objective) for b in step.values()] for step in self._steps(batches)))
-        return {**merge_epochs(per_epoch), **counts}
+            plan.append([[(b, objective) for b in step.values()] for step in self._steps(batches)])
+        return {**merge_epochs(self.fit_epochs(plan)), **counts}
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step, before clipping."""
