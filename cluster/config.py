@@ -39,8 +39,10 @@ class ModelCfg(_Strict):
 class EnvCfg(_Strict):
     name: str = "textworld"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the env family's constructor
-    train_tasks: int | None = None  # cap on tasks used per split (None: all the family lists)
-    eval_tasks: int | None = None
+    # Cap on tasks used per split (None: all the family lists). At least 1: a slice by a negative cap would count
+    # from the end, and 0 tasks trains or evaluates nothing.
+    train_tasks: int | None = Field(None, ge=1)
+    eval_tasks: int | None = Field(None, ge=1)
 
 
 class SamplingCfg(_Strict):

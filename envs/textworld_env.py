@@ -125,7 +125,7 @@ class TextWorldEnv(TextEnv):
 
     def __init__(
         self,
-        kinds: Sequence[str] = DEFAULT_KINDS,
+        kinds: Sequence[str] | str = DEFAULT_KINDS,
         n_train: int = 24,
         n_seen: int = 8,
         n_unseen: int = 8,
