@@ -22,6 +22,7 @@ from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
+from cluster.checks import chat_formatter, check_checkpoint, check_model, check_weights, meta_model
 from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, TrainingProgress, say
@@ -100,7 +101,12 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) 
     hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
     plays expert demos (train and demos do; eval does not)."""
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
-    formatter = ChatFormatter(load_tokenizer(model_path))
+    formatter = chat_formatter(model_path)
+    check_weights(model_path)
+    model = meta_model(cfg, model_path)
+    check_model(cfg, model)
+    if cfg.init.checkpoint is not None:
+        check_checkpoint(cfg, model_path, model)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     if needs_demos and not env.has_demos:
         raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "

@@ -3,6 +3,11 @@ no run folder when it can be found before the run starts."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 
 from cluster.cli import main
@@ -51,3 +56,107 @@ def test_env_kwargs_of_the_right_type_still_build():
 def test_cli_env_kwargs_type_error(capsys, tmp_path):
     err = _fails_cleanly(capsys, tmp_path, "model.path=tiny-llama", "env.kwargs={n_train: a}")
     assert "env.kwargs.n_train" in err and "int" in err
+
+
+# -- the model and the starting checkpoint ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory, tiny_model_path) -> Path:
+    """A copy of the tiny model's folder that a test may break."""
+    return Path(shutil.copytree(tiny_model_path, tmp_path_factory.mktemp("model") / "tiny-llama"))
+
+
+def _fresh_copy(model_copy: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_copy, tmp_path / "model"))
+
+
+def test_chat_template_the_formatter_cannot_use_fails_before_the_run(model_copy, tmp_path, capsys):
+    """A template that ends assistant turns without the eos token: preflight builds the formatter, so the error
+    comes before any run folder, not from the first rollout."""
+    model = _fresh_copy(model_copy, tmp_path)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    err = _fails_cleanly(capsys, tmp_path / "runs", f"model.path={model}", command="eval")
+    assert "chat template" in err and "model.path" in err
+
+
+def test_truncated_weights_fail_before_the_run(model_copy, tmp_path, capsys):
+    model = _fresh_copy(model_copy, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = _fails_cleanly(capsys, tmp_path / "runs", f"model.path={model}", command="eval")
+    assert "model.safetensors" in err and "truncated" in err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learner.lora.target_modules=[q_proj, qkv_proj]"], "no module 'qkv_proj'"),
+    (["agent.max_context_tokens=8192"], "agent.max_context_tokens to at most 8096"),
+    (["rollout.backend=vllm", "rollout.dtype=float32", "learner.lora.r=1024"], "learner.lora.r=1024"),
+])
+def test_model_settings_that_do_not_fit_the_model_fail_before_the_run(overrides, message, tmp_path, capsys):
+    err = _fails_cleanly(capsys, tmp_path, "model.path=tiny-llama", *overrides)
+    assert message in err
+
+
+def _fake_checkpoint(folder: Path, tiny_model_path: str, shared: bool = False, r: int = 8, alpha: int = 16,
+                     targets=("q_proj", "v_proj"), model_name: str = "tiny-llama", in_scale: int = 1) -> Path:
+    """A checkpoint folder laid out as learners.learner.Learner.save_checkpoint writes it (learner.json's keys
+    and PEFT state-dict names), with zero tensors: what the start-up check reads without a learner."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.checks import meta_model
+
+    folder.mkdir(parents=True)
+    model = meta_model(load_config(None, ["model.path=tiny-llama"]), tiny_model_path)
+    adapters = ["shared"] if shared else ["actor", "reflector"]
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            out_f, in_f = module.weight.shape
+            for a in adapters:
+                tensors[f"{a}/base_model.model.{name}.lora_A.weight"] = torch.zeros(r, in_f * in_scale)
+                tensors[f"{a}/base_model.model.{name}.lora_B.weight"] = torch.zeros(out_f, r)
+    save_file(tensors, str(folder / "adapters.safetensors"))
+    torch.save({}, folder / "optimizer.pt")
+    torch.save({}, folder / "rng.pt")
+    meta = {"adapters": adapters, "model_path": f"/somewhere/models/{model_name}", "dtype": "torch.float32",
+            "lora": {"r": r, "lora_alpha": alpha, "target_modules": sorted(targets)}}
+    (folder / "learner.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("made, message", [
+    ({"shared": True}, "learner.shared_adapter=True there, False here"),
+    ({"r": 16}, "learner.lora.r=16 there, 8 here"),
+    ({"alpha": 32}, "learner.lora.alpha=32 there, 16 here"),
+    ({"targets": ("q_proj", "k_proj", "v_proj")}, "learner.lora.target_modules"),
+    ({"model_name": "smollm2-135m"}, "model.path='smollm2-135m' there, 'tiny-llama' here"),
+    ({"in_scale": 2}, "another model.path or LoRA shape"),
+])
+def test_init_checkpoint_that_does_not_fit_is_refused_at_start(made, message, tiny_model_path, tmp_path):
+    from cluster.checks import check_checkpoint, meta_model
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", tiny_model_path)  # the fitting one passes
+    cfg = load_config(None, ["model.path=tiny-llama", f"init.checkpoint={ckpt}"])
+    model = meta_model(cfg, tiny_model_path)
+    check_checkpoint(cfg, tiny_model_path, model)
+    bad = _fake_checkpoint(tmp_path / "bad", tiny_model_path, **made)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_checkpoint(cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": str(bad)})}),
+                         tiny_model_path, model)
+
+
+def test_init_checkpoint_with_missing_or_corrupt_files_fails_before_the_run(tiny_model_path, tmp_path, capsys):
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", tiny_model_path)
+    (ckpt / "optimizer.pt").unlink()
+    err = _fails_cleanly(capsys, tmp_path / "runs", "model.path=tiny-llama", f"init.checkpoint={ckpt}",
+                         command="eval")
+    assert "missing optimizer.pt" in err and "init.checkpoint" in err
+    torch_save_empty = (ckpt / "rng.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(torch_save_empty)
+    weights = ckpt / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    err = _fails_cleanly(capsys, tmp_path / "runs", "model.path=tiny-llama", f"init.checkpoint={ckpt}",
+                         command="eval")
+    assert "adapters.safetensors is corrupt or truncated" in err
