@@ -28,7 +28,7 @@ from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, TrainingProgress, say
 from cluster.run_dir import RunDir
 from cluster.resume import Resume
-from cluster.runtime import PROGRESS_GROUP, check_backend, check_resources, init_ray, start_actors
+from cluster.runtime import PROGRESS_GROUP, check_address, check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import TokenSample, generation_sample, il_samples
@@ -100,6 +100,7 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) 
     resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
     hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
     plays expert demos (train and demos do; eval does not)."""
+    check_address(cfg)
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     formatter = chat_formatter(model_path)
     check_weights(model_path)

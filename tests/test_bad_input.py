@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,22 @@ def test_init_checkpoint_with_missing_or_corrupt_files_fails_before_the_run(tiny
     err = _fails_cleanly(capsys, tmp_path / "runs", "model.path=tiny-llama", f"init.checkpoint={ckpt}",
                          command="eval")
     assert "adapters.safetensors is corrupt or truncated" in err
+
+
+# -- Ray ------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    (lambda: f"127.0.0.1:{_free_port()}", "nothing answers at 127.0.0.1:"),
+    (lambda: f"ray://127.0.0.1:{_free_port()}", "nothing answers at 127.0.0.1:"),
+    (lambda: "headnode", "is not host:port"),
+])
+def test_unreachable_ray_address_fails_fast_before_the_run(address, message, tmp_path, capsys):
+    """Ray itself would retry the GCS for minutes and then raise a traceback."""
+    start = time.monotonic()
+    err = _fails_cleanly(capsys, tmp_path, "model.path=tiny-llama", f"ray.address={address()}", command="eval")
+    assert message in err and "ray.address" in err and time.monotonic() - start < 60
