@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors the user can fix are one line naming the fix, and a non-zero exit; anything else is a bug.
     from agents.model import ModelError
     from envs.core import EnvError
+    from rollout.store import StoreError
 
     try:
         from cluster.console import TRANSCRIPT, transcript
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
-        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval")
-        run = RunDir(resume) if resume else RunDir.create(cfg)
+        resumed = RunDir(resume) if resume else None
+        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed)
+        run = resumed or RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     session.close()
                 print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
                 print(f"log: {run.path / TRANSCRIPT}")
-    except (ConfigError, ModelError, EnvError) as exc:
+    except (ConfigError, ModelError, EnvError, StoreError) as exc:
         print(f"retrorl: error: {exc}", file=sys.stderr)
         return 2
     finally:

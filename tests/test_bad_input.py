@@ -10,12 +10,18 @@ import socket
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from agents.trajectory import Episode, Generation, Step, Trial, new_episode_id
 from cluster.cli import main
 from cluster.config import ConfigError, load_config
 from envs import make_env
+from cluster.replay import replayed_round
+from cluster.run_dir import RunDir
 from envs.core import EnvError
+from rollout.store import SCHEMA, StoreError, TrajectoryStore
 
 
 def _fails_cleanly(capsys, tmp_path, *overrides: str, command: str = "train") -> str:
@@ -181,3 +187,63 @@ def test_unreachable_ray_address_fails_fast_before_the_run(address, message, tmp
     start = time.monotonic()
     err = _fails_cleanly(capsys, tmp_path, "model.path=tiny-llama", f"ray.address={address()}", command="eval")
     assert message in err and "ray.address" in err and time.monotonic() - start < 60
+
+
+# -- stored trajectories ------------------------------------------------------------------------------------------
+def _episode(task: str = "treasure-train-0000") -> Episode:
+    gen = Generation("actor", [1, 2], [3], [-0.7], 1, "Action: go east")
+    trial = Trial(0, [], [Step("obs", "go east", "", 0.0, 1.0, True, True, gen)], ret=1.0, success=True)
+    return Episode(new_episode_id(), "textworld", task, "train", "rollout", [trial])
+
+
+def _break(kind: str, folder: Path) -> Path:
+    """A part under `folder` spoiled as `kind`; returns its path."""
+    store = TrajectoryStore(folder)
+    good = store.append([_episode()], phase="demos")
+    bad = folder / "part-000001.parquet"
+    if kind == "corrupt":
+        bad.write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    elif kind == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "foreign":
+        pq.write_table(pa.table({"x": [1, 2]}), bad)
+    elif kind == "old-record":  # the current columns, a record from an older Episode layout
+        record = _episode().to_dict()
+        del record["trials"]
+        row = {"episode_id": "old", "env": "textworld", "task_id": "t", "split": "train", "source": "rollout",
+               "phase": "demos", "num_trials": 1, "first_return": 0.0, "final_return": 0.0, "success": False,
+               "record": json.dumps(record)}
+        pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), bad)
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "foreign", "old-record"])
+def test_unreadable_trajectory_part_is_one_error_naming_the_file(kind, tmp_path):
+    bad = _break(kind, tmp_path / "trajectories")
+    with pytest.raises(StoreError, match=re.escape(str(bad)) + ".*move it out of"):
+        list(TrajectoryStore(tmp_path / "trajectories").phased_episodes())
+
+
+@pytest.mark.parametrize("kind", ["truncated", "old-record"])
+def test_resume_with_an_unreadable_part_exits_2_naming_it(kind, tmp_path, capsys):
+    """`--resume` reads every stored episode in preflight, before Ray or an actor starts."""
+    cfg = load_config(None, [f"run_root={tmp_path}", "model.path=tiny-llama",
+                             "env.kwargs={n_train: 1, n_seen: 1, n_unseen: 1}"])
+    run = RunDir.create(cfg)
+    bad = _break(kind, run.path / "trajectories")
+    before = sorted(p.name for p in (run.path / "trajectories").iterdir())
+    assert main(["train", "--resume", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retrorl: error: ") and err.count("\n") == 1 and str(bad) in err
+    assert sorted(p.name for p in (run.path / "trajectories").iterdir()) == before  # nothing written
+
+
+def test_replay_source_with_an_unreadable_part_fails_before_the_run(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "learner.json").write_text("{}")
+    source = RunDir.create(load_config(None, [f"run_root={tmp_path / 'src'}", f"init.checkpoint={ckpt}"]))
+    bad = _break("corrupt", source.path / "trajectories")
+    cfg = load_config(None, [f"init.checkpoint={ckpt}", f"retroact.replay={source.path}"])
+    with pytest.raises(StoreError, match=re.escape(str(bad))):
+        replayed_round(cfg, [("treasure-train-0000", "train")], "explore-1")
