@@ -247,3 +247,29 @@ def test_replay_source_with_an_unreadable_part_fails_before_the_run(tmp_path, ca
     cfg = load_config(None, [f"init.checkpoint={ckpt}", f"retroact.replay={source.path}"])
     with pytest.raises(StoreError, match=re.escape(str(bad))):
         replayed_round(cfg, [("treasure-train-0000", "train")], "explore-1")
+
+
+# -- cached games ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_cached_textworld_game_missing_or_corrupt_is_rebuilt(damage, tmp_path):
+    """A cached game's story file lost or damaged: the next prepare() builds it again, and it plays."""
+    from envs import TextWorldEnv
+
+    source = TextWorldEnv(kinds=["treasure"], n_train=1, n_seen=0, n_unseen=0, n_valid=0)  # the shared cache
+    source.prepare()
+    task = source.tasks("train")[0]
+    env = TextWorldEnv(kinds=["treasure"], n_train=1, n_seen=0, n_unseen=0, n_valid=0, cache_dir=tmp_path)
+    dest = Path(env._specs("train")[0]["dest"])
+    shutil.copytree(Path(source._meta(task.task_id)["dir"]), dest)  # a cached game, without building one here
+    game = dest / "tw-game.z8"
+    if damage == "missing":
+        game.unlink()
+    elif damage == "truncated":
+        game.write_bytes(game.read_bytes()[:4096])
+    else:
+        game.write_bytes(b"\x00" * 4096)
+    env.prepare()
+    obs, info = env.reset(options={"task": task.task_id})
+    assert obs and info["instruction"] == source.reset(options={"task": task.task_id})[1]["instruction"]
+    env.close()
+    source.close()
