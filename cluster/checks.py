@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from agents.chat import ChatFormatter
 from agents.model import ModelError, load_tokenizer
 from agents.trajectory import ROLES
 from cluster.config import Config, ConfigError
+from learners.batching import TokenSample, cap_length
 
 
 def chat_formatter(model_path: str) -> ChatFormatter:
@@ -151,3 +152,15 @@ def _lora_shape_problem(key: str, shape: tuple[int, ...], r: int, modules: dict[
     out_features, in_features = weight.shape[0], weight.shape[-1]
     expected = (r, in_features) if part.startswith("A") else (out_features, r)
     return None if shape == expected else f"{key} has shape {list(shape)}, this model and rank need {list(expected)}"
+
+
+def check_il_samples(samples: Sequence[TokenSample], max_sample_tokens: int) -> None:
+    """IL has something to train on: a learner.max_sample_tokens below every sample's length would drop them all
+    (the learner drops, never truncates), SFT would take 0 steps, and the run would go on from the base model."""
+    kept, _ = cap_length(samples, max_sample_tokens)
+    if samples and not kept:
+        shortest = min(len(s) for s in samples)
+        raise ConfigError(f"learner.max_sample_tokens={max_sample_tokens} drops all {len(samples)} IL samples (the "
+                          f"shortest has {shortest} tokens), so SFT would take 0 steps: set "
+                          f"learner.max_sample_tokens to at least {shortest} (or shorten the demos: "
+                          "agent.memory_size, agent.max_steps)")

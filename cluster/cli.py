@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from envs.core import EnvError
     from rollout.store import StoreError
 
+    run = None
     try:
         from cluster.console import TRANSCRIPT, transcript
         from cluster.methods import run_method
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
                 print(f"log: {run.path / TRANSCRIPT}")
     except (ConfigError, ModelError, EnvError, StoreError) as exc:
-        print(f"retrorl: error: {exc}", file=sys.stderr)
+        where = ""
+        if run is not None:  # found only once the run was under way: its folder says so (metrics.jsonl)
+            run.log("failed", error=str(exc))
+            where = f" (run directory {run.path}, marked failed in its metrics.jsonl)"
+        print(f"retrorl: error: {exc}{where}", file=sys.stderr)
         return 2
     finally:
         ray = sys.modules.get("ray")

@@ -273,3 +273,33 @@ def test_cached_textworld_game_missing_or_corrupt_is_rebuilt(damage, tmp_path):
     assert obs and info["instruction"] == source.reset(options={"task": task.task_id})[1]["instruction"]
     env.close()
     source.close()
+
+
+# -- found mid-run ------------------------------------------------------------------------------------------------
+def test_max_sample_tokens_that_drops_every_il_sample_is_an_error():
+    from cluster.checks import check_il_samples
+    from learners.batching import TokenSample
+
+    samples = [TokenSample([1] * n, [0] * (n - 1) + [1], "actor") for n in (300, 500)]
+    check_il_samples(samples, 300)  # one fits: IL trains on it
+    with pytest.raises(ConfigError, match="learner.max_sample_tokens=299 drops all 2 IL samples.*at least 300"):
+        check_il_samples(samples, 299)
+
+
+def test_bad_input_found_mid_run_marks_the_run_failed(tmp_path, capsys, monkeypatch):
+    """An error only the method can find (here: IL's samples all too long) exits 2 with one line naming the run
+    folder, which records a `failed` event."""
+    import cluster.methods
+    import cluster.pipeline
+    from cluster.run_dir import read_metrics
+
+    def method(cfg, run, prepared):
+        raise ConfigError("learner.max_sample_tokens=64 drops all 3 IL samples")
+
+    monkeypatch.setattr(cluster.pipeline, "preflight", lambda *a, **k: None)
+    monkeypatch.setattr(cluster.methods, "run_method", method)
+    assert main(["train", "--set", f"run_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    (run,) = tmp_path.iterdir()
+    assert err.count("\n") == 1 and "learner.max_sample_tokens" in err and str(run) in err
+    assert [r["event"] for r in read_metrics(run / "metrics.jsonl")] == ["failed"]
