@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     # Errors the user can fix are one line naming the fix, and a non-zero exit; anything else is a bug.
     from agents.model import ModelError
     from envs.core import EnvError
+    from rollout.store import StoreError
 
+    run = None
     try:
         from cluster.console import TRANSCRIPT, transcript
         from cluster.methods import run_method
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
-        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval")
-        run = RunDir(resume) if resume else RunDir.create(cfg)
+        resumed = RunDir(resume) if resume else None
+        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed)
+        run = resumed or RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
@@ -104,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                     session.close()
                 print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
                 print(f"log: {run.path / TRANSCRIPT}")
-    except (ConfigError, ModelError, EnvError) as exc:
-        print(f"retrorl: error: {exc}", file=sys.stderr)
+    except (ConfigError, ModelError, EnvError, StoreError) as exc:
+        where = ""
+        if run is not None:  # found only once the run was under way: its folder says so (metrics.jsonl)
+            run.log("failed", error=str(exc))
+            where = f" (run directory {run.path}, marked failed in its metrics.jsonl)"
+        print(f"retrorl: error: {exc}{where}", file=sys.stderr)
         return 2
     finally:
         ray = sys.modules.get("ray")

@@ -39,8 +39,10 @@ class ModelCfg(_Strict):
 class EnvCfg(_Strict):
     name: str = "textworld"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the env family's constructor
-    train_tasks: int | None = None  # cap on tasks used per split (None: all the family lists)
-    eval_tasks: int | None = None
+    # Cap on tasks used per split (None: all the family lists). At least 1: a slice by a negative cap would count
+    # from the end, and 0 tasks trains or evaluates nothing.
+    train_tasks: int | None = Field(None, ge=1)
+    eval_tasks: int | None = Field(None, ge=1)
 
 
 class SamplingCfg(_Strict):
@@ -335,12 +337,19 @@ class Config(_Strict):
         return self.name or f"{self.env.name}-{self.method}"
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line (its str() spans several, with a caret drawing): the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def _parse_value(raw: str) -> Any:
     """`--set` values are YAML scalars/lists: 3, 0.5, true, null, [a, b], text."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse value {raw!r}: {exc}") from exc
+        raise ConfigError(f"cannot parse value {raw!r}: {_yaml_problem(exc)}") from exc
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -384,7 +393,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     parent = data.pop("extends", None)

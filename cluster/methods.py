@@ -21,7 +21,6 @@ from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
 from cluster.console import closing_lines, transcript
 from cluster.progress import duration, say
-from cluster.replay import replayed_round
 from cluster.run_dir import RunDir
 from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
 
@@ -136,11 +135,9 @@ def retroact(session: Session) -> Rows:
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
     tasks = session.explore_tasks()
-    # Checked before any work: a replay that does not fit this run fails at start. A --resume finds its copy
-    # stored (one part, written atomically) and reuses it like a played round, without the source.
-    replayed = None
-    if r.replay is not None and not session.resume.episodes.get("explore-1"):
-        replayed = replayed_round(cfg, tasks, "explore-1")
+    # Read and checked by preflight, before the run directory existed. A --resume finds its copy stored (one
+    # part, written atomically) and reuses it like a played round, without the source.
+    replayed = session.replayed
     demos, rows = _start(session)
     imitation = session.imitation(demos)
     rounds = [Round(f"explore-{i + 1}", r.trials,

@@ -22,12 +22,15 @@ from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
+from cluster.checks import (chat_formatter, check_checkpoint, check_il_samples, check_model, check_weights,
+                            meta_model)
 from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, TrainingProgress, say
+from cluster.replay import replayed_round
 from cluster.run_dir import RunDir
 from cluster.resume import Resume
-from cluster.runtime import PROGRESS_GROUP, check_backend, check_resources, init_ray, start_actors
+from cluster.runtime import PROGRESS_GROUP, check_address, check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import TokenSample, generation_sample, il_samples
@@ -73,10 +76,13 @@ def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
 
 @dataclass
 class Prepared:
-    """What `preflight` checked and built: the model folder and the driver's env (for task lists)."""
+    """What `preflight` checked and built: the model folder, the driver's env (for task lists), on --resume what
+    the run directory holds, and retroact.replay's episodes when this run still needs them."""
 
     model_path: str
     env: TextEnv
+    resume: Resume | None = None
+    replayed: list[Episode] | None = None
 
 
 def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> None:
@@ -94,13 +100,21 @@ def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> No
                           "or more")
 
 
-def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) -> Prepared:
+def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
+              run: RunDir | None = None) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
-    resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
-    hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
-    plays expert demos (train and demos do; eval does not)."""
+    resolves (converted once if needed) and fits the config (cluster/checks.py), the env family builds its tasks
+    (games generated once, here), a resumed run's stored episodes and retroact.replay's source read back, and Ray
+    can hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
+    plays expert demos (train and demos do; eval does not). `run`: the run directory of a --resume."""
+    check_address(cfg)
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
-    formatter = ChatFormatter(load_tokenizer(model_path))
+    formatter = chat_formatter(model_path)
+    check_weights(model_path)
+    model = meta_model(cfg, model_path)
+    check_model(cfg, model)
+    if cfg.init.checkpoint is not None:
+        check_checkpoint(cfg, model_path, model)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     if needs_demos and not env.has_demos:
         raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "
@@ -113,10 +127,14 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) 
         raise ConfigError(f"demos.tasks={cfg.demos.tasks} gives expert demos to every training task, so "
                           f"{cfg.method} has none left to explore: lower demos.tasks, or list more training tasks "
                           "(env.train_tasks, or the env's own count such as env.kwargs.n_train)")
+    resume = Resume.of(run) if run is not None else None
+    replayed = None
+    if cfg.retroact.replay is not None and not (resume and resume.episodes.get("explore-1")):
+        replayed = replayed_round(cfg, train_tasks(cfg, env)[1], "explore-1")
     check_backend(cfg)
     init_ray(cfg)
     check_resources(cfg, with_learner)
-    return Prepared(model_path, env)
+    return Prepared(model_path, env, resume, replayed)
 
 
 class Session:
@@ -131,7 +149,9 @@ class Session:
         self.engines = EnginePool(self.actors.engines, retries=cfg.rollout.engine_restarts)
         self._journal: list[tuple[str, tuple, dict]] = []  # learner calls since its last checkpoint (see `call`)
         self.learner_restarts = 0
-        self.resume = Resume.of(run)  # what the run directory already holds (empty for a new run)
+        # What the run directory already holds (empty for a new run; preflight read a --resume's).
+        self.resume = prepared.resume if prepared.resume is not None else Resume.of(run)
+        self.replayed = prepared.replayed  # retroact.replay's round 1, if this run still needs it
         self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
         self._asleep = False  # engines sleeping while the learner trains (rollout.vllm.sleep_while_training)
         learner = ""
@@ -304,6 +324,7 @@ class Session:
             return {k: v for k, v in record.items() if k not in ("time", "event", "phase", "checkpoint")}
         cfg = self.cfg.learner
         samples = self.imitation(episodes)
+        check_il_samples(samples, cfg.max_sample_tokens)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
         say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,29 @@ def init_ray(cfg: Config) -> None:
         where = f"local on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
     dashboard = f", dashboard {context.dashboard_url}" if context.dashboard_url else ""
     say(f"Ray: {where}{dashboard}")
+
+
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(cfg: Config) -> None:
+    """A cluster address (ray.address or RAY_ADDRESS) answers, checked with one TCP connect before ray.init: Ray
+    2.60 given an address where nothing listens tries the GCS 20 times (ray/_private/node.py:975-1013,
+    NUM_REDIS_GET_RETRIES at ray/_private/ray_constants.py:665), each attempt waiting ~35 s on its client's timeouts
+    with a warning every few seconds, and then raises a RuntimeError: minutes of log lines, then a traceback.
+    `auto` / `local` are left to Ray, which fails fast when it finds nothing (ray/_private/services.py:751-757)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    setting = "ray.address" if cfg.ray.address else "RAY_ADDRESS (environment)"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{setting}={address!r} is not host:port (or ray://host:port, auto): fix {setting}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"{setting}={address!r}: nothing answers at {host}:{port} ({exc}); start the cluster "
+                          f"(`ray start --head` there) or fix {setting}, or drop it to start a local Ray") from None
 
 
 class _DropNotice(logging.Filter):

@@ -103,7 +103,7 @@ class SciWorldEnv(TextEnv):
 
     def __init__(
         self,
-        task_names: Sequence[str] | None = None,
+        task_names: Sequence[str] | str | None = None,
         per_task: dict[str, int | None] | None = None,
         eto_step_limits: bool = True,
         with_admissible: bool = False,

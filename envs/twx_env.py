@@ -118,7 +118,7 @@ class TwxEnv(TextEnv):
 
     def __init__(
         self,
-        games: Sequence[str] = DEFAULT_GAMES,
+        games: Sequence[str] | str = DEFAULT_GAMES,
         n_train: int | None = 50,
         n_seen: int | None = 10,
         n_unseen: int | None = 10,

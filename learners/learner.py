@@ -48,7 +48,9 @@ from learners.losses import il_loss, token_logprobs
 from learners.progress import TrainProgress, tracked
 
 SHARED_ADAPTER = "shared"
-_REF = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
+REFERENCE_PREFIX = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
+# What `save_checkpoint` writes; a folder missing one is not a checkpoint `load_checkpoint` can read.
+CHECKPOINT_FILES = ("learner.json", "adapters.safetensors", "optimizer.pt", "rng.pt")
 # Architectures whose logits are exactly lm_head(final hidden state); for them only scored positions go through
 # the LM head (a third of SmolLM2's FLOPs, and the [N, vocab] buffer shrinks to agent tokens only).
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
@@ -604,7 +606,8 @@ class Learner:
         final = Path(path)
         with staged_dir(final) as tmp:
             tensors = {f"{a}/{k}": v for a in self.adapter_names for k, v in self.adapter_tensors(a).items()}
-            tensors.update({f"{_REF}{r}/{k}": v for r, ref in self._reference.items() for k, v in ref.items()})
+            tensors.update({f"{REFERENCE_PREFIX}{r}/{k}": v
+                            for r, ref in self._reference.items() for k, v in ref.items()})
             save_file(tensors, str(tmp / "adapters.safetensors"))
             masters = self._master_tensors()
             torch.save(
@@ -668,8 +671,8 @@ class Learner:
             self._set_adapter_tensors(a, {k[len(a) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{a}/")})
         self._reference = {}
         for key, value in tensors.items():
-            if key.startswith(_REF):
-                role, name = key[len(_REF):].split("/", 1)
+            if key.startswith(REFERENCE_PREFIX):
+                role, name = key[len(REFERENCE_PREFIX):].split("/", 1)
                 self._reference.setdefault(role, {})[name] = value
         self._set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         self.step = int(meta["step"])

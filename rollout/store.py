@@ -8,6 +8,7 @@ columns for pandas / pyarrow queries plus the full record as JSON (`record`) tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,10 @@ SCHEMA = pa.schema(
 )
 
 
+class StoreError(ValueError):
+    """A part under trajectories/ cannot be read as this store's episodes; the message names the file and the fix."""
+
+
 class TrajectoryStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -43,8 +48,22 @@ class TrajectoryStore:
         self._ids: set[str] = set()
         self._next_part = 0
         for part in self._parts():
-            self._ids.update(pq.read_table(part, columns=["episode_id"]).column(0).to_pylist())
-            self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+            with self._reading(part):
+                if not pq.read_schema(part).equals(SCHEMA):
+                    raise ValueError("not a retrorl trajectory part: its columns differ from rollout.store.SCHEMA")
+                self._ids.update(pq.read_table(part, columns=["episode_id"]).column(0).to_pylist())
+                self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+
+    @contextlib.contextmanager
+    def _reading(self, part: Path) -> Iterator[None]:
+        """Any failure to read `part` (corrupt, truncated, foreign, an old record layout) as one StoreError."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow's and the record's errors vary; all mean "unreadable"
+            raise StoreError(f"{part} cannot be read ({type(exc).__name__}: {exc}); move it out of {self.root} "
+                             "(its episodes are then played again) or restore it from a copy") from exc
 
     def _parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet"))
@@ -96,6 +115,8 @@ class TrajectoryStore:
     def phased_episodes(self) -> Iterator[tuple[str, Episode]]:
         """(phase, episode) for every stored episode, in the order they were appended."""
         for part in self._parts():
-            table = pq.read_table(part, columns=["phase", "record"])
-            for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                yield row_phase, Episode.from_dict(json.loads(record))
+            with self._reading(part):  # a part is decoded whole before any of its episodes is handed out
+                table = pq.read_table(part, columns=["phase", "record"])
+                rows = [(row_phase, Episode.from_dict(json.loads(record)))
+                        for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
+            yield from rows

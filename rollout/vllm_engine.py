@@ -115,7 +115,7 @@ class VLLMEngine(EngineShell):
         if enforce_eager is None:
             enforce_eager = not self.on_gpu
         if max_model_len is not None:
-            max_model_len = min(max_model_len, _model_positions(model_path))
+            max_model_len = min(max_model_len, model_positions(model_path))
         args = AsyncEngineArgs(
             model=str(model_path),
             dtype=self.dtype,
@@ -124,7 +124,7 @@ class VLLMEngine(EngineShell):
             max_model_len=max_model_len,
             max_num_seqs=self.max_batch_size,
             enable_lora=True,
-            max_lora_rank=_lora_rank_slot(int(opts["r"])),
+            max_lora_rank=lora_rank_slot(int(opts["r"])),
             # Two versions of every role may be live at once (in-flight requests on the old one).
             max_loras=2 * len(self.roles),
             max_cpu_loras=2 * len(self.roles),
@@ -340,7 +340,7 @@ def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
     return "float32"  # "auto" on CPU
 
 
-def _model_positions(model_path: str) -> int:
+def model_positions(model_path: str) -> int:
     """The model's own context length (what vLLM would take as max_model_len)."""
     from transformers import AutoConfig
 
@@ -348,9 +348,14 @@ def _model_positions(model_path: str) -> int:
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 
-def _lora_rank_slot(r: int) -> int:
-    """vLLM sizes LoRA buffers for one of a few ranks; the smallest that holds `r`."""
-    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
+# max_lora_rank values vLLM accepts (vllm/config/lora.py:26, MaxLoRARanks, which also has 1); it sizes its LoRA
+# buffers for the one given, so a rank above the last cannot be served.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(r: int) -> int:
+    """The smallest rank vLLM sizes its LoRA buffers for that holds `r`."""
+    for slot in VLLM_LORA_RANKS:
         if r <= slot:
             return slot
-    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported rank (512)")
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported rank ({VLLM_LORA_RANKS[-1]})")
