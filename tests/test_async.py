@@ -50,6 +50,11 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
         # also landed before its last step depends on timing, so only the bound is checked on what it holds.
         assert 0 in _versions(second) and _versions(second) <= {0, 1}
         assert session.call("versions")["actor"] == 1
+        # Overlap in time, from the records: round 2's rollout (its end and length) spans part of update 1.
+        events = session.run.metrics()
+        (update,) = [e for e in events if e["event"] == "train" and e["phase"] == "update-1"]
+        (played,) = [e for e in events if e["event"] == "rollout" and e["phase"] == "explore-2"]
+        assert played["time"] - played["seconds"] < update["time"] and update["time"] - update["time_s"] < played["time"]
         samples = [s for e in second for s in actor_samples(e) + reflector_samples(e)]
         kept, counts = bound_policy_lag(samples, session.call("versions"), 0)
         assert counts["lag_max"] == 1 and counts["stale_dropped"] > 0  # the version-0 samples are 1 behind

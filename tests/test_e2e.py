@@ -134,10 +134,10 @@ def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["eto", "retroformer"])
-def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
+def test_eto_from_sft_checkpoint(sft_run, tmp_path):
+    """(Retroformer from a checkpoint, with updates, reward model and best-of-n: tests/test_updates_e2e.py.)"""
     sft, sft_rows = sft_run
-    _check_method(sft, tmp_path, method, [])
+    _check_method(sft, tmp_path, "eto", [])
 
 
 @pytest.mark.slow
@@ -190,7 +190,8 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
         assert any(after[t].completion_ids != sft_first[t].completion_ids for t in after)
     else:
         # The random model never wins, so no rating differs from 0 and no actor return is positive: the
-        # filters leave nothing to train, nothing is published, and the eval is the SFT policy's.
+        # filters leave nothing to train, nothing is published, and the eval is the SFT policy's. (Updates
+        # with non-zero rewards, on a task the tiny model wins: tests/test_updates_e2e.py.)
         assert trained == []
         assert all(after[t].completion_ids == sft_first[t].completion_ids for t in after)
     return run
