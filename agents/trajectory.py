@@ -60,13 +60,6 @@ class Trial:
     format_errors: int = 0
     reflection: Generation | None = None  # written after this trial when it failed and trials remain
 
-    @property
-    def actor_ids(self) -> list[int]:
-        if not self.steps:
-            return []
-        last = self.steps[-1].generation
-        return last.prompt_ids + last.completion_ids
-
 
 @dataclass
 class Episode:

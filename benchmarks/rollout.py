@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,10 +24,12 @@ import ray  # noqa: E402
 
 from agents.chat import ChatFormatter  # noqa: E402
 from agents.model import load_tokenizer, resolve_model  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from cluster.pipeline import rollout_settings  # noqa: E402
 from rollout.engine import SamplingParams  # noqa: E402
 from rollout.engine_pool import EnginePool  # noqa: E402
 from rollout.hf_engine import HFEngine  # noqa: E402
-from rollout.runner import EpisodeRunner, RolloutSettings  # noqa: E402
+from rollout.runner import EpisodeRunner  # noqa: E402
 from rollout.workers import EnvWorker  # noqa: E402
 
 
@@ -53,9 +56,9 @@ def main() -> None:
     naive_worker = ray.remote(EnvWorker).options(num_cpus=0).remote("textworld", env_kwargs, 1)
     tasks = [(t.task_id, "seen") for t in ray.get(naive_worker.tasks.remote("seen"))][: args.episodes]
     # Sampled like RL exploration, one trial, a step cap so the naive loop finishes in minutes.
-    settings = RolloutSettings(trials=1, reflect=False,
-                               actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens),
-                               max_steps=args.max_steps, seed=0)
+    default = rollout_settings(load_config().agent, trials=1, seed=0)  # the main job's agent
+    settings = replace(default, reflect=False, max_steps=args.max_steps,
+                       actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens))
     full = EpisodeRunner(EnginePool([engine]), full_workers, per_worker, formatter, "textworld", settings)
     naive = EpisodeRunner(EnginePool([engine]), [naive_worker], 1, formatter, "textworld", settings)
     asyncio.run(full.run(tasks[:2]))  # warm-up: first-call costs off the clock

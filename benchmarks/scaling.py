@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,10 +31,12 @@ from agents.chat import ChatFormatter  # noqa: E402
 from agents.episode import TrialBuilder  # noqa: E402
 from agents.memory import ReflectionMemory  # noqa: E402
 from agents.model import load_tokenizer, resolve_model  # noqa: E402
+from cluster.config import load_config  # noqa: E402
+from cluster.pipeline import rollout_settings  # noqa: E402
 from rollout.engine import SamplingParams  # noqa: E402
 from rollout.engine_pool import EnginePool  # noqa: E402
 from rollout.hf_engine import HFEngine  # noqa: E402
-from rollout.runner import EpisodeRunner, RolloutSettings  # noqa: E402
+from rollout.runner import EpisodeRunner  # noqa: E402
 from rollout.workers import EnvWorker  # noqa: E402
 
 WORKERS = (1, 2, 4)
@@ -81,9 +84,9 @@ def bench_rollout(args, model: str, formatter: ChatFormatter, rows: list) -> dic
     pools = {n: [ray.remote(EnvWorker).options(num_cpus=0).remote("textworld", kwargs, -(-args.episodes // n))
                  for _ in range(n)] for n in WORKERS}
     tasks = [(t.task_id, "seen") for t in ray.get(pools[1][0].tasks.remote("seen"))][: args.episodes]
-    settings = RolloutSettings(trials=1, reflect=False,
-                               actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens),
-                               max_steps=args.max_steps, seed=0)
+    default = rollout_settings(load_config().agent, trials=1, seed=0)  # the main job's agent
+    settings = replace(default, reflect=False, max_steps=args.max_steps,
+                       actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens))
 
     def runner(n: int, r: int) -> EpisodeRunner:
         return EpisodeRunner(EnginePool(engines[r]), pools[n], -(-args.episodes // n), formatter, "textworld",

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with a method (demos, SFT or a checkpoint, the method, eval, table)")
     common(train)
     train.add_argument("--method", choices=["sft", "eto", "retroformer", "retroact"],
-                       help="training method (default: the config's `method`, retroact in configs/default.yaml)")
+                       help="training method (default: the config's `method`, retroact by default)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped run in RUN_DIR with its own config: stored episodes are reused and "
                             "finished rounds are not run again")
@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     # Errors the user can fix are one line naming the fix, and a non-zero exit; anything else is a bug.
     from agents.model import ModelError
     from envs.core import EnvError
+    from rollout.store import StoreError
 
+    run = None
     try:
-        from agents.trajectory import ACTOR
+        from cluster.console import TRANSCRIPT, transcript
         from cluster.methods import run_method
         from cluster.pipeline import Session, preflight
         from cluster.run_dir import RunDir
@@ -88,43 +90,61 @@ def main(argv: list[str] | None = None) -> int:
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
-        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval")
-        run = RunDir(resume) if resume else RunDir.create(cfg)
+        resumed = RunDir(resume) if resume else None
+        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed)
+        run = resumed or RunDir.create(cfg)
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
-            from cluster.evaluation import markdown_table
-
-            session = Session(cfg, run, prepared, with_learner=with_learner)
-            try:
-                label = "base"
-                if cfg.init.checkpoint is not None:
-                    label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
-                    if args.untrained_reflector:
-                        session.start_policy([], roles=[ACTOR])
-                        label = f"Reflexion ({label} actor)"
-                    else:
-                        session.start_policy([])
-                rows = session.evaluate(label)
-            finally:
-                session.close()
-            run.write_json("eval/results.json", rows)
-            print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
+            with transcript(run.path):
+                _evaluate(cfg, run, prepared, with_learner, args.untrained_reflector)
         elif args.command == "demos":
-            session = Session(cfg, run, prepared, with_learner=False)
-            try:
-                episodes = session.demos(session.il_tasks())
-            finally:
-                session.close()
-            print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
-    except (ConfigError, ModelError, EnvError) as exc:
-        print(f"retrorl: error: {exc}", file=sys.stderr)
+            with transcript(run.path):
+                session = Session(cfg, run, prepared, with_learner=False)
+                try:
+                    episodes = session.demos(session.il_tasks())
+                finally:
+                    session.close()
+                print(f"{len(episodes)} expert episodes in {run.path / 'trajectories'}")
+                print(f"log: {run.path / TRANSCRIPT}")
+    except (ConfigError, ModelError, EnvError, StoreError) as exc:
+        where = ""
+        if run is not None:  # found only once the run was under way: its folder says so (metrics.jsonl)
+            run.log("failed", error=str(exc))
+            where = f" (run directory {run.path}, marked failed in its metrics.jsonl)"
+        print(f"retrorl: error: {exc}{where}", file=sys.stderr)
         return 2
     finally:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():  # a caller in the same process (tests) may start its own
             ray.shutdown()
     return 0
+
+
+def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool) -> None:
+    """`retrorl eval`: the protocol for the base model or init.checkpoint, its table, and the closing lines."""
+    from agents.trajectory import ACTOR
+    from cluster.console import closing_lines
+    from cluster.evaluation import markdown_table
+    from cluster.pipeline import Session
+
+    session = Session(cfg, run, prepared, with_learner=with_learner)
+    try:
+        label = "base"
+        if cfg.init.checkpoint is not None:
+            label = Path(cfg.init.checkpoint).name  # sft, eto-1, retroact-2, ...
+            if untrained_reflector:
+                session.start_policy([], roles=[ACTOR])
+                label = f"Reflexion ({label} actor)"
+            else:
+                session.start_policy([])
+        rows = session.evaluate(label)
+    finally:
+        session.close()
+    run.write_json("eval/results.json", rows)
+    print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
+    for line in closing_lines(run.path):
+        print(line)
 
 
 def resumable(path: str, args: argparse.Namespace):

@@ -19,8 +19,8 @@ from cluster.config import Config
 from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
-from cluster.progress import say
-from cluster.replay import replayed_round
+from cluster.console import closing_lines, transcript
+from cluster.progress import duration, say
 from cluster.run_dir import RunDir
 from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
 
@@ -135,11 +135,9 @@ def retroact(session: Session) -> Rows:
     (rollout.mode=async) the next rounds are played while the learner trains, within rollout.max_policy_lag."""
     cfg, r = session.cfg, session.cfg.retroact
     tasks = session.explore_tasks()
-    # Checked before any work: a replay that does not fit this run fails at start. A --resume finds its copy
-    # stored (one part, written atomically) and reuses it like a played round, without the source.
-    replayed = None
-    if r.replay is not None and not session.resume.episodes.get("explore-1"):
-        replayed = replayed_round(cfg, tasks, "explore-1")
+    # Read and checked by preflight, before the run directory existed. A --resume finds its copy stored (one
+    # part, written atomically) and reuses it like a played round, without the source.
+    replayed = session.replayed
     demos, rows = _start(session)
     imitation = session.imitation(demos)
     rounds = [Round(f"explore-{i + 1}", r.trials,
@@ -196,17 +194,21 @@ PIPELINES: dict[str, Callable[[Session], Rows]] = {
 
 
 def run_method(cfg: Config, run: RunDir, prepared: Prepared) -> Rows:
-    """Run cfg.method end to end; the evaluation rows go to RUN/eval/ and the terminal."""
-    t0 = time.perf_counter()
-    session = Session(cfg, run, prepared)
-    try:
-        rows = PIPELINES[cfg.method](session)
-    finally:
-        session.close()
-    table = markdown_table(rows)
-    run.write_json("eval/results.json", rows)
-    run.write_text("eval/table.md", table)
-    run.log("done", method=cfg.method, seconds=time.perf_counter() - t0)
-    say("\n" + table)
-    say(f"finished in {time.perf_counter() - t0:.0f}s; results in {run.path / 'eval'}")
+    """Run cfg.method end to end; the evaluation rows go to RUN/eval/ and the terminal, whose lines are copied to
+    RUN/logs/driver.log."""
+    with transcript(run.path):
+        t0 = time.perf_counter()
+        session = Session(cfg, run, prepared)
+        try:
+            rows = PIPELINES[cfg.method](session)
+        finally:
+            session.close()
+        table = markdown_table(rows)
+        run.write_json("eval/results.json", rows)
+        run.write_text("eval/table.md", table)
+        run.log("done", method=cfg.method, seconds=time.perf_counter() - t0)
+        say("\n" + table)
+        say(f"finished in {duration(time.perf_counter() - t0)}")
+        for line in closing_lines(run.path):
+            say(line)
     return rows

@@ -22,12 +22,15 @@ from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
-from cluster.config import Config, ConfigError
+from cluster.checks import (chat_formatter, check_checkpoint, check_il_samples, check_model, check_weights,
+                            meta_model)
+from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
-from cluster.progress import Progress, say
+from cluster.progress import Progress, TrainingProgress, say
+from cluster.replay import replayed_round
 from cluster.run_dir import RunDir
 from cluster.resume import Resume
-from cluster.runtime import check_backend, check_resources, init_ray, start_actors
+from cluster.runtime import PROGRESS_GROUP, check_address, check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
 from envs import TextEnv, make_env
 from learners.batching import TokenSample, generation_sample, il_samples
@@ -37,12 +40,23 @@ from rollout.runner import EpisodeRunner, RolloutSettings
 
 _READ_ONLY = frozenset({"pid", "versions", "score_reflections"})  # learner calls that change nothing
 _RESTART_WAIT_S = 600.0  # a restarted learner reloads the model and starts DeepSpeed
+_TRAIN_POLL_S = 1.0  # a training call's live line is refreshed this often (one small learner call each time)
 
 
 def derive_seed(*parts: object) -> int:
     """A stable 31-bit seed per (run seed, purpose, index...): distinct streams that do not depend on call order."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def rollout_settings(agent: AgentCfg, trials: int, seed: int) -> RolloutSettings:
+    """The runner's settings from a config's `agent` section (the one place its defaults live)."""
+    def sampling(role):
+        return SamplingParams(temperature=role.temperature, max_new_tokens=role.max_new_tokens, top_p=role.top_p)
+
+    return RolloutSettings(trials=trials, memory_size=agent.memory_size, actor=sampling(agent.actor),
+                           reflector=sampling(agent.reflector), max_context_tokens=agent.max_context_tokens,
+                           show_actions=agent.show_actions, max_steps=agent.max_steps, seed=seed)
 
 
 Tasks = list[tuple[str, str]]  # (task_id, split)
@@ -62,10 +76,13 @@ def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
 
 @dataclass
 class Prepared:
-    """What `preflight` checked and built: the model folder and the driver's env (for task lists)."""
+    """What `preflight` checked and built: the model folder, the driver's env (for task lists), on --resume what
+    the run directory holds, and retroact.replay's episodes when this run still needs them."""
 
     model_path: str
     env: TextEnv
+    resume: Resume | None = None
+    replayed: list[Episode] | None = None
 
 
 def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> None:
@@ -83,13 +100,21 @@ def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> No
                           "or more")
 
 
-def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) -> Prepared:
+def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
+              run: RunDir | None = None) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
-    resolves (converted once if needed), the env family builds its tasks (games generated once, here), and Ray can
-    hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
-    plays expert demos (train and demos do; eval does not)."""
+    resolves (converted once if needed) and fits the config (cluster/checks.py), the env family builds its tasks
+    (games generated once, here), a resumed run's stored episodes and retroact.replay's source read back, and Ray
+    can hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
+    plays expert demos (train and demos do; eval does not). `run`: the run directory of a --resume."""
+    check_address(cfg)
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
-    formatter = ChatFormatter(load_tokenizer(model_path))
+    formatter = chat_formatter(model_path)
+    check_weights(model_path)
+    model = meta_model(cfg, model_path)
+    check_model(cfg, model)
+    if cfg.init.checkpoint is not None:
+        check_checkpoint(cfg, model_path, model)
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     if needs_demos and not env.has_demos:
         raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "
@@ -102,10 +127,14 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True) 
         raise ConfigError(f"demos.tasks={cfg.demos.tasks} gives expert demos to every training task, so "
                           f"{cfg.method} has none left to explore: lower demos.tasks, or list more training tasks "
                           "(env.train_tasks, or the env's own count such as env.kwargs.n_train)")
+    resume = Resume.of(run) if run is not None else None
+    replayed = None
+    if cfg.retroact.replay is not None and not (resume and resume.episodes.get("explore-1")):
+        replayed = replayed_round(cfg, train_tasks(cfg, env)[1], "explore-1")
     check_backend(cfg)
     init_ray(cfg)
     check_resources(cfg, with_learner)
-    return Prepared(model_path, env)
+    return Prepared(model_path, env, resume, replayed)
 
 
 class Session:
@@ -120,7 +149,9 @@ class Session:
         self.engines = EnginePool(self.actors.engines, retries=cfg.rollout.engine_restarts)
         self._journal: list[tuple[str, tuple, dict]] = []  # learner calls since its last checkpoint (see `call`)
         self.learner_restarts = 0
-        self.resume = Resume.of(run)  # what the run directory already holds (empty for a new run)
+        # What the run directory already holds (empty for a new run; preflight read a --resume's).
+        self.resume = prepared.resume if prepared.resume is not None else Resume.of(run)
+        self.replayed = prepared.replayed  # retroact.replay's round 1, if this run still needs it
         self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
         self._asleep = False  # engines sleeping while the learner trains (rollout.vllm.sleep_while_training)
         learner = ""
@@ -186,24 +217,12 @@ class Session:
     # -- rollouts -----------------------------------------------------------------------------------------
     def settings(self, trials: int, actor_temperature: float | None = None,
                  reflector_temperature: float | None = None, seed: int | None = None) -> RolloutSettings:
-        a = self.cfg.agent
-        actor = SamplingParams(a.actor.temperature, a.actor.top_p, a.actor.max_new_tokens)
-        reflector = SamplingParams(a.reflector.temperature, a.reflector.top_p, a.reflector.max_new_tokens)
+        settings = rollout_settings(self.cfg.agent, trials, self.cfg.seed if seed is None else seed)
         if actor_temperature is not None:
-            actor = replace(actor, temperature=actor_temperature)
+            settings = replace(settings, actor=replace(settings.actor, temperature=actor_temperature))
         if reflector_temperature is not None:
-            reflector = replace(reflector, temperature=reflector_temperature)
-        return RolloutSettings(
-            trials=trials,
-            reflect=True,
-            memory_size=a.memory_size,
-            actor=actor,
-            reflector=reflector,
-            max_context_tokens=a.max_context_tokens,
-            show_actions=a.show_actions,
-            max_steps=a.max_steps,
-            seed=self.cfg.seed if seed is None else seed,
-        )
+            settings = replace(settings, reflector=replace(settings.reflector, temperature=reflector_temperature))
+        return settings
 
     def rollout(self, tasks: list[tuple[str, str]], phase: str, trials: int,
                 settings: RolloutSettings | None = None, rank: Any = None, restore: bool = True) -> list[Episode]:
@@ -305,12 +324,13 @@ class Session:
             return {k: v for k, v in record.items() if k not in ("time", "event", "phase", "checkpoint")}
         cfg = self.cfg.learner
         samples = self.imitation(episodes)
+        check_il_samples(samples, cfg.max_sample_tokens)
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
         say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))
         self._engines_idle()
         metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr, role_epochs=cfg.role_epochs,
-                            max_tokens_per_batch=cfg.max_tokens_per_batch)
+                            max_tokens_per_batch=cfg.max_tokens_per_batch, watch="sft")
         checkpoint = self.checkpoint("sft")
         self.run.log("train", phase="sft", checkpoint=checkpoint, **metrics)
         say(f"[sft] done: {_brief(metrics)}")
@@ -347,8 +367,9 @@ class Session:
         self.run.log("resume", checkpoint=path)
         self.broadcast(force=True)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A learner method (learners.methods.MethodLearner), waited for.
+    def call(self, method: str, *args: Any, watch: str | None = None, **kwargs: Any) -> Any:
+        """A learner method (learners.methods.MethodLearner), waited for; with `watch` (a training call's phase),
+        under a live progress line.
 
         Learner faults: the calls made since the last checkpoint are journaled. If the learner dies, Ray restarts
         it (learner.restarts), the journal is replayed from that checkpoint's load (adapters, optimizer, step, RNG),
@@ -359,7 +380,7 @@ class Session:
             try:
                 if attempt:
                     self._replay_journal()
-                result = ray.get(getattr(self.actors.learner, method).remote(*args, **kwargs))
+                result = self._wait(getattr(self.actors.learner, method).remote(*args, **kwargs), watch)
                 break
             except ACTOR_DIED:
                 if attempt >= self.cfg.learner.restarts:
@@ -371,6 +392,29 @@ class Session:
             self._journal = [("load_checkpoint_files", (files,), {})]
         elif method not in _READ_ONLY:
             self._journal.append((method, args, kwargs))
+        return result
+
+    def _wait(self, ref: Any, watch: str | None) -> Any:
+        """The call's result; meanwhile, with `watch`, the learner's `progress()` as a live line, and each logged
+        line (every tenth of the steps) as a `train_progress` record in metrics.jsonl."""
+        if watch is None:
+            return ray.get(ref)
+        line = TrainingProgress(watch)
+        poll = self.actors.learner.progress.options(concurrency_group=PROGRESS_GROUP)
+
+        def show(snap: dict[str, Any]) -> None:
+            if line.update(snap):
+                self.run.log("train_progress", phase=watch, **{k: v for k, v in snap.items() if k != "running"})
+
+        while not ray.wait([ref], timeout=_TRAIN_POLL_S)[0]:
+            try:
+                snap = ray.get(poll.remote())
+            except ray.exceptions.RayError:  # the learner died: the call's own result raises it below
+                break
+            if snap["running"]:  # else the previous call's state: this call has not started yet
+                show(snap)
+        result = ray.get(ref)
+        show(ray.get(poll.remote()))  # the last step (a short call may end before the first poll)
         return result
 
     def _replay_journal(self) -> None:
@@ -390,7 +434,7 @@ class Session:
     def train(self, phase: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """One learner update (`method` of learners.methods.MethodLearner), then the broadcast."""
         self._engines_idle()
-        metrics = self.call(method, *args, **kwargs)
+        metrics = self.call(method, *args, watch=phase, **kwargs)
         self.run.log("train", phase=phase, **metrics)
         say(f"[{phase}] {_brief(metrics)}")
         if metrics.get("steps"):

@@ -31,6 +31,11 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
         "env.kwargs": (theirs.env.kwargs, cfg.env.kwargs),
         "init.checkpoint": (_resolved(theirs.init.checkpoint), _resolved(cfg.init.checkpoint)),
         "retroact.trials": (theirs.retroact.trials, cfg.retroact.trials),
+        # The stored prompts and behaviour log-probs were made with these: another context budget, memory or
+        # sampling, or another engine precision, and the importance weights would be against the wrong policy.
+        **{f"agent.{key}": (value, getattr(cfg.agent, key)) for key, value in theirs.agent},
+        "rollout.dtype / model.dtype": (theirs.rollout.dtype or theirs.model.dtype,
+                                        cfg.rollout.dtype or cfg.model.dtype),
     }
     differ = [key for key, (a, b) in same.items() if a != b]
     if differ:

@@ -409,7 +409,7 @@ def render(run_dirs: Sequence[str | Path], out_dir: Path) -> tuple[str, bytes]:
 
 def report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> tuple[str, Path, Path]:
     """Read every run, render both outputs in memory, then write them; a ReportError leaves nothing written."""
-    from rollout.store import write_atomic
+    from envs.atomic import write_atomic
 
     out_dir = Path(out) if out is not None else default_out(run_dirs)
     if out_dir.exists() and not out_dir.is_dir():

@@ -8,6 +8,7 @@
   RUN/metrics.jsonl          one JSON object per event, appended (a `learner` record at each start: its dtype, CPU)
   RUN/tensorboard/           the same numbers as TensorBoard scalars (cluster/telemetry.py)
   RUN/eval/                  results.json and table.md
+  RUN/logs/driver.log        what the driver's terminal showed (cluster/console.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Callable
 import yaml
 
 from cluster.config import Config
-from rollout.store import TrajectoryStore, write_atomic
+from envs.atomic import write_atomic
+from rollout.store import TrajectoryStore
 
 # What a run's numbers depend on beside its config: the same config and seed on another install of these gave
 # another SFT (results/README.md, fresh-install).

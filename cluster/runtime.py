@@ -2,33 +2,94 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from agents.model import cache_dir, portable_spec
+from agents.model import portable_spec
 from cluster.config import Config, ConfigError
+from cluster.progress import say
+from envs.cache import resolve_cache_dir
+
+ENGINE_SHUTDOWN_S = 30.0  # an engine that has not freed its resources by then is killed anyway
+PROGRESS_GROUP = "progress"  # the learner actor's concurrency group for `progress()` polls
 
 
 def init_ray(cfg: Config) -> None:
     """Join the cluster named by ray.address or RAY_ADDRESS (set by `ray job submit`), else start a local Ray
-    bound to 127.0.0.1 only."""
+    bound to 127.0.0.1 only. Ray's own start-up notices give way to one retrorl line; its warnings stay."""
     if ray.is_initialized():
         return
+    _quiet_ray_driver()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # logging_level: the driver's "ray" logger (ray/_private/worker.py:1563, :1634); at WARNING it drops the INFO
+    # "Started a local Ray instance. View the dashboard at ..." (worker.py:2024-2038), said below instead.
     if address:
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        where = f"joined the cluster at {address}"
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        context = ray.init(
+            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+            include_dashboard=cfg.ray.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+        where = f"local on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
+    dashboard = f", dashboard {context.dashboard_url}" if context.dashboard_url else ""
+    say(f"Ray: {where}{dashboard}")
+
+
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_address(cfg: Config) -> None:
+    """A cluster address (ray.address or RAY_ADDRESS) answers, checked with one TCP connect before ray.init: Ray
+    2.60 given an address where nothing listens tries the GCS 20 times (ray/_private/node.py:975-1013,
+    NUM_REDIS_GET_RETRIES at ray/_private/ray_constants.py:665), each attempt waiting ~35 s on its client's timeouts
+    with a warning every few seconds, and then raises a RuntimeError: minutes of log lines, then a traceback.
+    `auto` / `local` are left to Ray, which fails fast when it finds nothing (ray/_private/services.py:751-757)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
-        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-        include_dashboard=cfg.ray.dashboard,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
+    setting = "ray.address" if cfg.ray.address else "RAY_ADDRESS (environment)"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{setting}={address!r} is not host:port (or ray://host:port, auto): fix {setting}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"{setting}={address!r}: nothing answers at {host}:{port} ({exc}); start the cluster "
+                          f"(`ray start --head` there) or fix {setting}, or drop it to start a local Ray") from None
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_ray_driver() -> None:
+    """Ray 2.60 warns at every local start that token auth is on by default, as it should be
+    (ray/_private/authentication/authentication_token_setup.py:83-89, from ray.init at ray/_private/worker.py:1873).
+    That notice is dropped; the warning that auth is *off* (:71-80) is not. Forwarded actor lines are printed
+    uncoloured when the terminal is a file (RAY_COLOR_PREFIX=0, read per line at ray/_private/worker.py:2387)."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")  # its module logger, :29
+    if not any(isinstance(f, _DropNotice) for f in log.filters):
+        log.addFilter(_DropNotice("Token authentication is enabled for this Ray cluster"))
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def actor_env(cfg: Config, gpus: float = 0) -> dict[str, Any]:
@@ -39,12 +100,24 @@ def actor_env(cfg: Config, gpus: float = 0) -> dict[str, Any]:
     An actor that reserved no GPU gets none: Ray 2.60 no longer hides them (it leaves CUDA_VISIBLE_DEVICES alone
     when an actor holds zero GPUs: ray/_private/utils.py:292 and accelerators/accelerator.py:4-13), so a CPU
     learner or env worker on a GPU node would otherwise run on GPU 0 beside the engines."""
-    env = {"MALLOC_ARENA_MAX": "2"}  # few glibc arenas keep the engine's churn of K/V buffers from piling up
+    env = {
+        "MALLOC_ARENA_MAX": "2",  # few glibc arenas keep the engine's churn of K/V buffers from piling up
+        # No tqdm bars in actors (every engine and the learner drew "Loading weights" on the driver's terminal):
+        # huggingface_hub reads it at import (huggingface_hub/constants.py:273), transformers' bars follow it
+        # (transformers/utils/logging.py:55, :385-387; the bar is core_model_loading.py:1752).
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # vLLM logs its engine set-up at INFO, dozens of lines per replica (vllm/envs.py:852); a user's own choice
+        # stays.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
     chosen = cfg.model.cache_dir or os.environ.get("RETRORL_CACHE")
     if chosen:
-        env["RETRORL_CACHE"] = str(cache_dir(chosen))
+        env["RETRORL_CACHE"] = str(resolve_cache_dir(chosen))
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # DeepSpeed then picks the CPU without first warning that it found no GPU: its override
+        # (deepspeed/accelerator/real_accelerator.py:59-60) skips the auto-detection that warns (:211-214).
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     return {"env_vars": env}
 
 
@@ -115,6 +188,13 @@ class Actors:
     placement: Any | None = None
 
     def shutdown(self) -> None:
+        """Let each engine free what outlives its process (the vLLM engine's adapter folders), then kill every
+        actor: ray.kill runs no exit handler in the actor (ray/_private/worker.py:3475-3478)."""
+        done, _ = ray.wait([e.shutdown.remote() for e in self.engines], num_returns=len(self.engines),
+                           timeout=ENGINE_SHUTDOWN_S)
+        for ref in done:
+            with contextlib.suppress(ray.exceptions.RayError):  # a dead engine has nothing left to free
+                ray.get(ref)
         for handle in self.workers + self.engines + ([self.learner] if self.learner else []):
             ray.kill(handle)
         if self.placement is not None:
@@ -209,7 +289,10 @@ def start_actors(cfg: Config, with_learner: bool) -> Actors:
     learner = None
     if with_learner:
         learner = (
-            ray.remote(MethodLearner)
+            # Ray runs the PROGRESS_GROUP's calls in a thread of their own (ray/actor.py:1544-1547 adds the groups;
+            # a call picks one with .options(concurrency_group=...), actor.py:615, :669), so the driver can read
+            # `progress()` while a training call runs; the default group still runs one call at a time, in order.
+            ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(MethodLearner)
             .options(num_cpus=cfg.learner.cpus, num_gpus=cfg.learner.gpus,
                      runtime_env=actor_env(cfg, cfg.learner.gpus),
                      max_restarts=cfg.learner.restarts,

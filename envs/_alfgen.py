@@ -41,6 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .atomic import publish_dir
 from .cache import build_in_subprocesses
 
 GAME_FILE = "game.tw-pddl"  # the names ALFWorld's loader looks for (alfred_tw_env.py:155-160)
@@ -430,14 +431,7 @@ def build_game(spec: dict[str, Any], solvers: _Solvers) -> dict[str, Any]:
                     "walkthrough": actions, "expert": expert, "n_objects": len(placed),
                     "n_receptacles": len(sc.receptacles)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-            for path in tmp.iterdir():  # on disk before the rename: a power cut cannot publish empty files
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            try:
-                os.replace(tmp, dest)  # the folder appears complete or not at all
-            except OSError:
-                if not (dest / META_FILE).exists():
-                    raise
+            publish_dir(tmp, dest)  # the folder appears complete or not at all
             return meta
         raise RuntimeError(f"no solvable game after {MAX_ATTEMPTS} draws for {spec['task_id']}")
     finally:

@@ -15,11 +15,28 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .cache import build_in_subprocesses
+from .atomic import publish_dir
+from .cache import build_in_subprocesses, read_json
 
 GAME_FILE = "tw-game.z8"  # jericho strips the status line only for story files named tw-*
 META_FILE = "meta.json"
 _SEED_RETRY_STRIDE = 100_003  # a seed whose quest cannot be generated is retried deterministically at seed + k*stride
+
+
+def game_ready(dest: Path) -> bool:
+    """A cached game is playable: its meta.json parses and its story file is a whole Z-machine file (version byte
+    1-8; the length its header declares, at 0x1A in units of 2 / 4 / 8 bytes by version, fits in the file). A game
+    file deleted or cut short in the cache is then rebuilt instead of failing in every env worker."""
+    if read_json(dest / META_FILE) is None:
+        return False
+    try:
+        story = (dest / GAME_FILE).read_bytes()
+    except OSError:
+        return False
+    if len(story) < 64 or not 1 <= story[0] <= 8:
+        return False
+    scale = 2 if story[0] <= 3 else 4 if story[0] <= 5 else 8
+    return 0 < int.from_bytes(story[0x1A:0x1C], "big") * scale <= len(story)
 
 
 def build_game(spec: dict[str, Any]) -> dict[str, Any]:
@@ -64,14 +81,7 @@ def build_game(spec: dict[str, Any]) -> dict[str, Any]:
             "textworld": textworld.__version__,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for path in tmp.iterdir():  # on disk before the rename, so even a power cut cannot publish empty files
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        try:
-            os.replace(tmp, dest)  # the folder appears complete or not at all
-        except OSError:
-            if not meta_path.exists():
-                raise
+        publish_dir(tmp, dest)  # the folder appears complete or not at all
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

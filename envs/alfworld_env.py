@@ -61,7 +61,8 @@ from typing import Any, Sequence
 
 from . import _alfgen
 from ._alfgen import GAME_FILE, META_FILE, TASK_TYPES, TRAJ_FILE
-from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from .atomic import write_json_atomic
+from .cache import file_lock, read_json, resolve_cache_dir
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 1  # bump when generation changes, so caches rebuild
@@ -143,7 +144,7 @@ class AlfWorldEnv(TextEnv):
         if max_steps < 1:
             raise EnvError(f"max_steps must be >= 1, got {max_steps}")
         self.max_steps = int(max_steps)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
         self.data_root = self._official_root(data_dir) if data_dir is not None else None
         self._metas: dict[str, dict[str, dict[str, Any]]] = {}  # split -> task id -> meta (with "game", "kind")
@@ -191,7 +192,7 @@ class AlfWorldEnv(TextEnv):
         if listing is None or listing.get("signature") != signature:
             present = [rel for rel, _, size in trials if size]
             listing = {"signature": signature, "trials": self._read_trials(base, present)}
-            atomic_write_json(cache, listing)
+            write_json_atomic(cache, listing)
         metas = {}
         for trial in listing["trials"]:
             if trial["task_type"] not in self.task_types:
@@ -350,7 +351,7 @@ class AlfWorldEnv(TextEnv):
             seed = int(hashlib.sha1(task_id.encode()).hexdigest()[:8], 16)
             solved = self._solvers.solve(meta["game"], seed, limit=self.max_steps)
             data = {"task_id": task_id, "actions": solved[0] if solved else [], "expert": solved[1] if solved else None}
-            atomic_write_json(path, data)
+            write_json_atomic(path, data)
         return list(data["actions"])
 
     # -- playing ----------------------------------------------------------------------------------------------

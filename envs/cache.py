@@ -1,8 +1,7 @@
-"""On-disk cache helpers shared by the env families: where the cache lives, atomic writes, an inter-process lock.
+"""On-disk cache helpers shared by the env families: where the cache lives, reading entries, an inter-process lock.
 
-Many env workers on one node may build or read the same cache at once, so every write is a temp file (or temp
-folder) moved into place with `os.replace`, and builders serialise on a lock file: a crash never leaves a half-built
-entry that a later reader would use.
+Many env workers on one node may build or read the same cache at once, so every write is atomic (envs/atomic.py)
+and builders serialise on a lock file: a crash never leaves a half-built entry that a later reader would use.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,22 +20,11 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 
-def default_cache_dir() -> Path:
-    """$RETRORL_CACHE, else ~/.cache/retrorl."""
-    return Path(os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl")
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def resolve_cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The retrorl cache (models, env games, lists) as an absolute path: `override`, else $RETRORL_CACHE, else
+    ~/.cache/retrorl; `~` is expanded in each, so RETRORL_CACHE=~/big-disk means the same folder to every reader."""
+    root = override or os.environ.get("RETRORL_CACHE") or Path.home() / ".cache" / "retrorl"
+    return Path(root).expanduser().resolve()
 
 
 def read_json(path: Path) -> Any | None:

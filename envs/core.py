@@ -21,6 +21,7 @@ that takes its whole pool (count None) gives up the valid tasks (each family's d
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -166,11 +167,31 @@ def make_env(name: str, **kwargs: Any) -> TextEnv:
     if name not in _FAMILIES:
         raise EnvError(f"unknown env {name!r}; choose one of: {', '.join(sorted(_FAMILIES))}")
     factory = _FAMILIES[name]
+    check_kwargs(name, factory, kwargs)
+    return factory(**kwargs)
+
+
+def check_kwargs(name: str, factory: Callable[..., TextEnv], kwargs: dict[str, Any]) -> None:
+    """Every family's options checked against its constructor's signature, one mechanism for all: an unknown
+    key, or a value not of the annotated type (strictly: `n_train: "3"` is refused, not coerced), is an EnvError
+    naming the key and the type, before the family runs any code with it."""
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
     params = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise EnvError(f"env {name!r} has no option {', '.join(unknown)} (env.kwargs); it takes: {', '.join(params)}")
-    return factory(**kwargs)
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            TypeAdapter(hints[key], config=ConfigDict(strict=True)).validate_python(value)
+        except ValidationError:
+            shown = params[key].annotation  # the source text under `from __future__ import annotations`
+            raise EnvError(f"env.kwargs.{key}={value!r} ({type(value).__name__}): env {name!r} takes "
+                           f"{key}: {shown if isinstance(shown, str) else getattr(shown, '__name__', shown)}; "
+                           f"fix it with --set env.kwargs.{key}=VALUE") from None
 
 
 def families() -> list[str]:

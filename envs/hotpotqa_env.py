@@ -59,7 +59,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from .atomic import write_json_atomic
+from .cache import file_lock, read_json, resolve_cache_dir
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
 DEV_URL = "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"
@@ -203,7 +204,7 @@ class HotpotQAEnv(TextEnv):
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.data_file = Path(data_file).expanduser() if data_file else self.cache_dir / "hotpotqa" / DEFAULT_FILE_NAME
         self.eval_file = Path(eval_file).expanduser() if eval_file else None
         for path, what in ((self.data_file, "data_file"), (self.eval_file, "eval_file")):
@@ -268,7 +269,7 @@ class HotpotQAEnv(TextEnv):
                     splits = read_json(path)
                     if splits is None:
                         splits = self._select()
-                        atomic_write_json(path, splits)
+                        write_json_atomic(path, splits)
             self._questions = {}
             for split in SPLITS:
                 self._tasks[split] = []

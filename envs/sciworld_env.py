@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cache import atomic_write_json, default_cache_dir, read_json
+from .atomic import write_json_atomic
+from .cache import read_json, resolve_cache_dir
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -102,7 +103,7 @@ class SciWorldEnv(TextEnv):
 
     def __init__(
         self,
-        task_names: Sequence[str] | None = None,
+        task_names: Sequence[str] | str | None = None,
         per_task: dict[str, int | None] | None = None,
         eto_step_limits: bool = True,
         with_admissible: bool = False,
@@ -130,7 +131,7 @@ class SciWorldEnv(TextEnv):
         self.eto_step_limits = eto_step_limits
         self.with_admissible = with_admissible
         self.jvm_heap = jvm_heap
-        self.cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "sciworld" / (
+        self.cache = resolve_cache_dir(cache_dir) / "sciworld" / (
             f"scienceworld-{sw_version}")
         self._sw: Any = None  # ScienceWorldEnv, started on first need
         self._tasks: dict[str, list[Task]] | None = None
@@ -195,7 +196,7 @@ class SciWorldEnv(TextEnv):
                 sw.load(name, 0, "")
                 data[name] = {"train": sw.get_variations_train(), "dev": sw.get_variations_dev(),
                               "test": sw.get_variations_test()}
-            atomic_write_json(path, data)
+            write_json_atomic(path, data)
         return data
 
     def _max_steps(self, name: str, split: str) -> int:
@@ -257,7 +258,7 @@ class SciWorldEnv(TextEnv):
                 if sw.server.getCompleted():
                     break
             data = {"actions": actions[:n], "won": won, "generated_length": len(actions)}
-            atomic_write_json(self._gold_file(task), data)
+            write_json_atomic(self._gold_file(task), data)
         return data
 
     def expert_actions(self, task_id: str) -> list[str]:

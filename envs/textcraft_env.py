@@ -241,7 +241,7 @@ class TextCraftEnv(TextEnv):
         n_unseen: int | None = None,
         n_valid: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
-        held_out_kinds: Sequence[str] | None = None,
+        held_out_kinds: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         _, game_cls = _game_classes()

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ._twbuild import GAME_FILE, META_FILE
-from .cache import default_cache_dir, file_lock, read_json
+from ._twbuild import GAME_FILE, META_FILE, game_ready
+from .cache import file_lock, read_json, resolve_cache_dir
 from .core import EnvError, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split
 
 _GEN_VERSION = 2  # bump when generation changes, so caches rebuild
@@ -84,10 +84,12 @@ def max_steps_for(walkthrough: Sequence[str]) -> int:
 
 
 def normalize_command(action: str) -> str:
-    """First line, lower case, single spaces: the form admissible commands take (cut below the interpreter's
-    198-byte input limit)."""
+    """First line, lower case, single spaces, no control characters: the form admissible commands take (cut below
+    the interpreter's 198-byte input limit). A NUL in a command killed the whole process (SIGSEGV in the
+    interpreter; found by tests/test_fuzz.py), so non-printable characters never reach it."""
     line = next((ln for ln in action.splitlines() if ln.strip()), "")
-    return " ".join(line.lower().split()).encode()[:190].decode(errors="ignore").strip()
+    line = "".join(ch for ch in " ".join(line.lower().split()) if ch.isprintable())
+    return line.encode()[:190].decode(errors="ignore").strip()
 
 
 def _clean_intro(text: str, objective: str) -> str:
@@ -125,7 +127,7 @@ class TextWorldEnv(TextEnv):
 
     def __init__(
         self,
-        kinds: Sequence[str] = DEFAULT_KINDS,
+        kinds: Sequence[str] | str = DEFAULT_KINDS,
         n_train: int = 24,
         n_seen: int = 8,
         n_unseen: int = 8,
@@ -146,7 +148,7 @@ class TextWorldEnv(TextEnv):
             raise EnvError(f"task counts must be in [0, 10000): {counts}")
         self.kinds = tuple(kinds)
         self.counts = counts
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = resolve_cache_dir(cache_dir)
         self.root = self.cache_dir / "textworld"
         # Inform 7's compiler gains nothing from SMT siblings (2 vCPUs: 2 builders are slower than 1), so default
         # to one builder per two logical CPUs.
@@ -189,14 +191,15 @@ class TextWorldEnv(TextEnv):
         if split in self._metas:
             return self._metas[split]
         specs = self._specs(split)
-        if any(read_json(Path(s["dest"]) / META_FILE) is None for s in specs):
+        if not all(game_ready(Path(s["dest"])) for s in specs):
             # First use builds every split's missing games in one go (one round of worker start-ups, not four).
             self._build([s for sp in SPLITS for s in self._specs(sp)])
         metas = {}
         for s in specs:
             meta = read_json(Path(s["dest"]) / META_FILE)
-            if meta is None:
-                raise EnvError(f"textworld game {s['task_id']} missing from {s['dest']} after building")
+            if meta is None or not game_ready(Path(s["dest"])):
+                raise EnvError(f"textworld game {s['task_id']} missing or unreadable in {s['dest']} after building; "
+                               f"delete {self.root} to rebuild every game")
             meta["dir"] = s["dest"]
             metas[s["task_id"]] = meta
         self._metas[split] = metas
@@ -209,7 +212,9 @@ class TextWorldEnv(TextEnv):
             # Holding the lock, no one else is building: leftover temp folders are from crashed builders.
             for stale in self.root.glob("*/.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            todo = [s for s in specs if read_json(Path(s["dest"]) / META_FILE) is None]
+            todo = [s for s in specs if not game_ready(Path(s["dest"]))]
+            for s in todo:  # a cached game whose files were lost or damaged is built again from its spec
+                shutil.rmtree(s["dest"], ignore_errors=True)
             if todo:
                 try:
                     build_games(todo, self.workers)

@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .cache import atomic_write_json, default_cache_dir, file_lock, read_json
+from .atomic import write_json_atomic
+from .cache import file_lock, read_json, resolve_cache_dir
 from ._jvm import exited, java_heap
 from .core import EnvError, EnvLost, INVALID_ACTION_OBS, SPLITS, StepInfo, Task, TextEnv, check_split, split_off_valid
 
@@ -117,7 +118,7 @@ class TwxEnv(TextEnv):
 
     def __init__(
         self,
-        games: Sequence[str] = DEFAULT_GAMES,
+        games: Sequence[str] | str = DEFAULT_GAMES,
         n_train: int | None = 50,
         n_seen: int | None = 10,
         n_unseen: int | None = 10,
@@ -146,7 +147,7 @@ class TwxEnv(TextEnv):
         self.params = {g: (game_params or {}).get(g, GAMES[g].params) for g in self.games}
         self.limits = {g: int((max_steps or {}).get(g, GAMES[g].max_steps)) for g in self.games}
         self.jvm_heap = jvm_heap
-        self.cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "twx" / (
+        self.cache = resolve_cache_dir(cache_dir) / "twx" / (
             f"textworld-express-{twx_version}")
         self._sim: Any = None  # the package's env, started on first need
         self._loaded: tuple[str, str] | None = None  # (game, params) the simulator has loaded
@@ -228,7 +229,7 @@ class TwxEnv(TextEnv):
                             data[game] = {"train": list(sim.server.getSeedsTrain()),
                                           "dev": list(sim.server.getSeedsDev()),
                                           "test": list(sim.server.getSeedsTest())}
-                    atomic_write_json(path, data)
+                    write_json_atomic(path, data)
         return data
 
     def _all_tasks(self) -> dict[str, list[Task]]:
@@ -294,7 +295,7 @@ class TwxEnv(TextEnv):
                 data = read_json(path)
                 if data is None:
                     data = self._gold(task)
-                    atomic_write_json(path, data)
+                    write_json_atomic(path, data)
                     if self._task is not None and not self._over:  # generating replaced the episode in flight
                         with self._alive():
                             self._new_game(self._task)

@@ -117,13 +117,6 @@ def reflector_samples(episode: Episode) -> list[TokenSample]:
     return out
 
 
-def episode_samples(episode: Episode, roles: Iterable[str] = (ACTOR, REFLECTOR)) -> list[TokenSample]:
-    roles = set(roles)
-    return (actor_samples(episode) if ACTOR in roles else []) + (
-        reflector_samples(episode) if REFLECTOR in roles else []
-    )
-
-
 def _meta(episode: Episode, trial: int, version: int) -> dict[str, Any]:
     return {"episode_id": episode.episode_id, "task_id": episode.task_id, "trial": trial, "version": version}
 
@@ -253,12 +246,6 @@ def _group_by_width(
     if rng is not None:
         rng.shuffle(groups)
     return groups
-
-
-def padding_fraction(batches: Iterable[Batch]) -> float:
-    batches = list(batches)
-    total = sum(b.n_padded for b in batches)
-    return 0.0 if total == 0 else 1.0 - sum(b.n_tokens for b in batches) / total
 
 
 def il_samples(episodes: Iterable[Episode], memory_only: float = 0.0, seed: int = 0) -> list[TokenSample]:

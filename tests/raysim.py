@@ -222,14 +222,14 @@ class SimCluster:
     def run_tiny_sft(self, runs: Path, *extra: str) -> str:
         """`ray job submit` a short real SFT job (tiny model, 2 training games) writing under `runs`, with the test
         session's cache; asserts it succeeded and returns its log."""
-        from agents.model import cache_dir
+        from envs.cache import resolve_cache_dir
 
         job = self.submit(
             ["retrorl", "train", "--method", "sft", "--set", "model.path=tiny-llama",
              "--set", "env.kwargs={n_train: 2, n_seen: 1, n_unseen: 1}", "--set", "eval.trials=1",
              "--set", "agent.actor.max_new_tokens=32", "--set", "agent.max_steps=2", "--set", "rollout.env_workers=1",
              "--set", "rollout.envs_per_worker=2", "--set", f"run_root={runs}", *extra],
-            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(cache_dir())}}))
+            runtime_env_json=json.dumps({"env_vars": {"RETRORL_CACHE": str(resolve_cache_dir())}}))
         log = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in log, log[-4000:]
         return log

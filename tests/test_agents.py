@@ -132,7 +132,8 @@ def test_demo_episodes(formatter):
     assert not first.success and second.success
     assert first.reflection is not None and second.memory == [first.reflection.text]
     assert first.reflection.completion_ids[-1] == formatter.eos_id
-    assert formatter.decode(second.actor_ids).count("Attempt 1:") == 1
+    last = second.steps[-1].generation  # the trial's last actor prompt + completion
+    assert formatter.decode(last.prompt_ids + last.completion_ids).count("Attempt 1:") == 1
     # Records survive the store's JSON round trip unchanged.
     assert Episode.from_dict(with_reflection.to_dict()) == with_reflection
     assert demo_episodes(prompt, reflector, "textworld", "train", failed, None, 3) == []  # losing expert: nothing

@@ -9,7 +9,7 @@ from cluster.config import load_config
 from cluster.pipeline import Session, preflight
 from cluster.producer import Round, RolloutProducer
 from cluster.run_dir import RunDir
-from learners.batching import bound_policy_lag, episode_samples, il_samples
+from learners.batching import actor_samples, bound_policy_lag, il_samples, reflector_samples
 
 TINY = [
     "model.path=tiny-llama",
@@ -50,9 +50,15 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
         # also landed before its last step depends on timing, so only the bound is checked on what it holds.
         assert 0 in _versions(second) and _versions(second) <= {0, 1}
         assert session.call("versions")["actor"] == 1
-        kept, counts = bound_policy_lag([s for e in second for s in episode_samples(e)], session.call("versions"), 0)
+        # Overlap in time, from the records: round 2's rollout (its end and length) spans part of update 1.
+        events = session.run.metrics()
+        (update,) = [e for e in events if e["event"] == "train" and e["phase"] == "update-1"]
+        (played,) = [e for e in events if e["event"] == "rollout" and e["phase"] == "explore-2"]
+        assert played["time"] - played["seconds"] < update["time"] and update["time"] - update["time_s"] < played["time"]
+        samples = [s for e in second for s in actor_samples(e) + reflector_samples(e)]
+        kept, counts = bound_policy_lag(samples, session.call("versions"), 0)
         assert counts["lag_max"] == 1 and counts["stale_dropped"] > 0  # the version-0 samples are 1 behind
-        assert bound_policy_lag([s for e in second for s in episode_samples(e)], session.call("versions"), 1)[1] \
+        assert bound_policy_lag(samples, session.call("versions"), 1)[1] \
             == {"lag_max": 1, "stale_dropped": 0, "stale_downweighted": 0}
 
         # max_policy_lag 0: round 4 waits for round 3's update, so it is played on the new version only.

@@ -214,3 +214,75 @@ def test_a_turn_budget_that_cuts_expert_actions_fails_at_start(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "agent.actor.max_new_tokens=16 cuts" in err and "set --set agent.actor.max_new_tokens=" in err
     assert not any(tmp_path.iterdir())
+
+
+def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of a config mapping's leaves (env.kwargs is one value: a family's own options)."""
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted != "env.kwargs":
+            out.update(_leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _own_keys(path: Path) -> dict[str, object]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("extends", None)
+    return _leaves(data)
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_every_default_is_defined_once(path, tmp_path):
+    """Defaults live in cluster/config.py only: default.yaml sets nothing beyond them, and a family config sets
+    only values that differ from what it would get anyway (a copied default would drift when the default moves)."""
+    path = Path(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    if path.name == "default.yaml":
+        assert _own_keys(path) == {}
+        assert load_config(path) == load_config(empty)
+        return
+    own = _own_keys(path)
+    parent = _leaves(load_config(path.parent / "default.yaml").model_dump())
+    copied = {k: v for k, v in own.items() if k in parent and parent[k] == v}
+    assert not copied, f"{path} repeats values it inherits: {copied}"
+
+
+def test_a_config_omitting_a_section_gets_the_default_jobs_values(tmp_path):
+    """A --config that does not extend default.yaml and omits sections, or keys of a section, gets the same values
+    as the default job (before, the dataclasses' own defaults: another lr, epochs, rewards and token budgets)."""
+    own = tmp_path / "own.yaml"
+    own.write_text("env: {name: textworld}\nagent: {reflector: {temperature: 1.0}}\nlearner: {lora: {r: 4}}\n")
+    mine, default = load_config(own).model_dump(), load_config(None).model_dump()
+    for section in ("learner", "eto", "retroformer", "retroact", "demos", "eval", "rollout"):
+        if section != "learner":
+            assert mine[section] == default[section], section
+    assert mine["learner"] == {**default["learner"], "lora": {**default["learner"]["lora"], "r": 4}}
+    assert mine["agent"]["actor"] == default["agent"]["actor"]
+    assert mine["agent"]["reflector"] == {**default["agent"]["reflector"], "temperature": 1.0}  # max_new_tokens kept
+    # The same through --set on a section the file omits.
+    assert load_config(own, ["eto.epochs=2"]).eto.lr == load_config(None).eto.lr
+
+
+def test_lora_and_sampling_defaults_reach_learner_and_engines_from_one_place():
+    """learner.lora's defaults are agents.adapters.LORA, which the learner and both engines use when given none;
+    the runner's agent settings (sampling included) have no defaults of their own."""
+    import dataclasses
+    import inspect
+
+    from agents.adapters import LORA
+    from learners.learner import Learner
+    from rollout.runner import RolloutSettings
+
+    lora = load_config(None).learner.lora
+    assert (lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)) == dataclasses.astuple(LORA)
+    params = inspect.signature(Learner).parameters
+    assert [params[f"lora_{k}"].default for k in ("r", "alpha", "dropout", "target_modules")] == list(
+        dataclasses.astuple(LORA))
+    no_default = {f.name for f in dataclasses.fields(RolloutSettings) if f.default is dataclasses.MISSING}
+    assert {"memory_size", "actor", "reflector", "max_context_tokens", "show_actions"} <= no_default

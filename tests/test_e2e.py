@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -47,8 +48,10 @@ def _run(overrides: list[str]) -> tuple[RunDir, list]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    # A tiny random model needs a big step for its greedy output to move.
-    return _run(["method=sft", "eval.zero_shot=true", f"run_root={root}", "learner.epochs=3", "learner.lr=0.01"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cluster.pipeline._TRAIN_POLL_S", 0.05)  # the tiny IL takes seconds: see its steps go by
+        # A tiny random model needs a big step for its greedy output to move.
+        return _run(["method=sft", "eval.zero_shot=true", f"run_root={root}", "learner.epochs=3", "learner.lr=0.01"])
 
 
 def _episodes(run: RunDir, phase: str) -> list:
@@ -109,10 +112,32 @@ def test_sft_job_with_tiny_model(sft_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["eto", "retroformer"])
-def test_method_from_sft_checkpoint(sft_run, tmp_path, method):
+def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
+    """The driver's transcript (what the terminal showed): IL's live lines with steps, epoch, loss, tokens/s and
+    ETA, none of the actors' weight-loading bars or DeepSpeed's start-up notices, and the closing lines."""
+    run, _ = sft_run
+    log = (run.path / "logs" / "driver.log").read_text()
+    assert "\r" not in log and "\x1b" not in log
+    for noise in ("Loading weights", "Setting accelerator to CPU", "built successfully"):
+        assert noise not in log
+    lines = log.splitlines()
+    il = [line for line in lines if re.match(r"\[sft\] \d+/\d+ steps", line)]
+    total = int(il[-1].split()[1].split("/")[1])
+    assert total == next(m for m in run.metrics() if m["event"] == "train")["steps"] and il[-1].startswith(
+        f"[sft] {total}/{total} steps  epoch 6/6  loss ")  # 3 epochs, 6 for the reflector (role_epochs)
+    assert any(re.search(r"/\d+ steps  epoch \d/6  loss [\d.]+  \d+ tok/s  ETA \d+s", line) for line in il[:-1])
+    records = [m for m in run.metrics() if m["event"] == "train_progress"]
+    assert len(records) == len(il) and records[-1]["step"] == records[-1]["total"] == total
+    assert lines[-3:] == [f"run directory: {run.path}",
+                          f"log: {run.path / 'logs' / 'driver.log'} (this output; metrics.jsonl has every number)",
+                          f"report: retrorl report {run.path}"]
+
+
+@pytest.mark.slow
+def test_eto_from_sft_checkpoint(sft_run, tmp_path):
+    """(Retroformer from a checkpoint, with updates, reward model and best-of-n: tests/test_updates_e2e.py.)"""
     sft, sft_rows = sft_run
-    _check_method(sft, tmp_path, method, [])
+    _check_method(sft, tmp_path, "eto", [])
 
 
 @pytest.mark.slow
@@ -165,7 +190,8 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
         assert any(after[t].completion_ids != sft_first[t].completion_ids for t in after)
     else:
         # The random model never wins, so no rating differs from 0 and no actor return is positive: the
-        # filters leave nothing to train, nothing is published, and the eval is the SFT policy's.
+        # filters leave nothing to train, nothing is published, and the eval is the SFT policy's. (Updates
+        # with non-zero rewards, on a task the tiny model wins: tests/test_updates_e2e.py.)
         assert trained == []
         assert all(after[t].completion_ids == sft_first[t].completion_ids for t in after)
     return run

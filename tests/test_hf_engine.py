@@ -186,7 +186,7 @@ def test_update_waits_for_the_running_batch(model_path: str) -> None:
 def test_sixteen_concurrent_callers_are_batched(model_path: str) -> None:
     engine = HFEngine(model_path, dtype="float32", threads=1, max_batch_size=8)
     jobs = [
-        (PROMPTS[i % 4] + [100 + i], ("actor", "reflector")[i % 2], SamplingParams(max_new_tokens=4 + i % 5, seed=i))
+        (PROMPTS[i % 4] + [100 + i], ("actor", "reflector")[i % 2], SamplingParams(temperature=1.0, max_new_tokens=4 + i % 5, seed=i))
         for i in range(16)
     ]
     singles = run(one_by_one(engine, jobs))
@@ -206,7 +206,7 @@ def test_through_a_ray_actor(model_path: str, engine: HFEngine) -> None:
     ray.init(num_cpus=2, include_dashboard=False)  # workers get the driver's sys.path, so rollout/ imports
     try:
         actor = ray.remote(HFEngine).remote(model_path, dtype="float32", threads=1)
-        jobs = [(p, "actor", SamplingParams(max_new_tokens=6, seed=i)) for i, p in enumerate(PROMPTS * 2)]
+        jobs = [(p, "actor", SamplingParams(temperature=1.0, max_new_tokens=6, seed=i)) for i, p in enumerate(PROMPTS * 2)]
         results = ray.get([actor.generate.remote(p, role, s) for p, role, s in jobs])
         expected = run(one_by_one(engine, jobs))
         assert [r.completion_ids for r in results] == [e.completion_ids for e in expected]
@@ -223,7 +223,7 @@ def test_sampler_follows_temperature_and_top_p() -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).repeat(4000, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(len(logits))]
     for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.6)):
-        params = [SamplingParams(temperature=temperature, top_p=top_p)] * len(logits)
+        params = [SamplingParams(temperature=temperature, max_new_tokens=1, top_p=top_p)] * len(logits)
         tokens, logprobs = HFEngine._sample(logits, params, gens)
         probs = torch.softmax(logits[0] / temperature, -1)
         if top_p < 1:  # keep the smallest top set reaching top_p: here tokens 0 and 1 (0.56 + 0.21)

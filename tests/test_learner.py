@@ -93,6 +93,31 @@ def test_role_epochs_give_a_role_more_passes(tiny_path, tmp_path):
     assert m["loss/actor"] == m["loss_first/actor"]  # the actor's only epoch
 
 
+def test_progress_is_readable_while_training(tiny_path, tmp_path, monkeypatch):
+    """What the driver polls during a call: the step count moves with each optimizer step, the total and epochs
+    are known from the first step, and the end state matches the call's own metrics."""
+    learner = make(tiny_path, tmp_path)
+    seen = []
+    step = learner.optimizer_step
+
+    def watched(parts):  # read as the driver would, between steps
+        seen.append(learner.progress())
+        return step(parts)
+
+    monkeypatch.setattr(learner, "optimizer_step", watched)
+    m = learner.train_il(samples(ACTOR, n=4), epochs=3, max_tokens_per_batch=64)
+    total = m["steps"]
+    assert total > 3 and [s["step"] for s in seen] == list(range(total))
+    assert {(s["total"], s["epochs"], s["method"], s["running"]) for s in seen} == {(total, 3, "il", True)}
+    epochs = [s["epoch"] for s in seen]  # the epoch of the last step done (1 before the first)
+    assert epochs == sorted(epochs) and set(epochs) == {1, 2, 3}
+    assert seen[0]["eta_s"] is None and all(s["eta_s"] >= 0 and s["loss"] > 0 for s in seen[1:])
+    end = learner.progress()
+    assert (end["step"], end["epoch"], end["running"], end["eta_s"]) == (total, 3, False, 0.0)
+    assert end["loss"] == pytest.approx(m["loss/actor"])  # the last epoch's token-weighted loss
+    assert end["tokens_per_s"] > 0
+
+
 # ------------------------------------------------------------------ per-part backward (issue 20)
 CRITIC = "critic"  # a third role that no step trains
 

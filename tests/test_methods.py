@@ -75,6 +75,60 @@ def test_retroact_raises_rewarded_actions_and_keeps_il_term(tiny_path, tmp_path)
     assert all(torch.equal(reflector[k], v) for k, v in learner.adapter_tensors(REFLECTOR).items())
 
 
+def test_retroact_weights_each_sample_by_its_reward(tiny_path, tmp_path):
+    """Rewards of 1, -1 and 0 on three prompts: the first step's loss is ALGORITHMS.md's
+    -sum_t w_t R log pi(t) / n (w = 1 while the policy is the behaviour policy), the rewarded completion becomes
+    likelier, the negatively rewarded one less likely, where plain IL on the same samples raises both."""
+    rng = random.Random(3)
+    prompts = [[rng.randint(100, 4000) for _ in range(10 + i)] for i in range(3)]
+    completions = [[rng.randint(100, 4000) for _ in range(5)] for _ in range(3)]
+    probe = [sample(ACTOR, p, c) for p, c in zip(prompts, completions)]
+    rewards = [1.0, -1.0, 0.0]
+
+    def rl_samples(learner):
+        behaviour = learner.token_logprobs(probe)  # on-policy: every importance weight starts at exactly 1
+        return [sample(ACTOR, p, c, logprobs=lp.tolist(), reward=r)
+                for p, c, lp, r in zip(prompts, completions, behaviour, rewards)]
+
+    learner = make(tiny_path, tmp_path / "rl")
+    rl = rl_samples(learner)
+    before = seqlp(learner, probe)
+    n = sum(s.n_trained for s in rl)
+    expected = -sum(r * lp for r, lp in zip(rewards, before)) / n
+    m = learner.train_retroact(rl, [], epochs=3, lr=5e-3, eps=0.3, max_tokens_per_batch=4096)
+    assert m["steps"] == 3 and m["loss_first/rl/actor"] == pytest.approx(expected, rel=1e-4)
+    after = seqlp(learner, probe)
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+
+    control = make(tiny_path, tmp_path / "il")  # the same updates with the rewards dropped: plain IL
+    control.train_il(probe, epochs=3, lr=5e-3, max_tokens_per_batch=4096)
+    il_after = seqlp(control, probe)
+    assert il_after[0] > before[0] and il_after[1] > before[1]
+
+
+def test_retroact_zero_reward_gives_no_gradient_and_il_term_is_plain_il(tiny_path, tmp_path):
+    """A reward-0 sample contributes nothing: alone it leaves the adapter bit-identical (Adam's first step with a
+    zero gradient moves nothing), and beside an IL batch the update is exactly train_il's on that batch."""
+    prompt, completion = list(range(200, 212)), [301, 302, 303, 304]
+    probe = [sample(ACTOR, prompt, completion)]
+    il = [sample(ACTOR, [7, 8, 9, 10], [501, 502, 503])]
+
+    learner = make(tiny_path, tmp_path / "zero")
+    start = learner.adapter_tensors(ACTOR)
+    zero = [sample(ACTOR, prompt, completion, logprobs=learner.token_logprobs(probe)[0].tolist(), reward=0.0)]
+    learner.train_retroact(zero, [], epochs=2, lr=5e-3)
+    assert all(torch.equal(start[k], v) for k, v in learner.adapter_tensors(ACTOR).items())
+
+    learner = make(tiny_path, tmp_path / "zero+il")  # a fresh optimizer: Adam's step count moved above
+    learner.train_retroact(zero, il, epochs=2, lr=5e-3, il_coef=1.0)
+    control = make(tiny_path, tmp_path / "il")
+    control.train_il(il, epochs=2, lr=5e-3)
+    theirs = control.adapter_tensors(ACTOR)
+    moved = learner.adapter_tensors(ACTOR)
+    assert not all(torch.equal(start[k], v) for k, v in moved.items())
+    assert all(torch.allclose(theirs[k], v, atol=1e-6) for k, v in moved.items())
+
+
 def test_retroact_requires_behaviour_logprobs(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path)
     with pytest.raises(ValueError, match="behaviour log-probs"):

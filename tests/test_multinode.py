@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from agents.model import cache_dir
+from envs.cache import resolve_cache_dir
 from raysim import SimCluster
 
 JOB = ["retrorl", "train", "--method", "eto", "--set", "model.path=tiny-llama",
@@ -58,7 +58,7 @@ def test_a_job_on_worker_nodes_with_their_own_disks_lands_on_the_head_and_resume
     import sys
 
     runs = tmp_path / "runs"
-    cache = cache_dir()
+    cache = resolve_cache_dir()
     # DeepSpeed's compiled comm op is a build cache, not something the driver hands over: the nodes share the
     # head's copy (at another path) so the test does not compile it again for a minute.
     extensions = Path(tempfile.mkdtemp(prefix="rrext-", dir="/tmp"))
@@ -130,7 +130,7 @@ def test_a_worker_node_lost_mid_run_loses_and_repeats_no_episode(tmp_path, tiny_
     runs = tmp_path / "runs"
     extensions = Path(tempfile.mkdtemp(prefix="rrext-", dir="/tmp"))
     sim = SimCluster(tmp_path, head_cpus=0, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
-    cache = cache_dir()
+    cache = resolve_cache_dir()
     try:
         sim.start_head()
         for _ in range(3):  # the engine, the learner and a spare

@@ -45,6 +45,9 @@ def test_replay_returns_the_stored_round_in_task_order(tmp_path, checkpoint):
     ("retroact.trials=4", "retroact.trials"),
     ("env.kwargs={n_train: 3}", "env.kwargs"),
     ("model.path=tiny-llama", "model.path"),
+    ("agent.max_context_tokens=2048", "agent.max_context_tokens"),
+    ("agent.actor.top_p=0.9", "agent.actor"),
+    ("model.dtype=float32", "rollout.dtype / model.dtype"),
 ])
 def test_replay_of_a_different_run_names_what_differs(tmp_path, checkpoint, override, names):
     source = _source(tmp_path, checkpoint)

@@ -37,6 +37,10 @@ def actors():
         ray.shutdown()
 
 
+# The runner's agent inputs in these tests (a run's come from its config's `agent` section).
+AGENT = {"memory_size": 3, "max_context_tokens": 4096, "show_actions": True}
+
+
 def _random_lora(model_path: str, seed: int) -> dict[str, torch.Tensor]:
     """A random LoRA adapter (q/v, r=8) for the tiny model, keyed as PEFT's state dict names them."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
@@ -50,7 +54,7 @@ def _random_lora(model_path: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _settings(candidates: int, temperature: float) -> RolloutSettings:
-    return RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=8),
+    return RolloutSettings(trials=2, **AGENT, actor=SamplingParams(0.0, max_new_tokens=8),
                            reflector=SamplingParams(temperature, max_new_tokens=8), max_steps=2,
                            reflection_candidates=candidates, seed=3)
 
@@ -97,7 +101,7 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     first_pid = ray.get(worker.pid.remote())
     task0 = make_env("textworld", **ENV_KWARGS).tasks("train")[0].task_id
     _, info = ray.get(worker.reset.remote(0, task0))
-    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+    settings = RolloutSettings(trials=2, **AGENT, actor=SamplingParams(0.0, max_new_tokens=4),
                                reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
     runner = EpisodeRunner(EnginePool([engine]), [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
     tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")] * 2
@@ -139,7 +143,7 @@ def test_a_killed_engine_is_restarted_on_the_latest_adapter(actors, tiny_model_p
     tensors = _random_lora(tiny_model_path, seed=0)
     pool = EnginePool([engine])
     pool.broadcast([AdapterUpdate("actor", 1, tensors)])
-    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+    settings = RolloutSettings(trials=2, **AGENT, actor=SamplingParams(0.0, max_new_tokens=4),
                                reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
     runner = EpisodeRunner(pool, [worker], 2, formatter, "textworld", settings, retry_on=ACTOR_DIED)
     tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")] * 2
@@ -177,7 +181,7 @@ def test_a_killed_jvm_is_restarted_and_its_episode_replayed(actors, tmp_path):
     worker = ray.remote(EnvWorker).options(num_cpus=0).remote("sciworld", kwargs, 1)
     worker_pid = ray.get(worker.pid.remote())
     tasks = [(t.task_id, "train") for t in make_env("sciworld", **kwargs).tasks("train")]
-    settings = RolloutSettings(trials=2, actor=SamplingParams(0.0, max_new_tokens=4),
+    settings = RolloutSettings(trials=2, **AGENT, actor=SamplingParams(0.0, max_new_tokens=4),
                                reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=4, seed=1)
     runner = EpisodeRunner(EnginePool([engine]), [worker], 1, formatter, "sciworld", settings, retry_on=ACTOR_DIED)
 

@@ -54,3 +54,57 @@ def test_an_engine_that_cannot_serve_the_learners_adapters_fails_at_start(monkey
             check_servable(cfg, Actors([], engines, learner))
     finally:
         ray.shutdown()
+
+
+def test_actors_start_without_loading_bars_or_deepspeed_notices(tiny_model_path):
+    """What a CPU actor printed at start and Ray forwarded to the driver's terminal: transformers' "Loading weights"
+    bar, DeepSpeed's "Setting accelerator to CPU" warning and its "... built successfully". In the actors'
+    runtime env (and with the learner's own start) none of them is printed; errors still would be."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from learners.learner import SINGLE_PROCESS_RENDEZVOUS
+
+    start = ("from agents.model import load_model, resolve_dtype; from learners.learner import init_distributed; "
+             f"load_model({tiny_model_path!r}, resolve_dtype('float32')); init_distributed()")
+
+    # A learner built earlier in this pytest process left its rendezvous (MASTER_PORT, a port its live group holds)
+    # and maybe these knobs in os.environ: the child starts from an environment without them.
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in {*SINGLE_PROCESS_RENDEZVOUS, "MASTER_PORT", "HF_HUB_DISABLE_PROGRESS_BARS",
+                              "DS_ACCELERATOR", "VLLM_LOGGING_LEVEL"}}
+
+    def printed(env: dict[str, str]) -> str:
+        done = subprocess.run([sys.executable, "-c", start], env={**inherited, **env}, capture_output=True,
+                              text=True, cwd=Path(__file__).parents[1], timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+
+    bare = printed({"CUDA_VISIBLE_DEVICES": ""})
+    assert "Loading weights" in bare and "Setting accelerator to CPU" in bare  # what the knobs are for
+    quiet = printed(actor_env(load_config(None, []), 0)["env_vars"])
+    for noise in ("Loading weights", "Setting accelerator to CPU", "built successfully"):
+        assert noise not in quiet
+
+
+def test_ray_drops_only_its_auth_is_on_notice():
+    """Ray warns at every local start that token auth is on by default: retrorl drops that notice, not the
+    warning that auth is off."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from cluster.runtime import _quiet_ray_driver
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    auth.logger.addHandler(handler)
+    try:
+        _quiet_ray_driver()
+        auth._warn_token_auth_enabled()
+        auth._warn_token_auth_disabled()
+    finally:
+        auth.logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled")

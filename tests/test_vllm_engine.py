@@ -3,16 +3,19 @@ and log-probs with the same adapter, hot adapter versions per role, stops, and v
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import ray
 import torch
 
 from agents.adapters import AdapterUpdate
+from cluster.runtime import Actors
 from rollout.engine import SamplingParams
 from rollout.hf_engine import HFEngine
-from rollout.vllm_engine import VLLMEngine
+from rollout.vllm_engine import ADAPTER_DIR_PREFIX, VLLMEngine, remove_stale_adapter_dirs
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
 PROMPTS = [[1, 520, 3311, 88], [1, 9, 27, 640, 12, 5000, 333, 42, 8, 16, 77], [1, 4242], [1, 700, 701, 702, 703, 704]]
@@ -185,7 +188,23 @@ def test_a_killed_vllm_replica_takes_its_engine_core_with_it_and_restarts(engine
     assert new_pid != pid
     (result,) = generate(replica, "actor", prompts=PROMPTS[:1])
     assert len(result.completion_ids) > 0
-    ray.kill(replica)
+    # The dead replica's adapter folder went with it (the restarted one removed it), and the run's shutdown
+    # removes the live one's before killing it (ray.kill runs no cleanup in the actor).
+    tmp = Path(tempfile.gettempdir())
+    assert not list(tmp.glob(f"{ADAPTER_DIR_PREFIX}{pid}-*")) and list(tmp.glob(f"{ADAPTER_DIR_PREFIX}{new_pid}-*"))
+    Actors(workers=[], engines=[replica], learner=None).shutdown()
+    assert not list(tmp.glob(f"{ADAPTER_DIR_PREFIX}{new_pid}-*"))
+
+
+def test_adapter_folders_of_ended_engines_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = tmp_path / f"{ADAPTER_DIR_PREFIX}{ended.stdout.strip()}-ab", tmp_path / f"{ADAPTER_DIR_PREFIX}1-cd"
+    for folder in (dead, live):
+        (folder / "7").mkdir(parents=True)
+    assert remove_stale_adapter_dirs(tmp_path) == [dead] and live.is_dir()  # pid 1 (init) is alive
 
 
 def test_a_starting_replica_waits_for_a_dead_ones_gpu_memory():

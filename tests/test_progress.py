@@ -1,0 +1,91 @@
+"""The driver's live lines and its transcript: what a terminal, a log file and RUN/logs/driver.log each get."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from cluster.console import TRANSCRIPT, closing_lines, transcript
+from cluster.progress import Progress, TrainingProgress, duration
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _snapshots(total: int, epochs: int = 2) -> list[dict]:
+    """What the learner's `progress()` returns along a call (learners/progress.py), step by step."""
+    return [{"method": "il", "running": step < total, "step": step, "total": total,
+             "epoch": max(1, -(-step * epochs // total)), "epochs": epochs, "loss": None if step == 0 else 3.0 / step,
+             "tokens_per_s": 400.0 if step else 0.0, "eta_s": None if step == 0 else 2.0 * (total - step),
+             "elapsed_s": float(step)} for step in range(total + 1)]
+
+
+def test_training_lines_in_a_log_file_are_whole_and_about_one_per_tenth(monkeypatch):
+    out = io.StringIO()  # not a TTY: output redirected to a file, or CI
+    monkeypatch.setattr(sys, "stdout", out)
+    line = TrainingProgress("sft")
+    logged = [line.update(s) for s in _snapshots(84)]
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert len(lines) == sum(logged) == 11  # the plan as soon as it is known, then each tenth, then the end
+    assert lines[0] == "[sft] 0/84 steps  epoch 1/2  0s"
+    assert lines[1] == "[sft] 9/84 steps  epoch 1/2  loss 0.3333  400 tok/s  ETA 2m30s  0s"
+    assert lines[-1].startswith("[sft] 84/84 steps  epoch 2/2  loss 0.03571  400 tok/s  ") and "ETA" not in lines[-1]
+    assert not line.update(_snapshots(84)[-1])  # a last poll after the end adds nothing
+
+
+def test_training_line_on_a_terminal_rewrites_itself_and_the_transcript_gets_whole_lines(monkeypatch, tmp_path):
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    with transcript(tmp_path):
+        line = TrainingProgress("dpo-1")
+        line.update({**_snapshots(20)[0], "total": 0})  # scoring the reference: no plan yet
+        for snap in _snapshots(20):
+            line.update(snap)
+        print("[dpo-1] done")
+    shown = screen.getvalue()
+    assert shown.startswith("\r[dpo-1] preparing") and shown.count("\r") == 22 and shown.endswith("\n[dpo-1] done\n")
+    log = (tmp_path / TRANSCRIPT).read_text()
+    assert "\r" not in log and "preparing" not in log
+    assert log.splitlines()[1].startswith("[dpo-1] 2/20 steps  epoch 1/2  loss 1.5") and len(log.splitlines()) == 12
+
+
+def test_a_call_that_takes_no_step_ends_its_terminal_line(monkeypatch):
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)
+    line = TrainingProgress("reflector-pg-1")
+    idle = {**_snapshots(1)[0], "total": 0}
+    line.update(idle)
+    line.update({**idle, "running": False})
+    assert screen.getvalue().endswith("\n")
+
+
+def test_transcript_copies_stdout_and_stderr_without_colours(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with transcript(tmp_path) as path:
+        print("\x1b[36m(HFEngine pid=1)\x1b[0m a warning from an actor", file=sys.stderr)
+        progress = Progress("demos", 2)
+        progress.update(True)
+        progress.update(False)
+    assert sys.stderr.getvalue().startswith("\x1b[36m")  # the terminal keeps what it was sent
+    assert path.read_text().splitlines() == ["(HFEngine pid=1) a warning from an actor",
+                                             "[demos] 1/2 episodes  success 1/1  0s",
+                                             "[demos] 2/2 episodes  success 1/2  0s"]
+
+
+def test_closing_lines_name_the_run_and_the_report_command(tmp_path):
+    run = tmp_path / "my runs" / "textworld-sft-1"
+    lines = closing_lines(run)
+    assert lines[0] == f"run directory: {run}"
+    assert str(run / TRANSCRIPT) in lines[1]
+    assert lines[2] == f"report: retrorl report '{run}'"  # quoted: the path has a space
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (59.6, "1m00s"), (552, "9m12s"), (3900, "1h05m")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
