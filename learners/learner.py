@@ -132,7 +132,13 @@ def init_distributed(cache: str | os.PathLike | None = None) -> float:
     if not deepspeed.comm.is_initialized():
         for key, value in SINGLE_PROCESS_RENDEZVOUS.items():
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if os.environ["WORLD_SIZE"] == "1":
+            # A one-process group needs a port nobody holds. An inherited MASTER_PORT may be held: a driver whose
+            # own learner set it passes it to every Ray worker it starts (they inherit the raylet's environment),
+            # and the learner actor's rendezvous then fails with EADDRINUSE.
+            os.environ["MASTER_PORT"] = str(_free_port())
+        else:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         with _printed_to_log():
             deepspeed.init_distributed(
                 dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False
