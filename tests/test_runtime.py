@@ -64,16 +64,12 @@ def test_actors_start_without_loading_bars_or_deepspeed_notices(tiny_model_path)
     import sys
     from pathlib import Path
 
-    from learners.learner import SINGLE_PROCESS_RENDEZVOUS
-
     start = ("from agents.model import load_model, resolve_dtype; from learners.learner import init_distributed; "
              f"load_model({tiny_model_path!r}, resolve_dtype('float32')); init_distributed()")
 
-    # A learner built earlier in this pytest process left its rendezvous (MASTER_PORT, a port its live group holds)
-    # and maybe these knobs in os.environ: the child starts from an environment without them.
+    # The bare start must not inherit the knobs under test from this process's environment.
     inherited = {k: v for k, v in os.environ.items()
-                 if k not in {*SINGLE_PROCESS_RENDEZVOUS, "MASTER_PORT", "HF_HUB_DISABLE_PROGRESS_BARS",
-                              "DS_ACCELERATOR", "VLLM_LOGGING_LEVEL"}}
+                 if k not in {"HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR", "VLLM_LOGGING_LEVEL"}}
 
     def printed(env: dict[str, str]) -> str:
         done = subprocess.run([sys.executable, "-c", start], env={**inherited, **env}, capture_output=True,
