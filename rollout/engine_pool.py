@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 
@@ -21,6 +21,23 @@ from rollout.engine import GenerateResult, SamplingParams
 
 # An actor that died (RayActorError) or is being restarted by Ray (ActorUnavailableError).
 ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+RESTART_WAIT_S = 600.0  # how long a dead actor may take to come back on a node Ray places it on (vLLM reloads)
+
+
+async def until_answering(ping: Callable[[], Any], wait_s: float = RESTART_WAIT_S) -> Any:
+    """Await `ping()` (an actor call) until the actor answers, retrying while Ray reports it unavailable.
+
+    ActorUnavailableError (ray/exceptions.py:531) means the actor's old address refused the call and Ray has not
+    yet placed it again; an immediate retry fails the same way, so a caller that retried at once would spend its
+    whole retry budget in milliseconds while the actor restarts. A permanent death (RayActorError) is raised."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await ping()
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 @dataclass
@@ -31,7 +48,7 @@ class PoolStats:
 
 
 class EnginePool:
-    def __init__(self, engines: Sequence[Any], retries: int = 3, restart_wait_s: float = 600.0) -> None:
+    def __init__(self, engines: Sequence[Any], retries: int = 3, restart_wait_s: float = RESTART_WAIT_S) -> None:
         """`retries`: how often one request is sent again after replica deaths before the error is raised;
         `restart_wait_s`: how long a dead replica may take to come back (vLLM loads its model again)."""
         if not engines:
@@ -66,15 +83,7 @@ class EnginePool:
         """Wait until replica i answers again, then load the latest adapters into it if it restarted."""
         lock = self._locks.setdefault((id(asyncio.get_running_loop()), i), asyncio.Lock())
         async with lock:  # the first failed request recovers; the others wait and find it done
-            deadline = time.monotonic() + self.restart_wait_s
-            while True:
-                try:
-                    versions = await self.engines[i].versions.remote()
-                    break
-                except ray.exceptions.ActorUnavailableError:  # restarting
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
+            versions = await until_answering(self.engines[i].versions.remote, self.restart_wait_s)
             behind = [ref for role, (v, ref) in self.latest.items() if versions.get(role, 0) < v]
             if behind:
                 self.stats.restarts_seen += 1

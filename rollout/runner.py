@@ -21,7 +21,7 @@ from agents.parsing import parse_react
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, new_episode_id
 from rollout.engine import GenerateResult, SamplingParams
-from rollout.engine_pool import EnginePool
+from rollout.engine_pool import EnginePool, until_answering
 from rollout.workers import EpisodeLost
 
 
@@ -81,8 +81,9 @@ class EpisodeRunner:
     ) -> None:
         """`engines`: the replicas behind one pool, which also resends a request whose replica died.
         `retry_on`: errors meaning an env worker died mid-episode (Ray's RayActorError / ActorUnavailableError).
-        Such an episode is discarded and replayed from its first trial, up to `max_episode_retries` times; an
-        episode only leaves `run` (and reaches `on_episode`) whole, so nothing is lost or written twice."""
+        Such an episode is discarded and, once its worker answers again, replayed from its first trial, up to
+        `max_episode_retries` times; an episode only leaves `run` (and reaches `on_episode`) whole, so nothing is
+        lost or written twice."""
         if not workers:
             raise ValueError("the runner needs at least one env worker")
         if settings.reflection_candidates > 1 and (rank is None or settings.reflector.temperature == 0):
@@ -168,10 +169,12 @@ class EpisodeRunner:
                     try:
                         episode = await self.run_episode(task_id, split, slot, stats, tags or {})
                         break
-                    except (EpisodeLost, *self.retry_on):
+                    except (EpisodeLost, *self.retry_on) as e:
                         if attempt >= self.max_episode_retries:
                             raise
                         stats.episode_retries += 1  # the actor restarts (Ray); its envs start fresh
+                        if not isinstance(e, EpisodeLost):  # a worker on a lost node takes seconds to come back
+                            await until_answering(slot[0].pid.remote)
             finally:
                 free.put_nowait(slot)
             stats.episodes += 1

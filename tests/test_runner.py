@@ -128,6 +128,53 @@ def test_a_killed_env_worker_is_restarted_and_its_episodes_replayed(actors):
     assert all(len(e.trials) == 2 and all(len(t.steps) == 4 for t in e.trials) for e in episodes)  # whole
 
 
+def test_an_unreachable_env_worker_is_waited_for_not_retried_at_once(actors):
+    """A worker whose node was lost refuses calls until Ray places it again, which takes seconds: the runner waits
+    for it to answer before replaying, so the outage costs one retry, not the whole retry budget (CI stop 26 lost
+    a run this way: three immediate replays all refused)."""
+    # Defined here, not at module level: Ray ships a local class to its workers by value.
+    class _UnreachableWorker(EnvWorker):
+        """Injected fault: for its first `outage_s` seconds every call fails the way a call to an actor on a lost node
+        does before Ray has placed it again (ActorUnavailableError); afterwards it is an ordinary env worker."""
+
+        def __init__(self, *args, outage_s: float) -> None:
+            import time
+
+            super().__init__(*args)
+            self.until = time.monotonic() + outage_s
+            self.refused = 0
+
+        def _unreachable(self) -> None:
+            import time
+
+            if time.monotonic() < self.until:
+                self.refused += 1
+                raise ray.exceptions.ActorUnavailableError("injected: connection refused", None)
+
+        def reset(self, *args, **kwargs):
+            self._unreachable()
+            return super().reset(*args, **kwargs)
+
+        def pid(self) -> int:
+            self._unreachable()
+            return super().pid()
+
+        def refusals(self) -> int:
+            return self.refused
+
+    engine, _, formatter = actors
+    worker = ray.remote(_UnreachableWorker).options(num_cpus=0).remote("textworld", ENV_KWARGS, 1, outage_s=3.0)
+    settings = RolloutSettings(trials=1, **AGENT, actor=SamplingParams(0.0, max_new_tokens=4),
+                               reflector=SamplingParams(0.0, max_new_tokens=4), max_steps=2, seed=1)
+    runner = EpisodeRunner(EnginePool([engine]), [worker], 1, formatter, "textworld", settings, retry_on=ACTOR_DIED,
+                           max_episode_retries=1)
+    tasks = [(t.task_id, "train") for t in make_env("textworld", **ENV_KWARGS).tasks("train")]
+    episodes, stats = asyncio.run(runner.run(tasks))
+    assert stats.episode_retries == 1  # one replay, after the outage
+    assert ray.get(worker.refusals.remote()) > 2  # it was polled through the outage, not given up on
+    assert [(e.task_id, e.split) for e in episodes] == tasks and all(len(e.trials[0].steps) == 2 for e in episodes)
+
+
 def test_a_killed_engine_is_restarted_on_the_latest_adapter(actors, tiny_model_path):
     """SIGKILL the engine mid-rollout: Ray restarts it, the pool loads the adapter it last broadcast into the new
     process and resends the requests that died, and every episode finishes, each generation on version 1."""
