@@ -338,8 +338,8 @@ class LearnerSmoke:
     def make(self, sub: str, seed: int = 0, **kw):
         from learners.methods import MethodLearner
 
-        kw = {"dtype": self.args.dtype, "lr": self.lr, "seed": seed, "lora_dropout": 0.0,
-              "output_dir": self.work / sub, **kw}
+        kw = {"dtype": self.args.dtype, "lr": self.lr, "seed": seed, "lora_dropout": 0.0, "gradient_clipping": 1.0,
+              "max_len": 4096, "kl_coef": 0.2, "target_kl": 0.1, "kl_horizon": 10000, "output_dir": self.work / sub, **kw}
         return MethodLearner(str(self.model_path), **kw)
 
     def samples(self, role: str, seed: int, **kw):
@@ -525,7 +525,7 @@ class LearnerSmoke:
 
         a = self.learner
         data = self.samples(ACTOR, seed=8) + self.samples(REFLECTOR, seed=9)
-        a.train_il(data[: len(data) // 2], epochs=1)  # actor dirty again, reflector clean
+        a.train_il(data[: len(data) // 2], epochs=1, max_tokens_per_batch=4096)  # actor dirty again, reflector clean
         t0 = time.perf_counter()
         ckpt = a.save_checkpoint(self.work / "ckpt" / "step")
         save_s = time.perf_counter() - t0
@@ -538,9 +538,9 @@ class LearnerSmoke:
         meta_same = b.versions() == a.versions() and b.step == a.step and b.kl.value == a.kl.value
         before = {r: a.adapter_tensors(r) for r in (ACTOR, REFLECTOR)}
         state = _rng_snapshot()
-        a.train_il(data, epochs=1)
+        a.train_il(data, epochs=1, max_tokens_per_batch=4096)
         _rng_restore(state)
-        b.train_il(data, epochs=1)
+        b.train_il(data, epochs=1, max_tokens_per_batch=4096)
         diff = max(max_diff(b.adapter_tensors(r), a.adapter_tensors(r)) for r in (ACTOR, REFLECTOR))
         update = max(max_diff(a.adapter_tensors(r), before[r]) for r in (ACTOR, REFLECTOR))
         ratio = max(norm_diff(b.adapter_tensors(r), a.adapter_tensors(r)) / max(norm_diff(a.adapter_tensors(r),
@@ -822,7 +822,8 @@ class VLLMSmoke:
 
         L = self.ls.learner
         before = self.generate(ACTOR, greedy=True)
-        L.train_il(self.ls.samples(ACTOR, seed=11) + self.ls.samples(REFLECTOR, seed=12), epochs=1)
+        L.train_il(self.ls.samples(ACTOR, seed=11) + self.ls.samples(REFLECTOR, seed=12), epochs=1,
+                   max_tokens_per_batch=4096)
         t0 = time.perf_counter()
         updates = L.publish(force=True)
         got = [self.engine.call("update", u.role, u.version, u.tensors) for u in updates]
@@ -858,7 +859,7 @@ class VLLMSmoke:
             return total - free
 
         def one_round() -> tuple[float, int]:
-            L.train_il(data, epochs=1, lr=1e-3)
+            L.train_il(data, epochs=1, lr=1e-3, max_tokens_per_batch=4096)
             t0 = time.perf_counter()
             updates = L.publish()
             for u in updates:
@@ -970,7 +971,7 @@ class MemorySmoke:
         pre = torch.cuda.memory_allocated() if cuda else 0
         t0 = time.perf_counter()
         learner = MethodLearner(str(folder), dtype=self.args.dtype, gradient_checkpointing=gc_on, max_len=seq,
-                                lr=1e-4, seed=0, output_dir=self.work / f"mem-out-{layers}-{gc_on}")
+                                lr=1e-4, gradient_clipping=1.0, kl_coef=0.2, target_kl=0.1, kl_horizon=10000, seed=0, output_dir=self.work / f"mem-out-{layers}-{gc_on}")
         init_s = time.perf_counter() - t0
         try:
             rl = [agentic_sample(ACTOR, seq, 1, vocab, chunks, 1.0),
@@ -979,7 +980,7 @@ class MemorySmoke:
                   agentic_sample(REFLECTOR, seq, 4, vocab, chunks, 0.0)]
 
             def step() -> dict[str, float]:
-                return learner.train_retroact(rl, il, epochs=1, max_tokens_per_batch=seq)
+                return learner.train_retroact(rl, il, epochs=1, eps=0.3, il_coef=1.0, max_tokens_per_batch=seq)
 
             warm = step()  # first step: optimizer state, kernels' workspaces
             if cuda:

@@ -296,7 +296,9 @@ def main() -> None:
     learner = MethodLearner(model_path, args.dtype, lora_r=lc.lora.r, lora_alpha=lc.lora.alpha,
                             lora_dropout=lc.lora.dropout, lora_target_modules=lc.lora.target_modules,
                             roles=(ACTOR,), zero_stage=lc.zero_stage, gradient_clipping=lc.grad_clip, lr=lc.lr,
-                            seed=cfg.seed, output_dir=f"{tmp.name}/ours", max_len=lc.max_sample_tokens)
+                            seed=cfg.seed, output_dir=f"{tmp.name}/ours", max_len=lc.max_sample_tokens,
+                            kl_coef=cfg.retroformer.kl_coef, target_kl=cfg.retroformer.target_kl,
+                            kl_horizon=cfg.retroformer.kl_horizon)
     samples, _ = learner.prepare(samples)
     keep = {id(s) for s in learner.prepare([s for p in pairs for s in p])[0]}
     pairs = [p for p in pairs if id(p[0]) in keep and id(p[1]) in keep]
@@ -352,7 +354,7 @@ def main() -> None:
         else:
             data = [pairs[i] for i in dpo_batches[0].index[: len(dpo_batches[0].index) // 2]] if warmup else pairs
             t = time.perf_counter()
-            m = learner.train_dpo(data, beta=beta, lr=dpo_lr, max_tokens_per_batch=max_tokens)
+            m = learner.train_dpo(data, beta=beta, epochs=1, lr=dpo_lr, max_tokens_per_batch=max_tokens)
         return time.perf_counter() - t, m
 
     # Warm-up: one step each, off the clock.

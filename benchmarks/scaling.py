@@ -175,6 +175,7 @@ def bench_sync(args, model: str, rows: list) -> dict:
 
     cores = os.cpu_count() or 1
     learner = ray.remote(Learner).options(num_cpus=0).remote(model, dtype=args.dtype, threads=cores,
+                                                             lr=1e-4, gradient_clipping=1.0, max_len=None,
                                                              output_dir=str(Path(args.out) / "sync"))
     engines = [ray.remote(HFEngine).options(num_cpus=0).remote(model, dtype=args.dtype, threads=max(1, cores // 2))
                for _ in range(2)]

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agents.adapters import LORA
-from rollout.engine import SamplingParams
+from rollout.engine import MAX_BATCH_SIZE, SamplingParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -88,7 +88,7 @@ class RolloutCfg(_Strict):
     engine_cpus: float = Field(1, ge=0)  # Ray CPU reservation per engine replica
     engine_gpus: float = Field(0, ge=0)  # GPUs per engine replica (needs backend vllm; the HF engine is CPU-only)
     threads: int | None = None  # torch threads per engine; default: all cores of the node
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(MAX_BATCH_SIZE, ge=1)  # requests decoded together; the engines' own default
     env_workers: int = Field(2, ge=1)
     envs_per_worker: int = Field(8, ge=1)
     worker_restarts: int = Field(3, ge=0)  # Ray restarts a dead env worker this many times (then the run fails)

@@ -123,7 +123,7 @@ class AdaptiveKLController:
     grows while the policy drifts past the target and relaxes while it stays below. target=None keeps it fixed.
     """
 
-    def __init__(self, init_kl_coef: float = 0.2, target: float | None = 0.1, horizon: int = 10000) -> None:
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int) -> None:
         if target is not None and target <= 0:
             raise ValueError(f"target KL must be positive or None, got {target}")
         if horizon <= 0:

@@ -39,8 +39,8 @@ def _named(name: str, fn: Objective) -> Objective:
 
 
 class MethodLearner(Learner):
-    def __init__(self, *args: Any, kl_coef: float = 0.2, target_kl: float | None = 0.1,
-                 kl_horizon: int = 10000, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, kl_coef: float, target_kl: float | None, kl_horizon: int,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kl = AdaptiveKLController(kl_coef, target_kl, kl_horizon)
         self._reward_model: dict[str, torch.Tensor] | None = None  # Retroformer's optional rating classifier
@@ -86,10 +86,11 @@ class MethodLearner(Learner):
     def train_dpo(
         self,
         pairs: Sequence[tuple[TokenSample, TokenSample]],
+        *,
         beta: float,
-        epochs: int = 1,
+        epochs: int,
         lr: float | None = None,
-        max_tokens_per_batch: int = 4096,
+        max_tokens_per_batch: int,
     ) -> dict[str, float]:
         """DPO over whole trajectories; the reference is this policy as the call starts (ETO: pi_ref := pi_theta
         at the start of each iteration), scored once up front. Pairs with a sample over the length cap are dropped."""
@@ -120,10 +121,11 @@ class MethodLearner(Learner):
     def train_reflector_pg(
         self,
         samples: Sequence[TokenSample],
-        epochs: int = 1,
+        *,
+        epochs: int,
         lr: float | None = None,
-        baseline: str = "batch",
-        max_tokens_per_batch: int = 4096,
+        baseline: str,
+        max_tokens_per_batch: int,
     ) -> dict[str, float]:
         """Policy gradient on the replay set (x, y, rating): advantage = rating - baseline (the replay set's mean,
         or per task), plus the KL penalty to the reference (`set_reference`) with the adaptive coefficient."""
@@ -213,11 +215,12 @@ class MethodLearner(Learner):
         self,
         rl_samples: Sequence[TokenSample],
         il_samples: Sequence[TokenSample],
-        epochs: int = 1,
+        *,
+        epochs: int,
         lr: float | None = None,
-        eps: float = 0.3,
-        il_coef: float = 1.0,
-        max_tokens_per_batch: int = 4096,
+        eps: float,
+        il_coef: float,
+        max_tokens_per_batch: int,
     ) -> dict[str, float]:
         """Off-policy joint policy gradient for every role with RL samples: each step pairs a role's RL batch
         (clipped, detached importance weight against the behaviour log-probs) with one of its IL batches,

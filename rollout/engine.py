@@ -16,6 +16,10 @@ from agents.adapters import LORA, AdapterUpdate
 from agents.model import node_threads, resolve_model
 from agents.trajectory import ROLES
 
+# Requests one engine step serves together (the HF engine's gathered batch, vLLM's max_num_seqs). The engines'
+# default and rollout.max_batch_size's (cluster/config.py reads it here, as learner.lora reads agents.adapters.LORA).
+MAX_BATCH_SIZE = 32
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,7 +55,7 @@ class EngineShell:
         lora: dict[str, Any] | None = None,
         roles: Sequence[str] = ROLES,
         threads: int | None = None,
-        max_batch_size: int = 32,
+        max_batch_size: int = MAX_BATCH_SIZE,
         seed: int = 0,
         trust_remote_code: bool = False,
     ) -> None:

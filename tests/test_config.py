@@ -286,3 +286,26 @@ def test_lora_and_sampling_defaults_reach_learner_and_engines_from_one_place():
         dataclasses.astuple(LORA))
     no_default = {f.name for f in dataclasses.fields(RolloutSettings) if f.default is dataclasses.MISSING}
     assert {"memory_size", "actor", "reflector", "max_context_tokens", "show_actions"} <= no_default
+
+
+def test_training_settings_the_config_holds_have_no_second_default_in_the_learner():
+    """Every learner setting a config section sets (cluster/runtime.py's learner_kwargs, the methods' calls in
+    cluster/) is a required argument of the learner: a caller that forgets one fails, never trains on another
+    value than the config's."""
+    import inspect
+
+    from learners.methods import MethodLearner
+
+    required = {
+        "__init__": {"lr", "gradient_clipping", "max_len", "kl_coef", "target_kl", "kl_horizon"},
+        "train_il": {"epochs", "max_tokens_per_batch"},
+        "train_dpo": {"beta", "epochs", "max_tokens_per_batch"},
+        "train_reflector_pg": {"epochs", "baseline", "max_tokens_per_batch"},
+        "train_retroact": {"epochs", "eps", "il_coef", "max_tokens_per_batch"},
+    }
+    for method, names in required.items():
+        fn = getattr(MethodLearner, method)
+        params = dict(inspect.signature(fn).parameters)
+        if method == "__init__":  # MethodLearner's own keywords, then the base Learner's
+            params.update(inspect.signature(MethodLearner.__mro__[1].__init__).parameters)
+        assert {n for n in names if params[n].default is not inspect.Parameter.empty} == set(), method

@@ -307,4 +307,6 @@ def test_make_env_and_gym_make(cache: Path):
         assert info["task_id"] == task.task_id and genv.step("dance")[-1]["valid"] is False
     finally:
         genv.close()
-    assert isinstance(envs.make_env("alfworld", cache_dir=cache, **SMALL), AlfWorldEnv)
+    made = envs.make_env("alfworld", cache_dir=cache, **SMALL)
+    assert made.family == "alfworld"
+    assert [t.task_id for t in made.tasks("train")] == [t.task_id for t in AlfWorldEnv(cache_dir=cache, **SMALL).tasks("train")]

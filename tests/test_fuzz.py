@@ -67,8 +67,8 @@ def test_fuzz_config_overrides_are_a_config_or_one_config_error():
             assert str(exc) and "\n" not in str(exc), (overrides, str(exc))  # the CLI prints it as one line
             outcomes["error"] += 1
         else:
-            assert isinstance(cfg, Config)
-            cfg.model_dump()  # a valid config serialises (RunDir writes it to config.yaml)
+            # A valid config survives its own round trip (RunDir writes it to config.yaml; --resume reads it).
+            assert Config.model_validate(cfg.model_dump()) == cfg
             outcomes["ok"] += 1
     assert outcomes["ok"] and outcomes["error"] > 100, outcomes  # both paths were exercised
 

@@ -25,7 +25,8 @@ def tiny_path() -> str:
 
 
 def make(tiny_path: str, tmp_path, **kw) -> Learner:
-    kw = {"dtype": "float32", "lr": 1e-2, "seed": 0, "output_dir": tmp_path / "learner", **kw}
+    kw = {"dtype": "float32", "lr": 1e-2, "gradient_clipping": 1.0, "max_len": 4096, "seed": 0,
+          "output_dir": tmp_path / "learner", **kw}
     return Learner(tiny_path, **kw)
 
 
@@ -256,7 +257,7 @@ def test_gradient_checkpointing_joint_step_matches_plain(tiny_path, tmp_path, st
 def test_gradient_checkpointing_trains_all_roles_in_one_step(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, gradient_checkpointing=True)
     a0, r0 = snapshot(learner, ACTOR), snapshot(learner, REFLECTOR)
-    m = learner.train_il(samples(ACTOR, n=2) + samples(REFLECTOR, n=2, seed=4), epochs=1)
+    m = learner.train_il(samples(ACTOR, n=2) + samples(REFLECTOR, n=2, seed=4), epochs=1, max_tokens_per_batch=4096)
     assert m["steps"] == 1  # per-part backward: the recompute runs under each part's own adapter
     assert not same(snapshot(learner, ACTOR), a0) and not same(snapshot(learner, REFLECTOR), r0)
 
@@ -284,7 +285,7 @@ def test_publish_writes_loadable_adapter(tiny_path, tmp_path):
     assert learner.versions() == {ACTOR: 0, REFLECTOR: 0}
     assert learner.publish() == []  # nothing trained yet
     data = samples(ACTOR)
-    learner.train_il(data, epochs=2)
+    learner.train_il(data, epochs=2, max_tokens_per_batch=4096)
     (update,) = learner.publish()
     assert (update.role, update.version) == (ACTOR, 1) and learner.versions() == {ACTOR: 1, REFLECTOR: 0}
     assert all(".actor." not in k and "lora_" in k for k in update.tensors)
@@ -307,7 +308,7 @@ def test_publish_writes_loadable_adapter(tiny_path, tmp_path):
         assert torch.allclose(lp[1:][mask], ref[mask], atol=1e-4)
 
     assert learner.publish() == []
-    learner.train_il(data[:1], epochs=1)
+    learner.train_il(data[:1], epochs=1, max_tokens_per_batch=4096)
     (update2,) = learner.publish()
     assert update2.version == 2 and list_versions(learner.adapter_root, ACTOR) == [1, 2]
     assert same(load_adapter(folder)[0], update.tensors)  # v1 untouched
@@ -318,9 +319,9 @@ def test_publish_writes_loadable_adapter(tiny_path, tmp_path):
 def test_checkpoint_roundtrip_resumes_exactly(tiny_path, tmp_path):
     a = make(tiny_path, tmp_path / "a")
     data = samples(ACTOR) + samples(REFLECTOR, n=2, seed=3)
-    a.train_il(data, epochs=2)
+    a.train_il(data, epochs=2, max_tokens_per_batch=4096)
     a.publish()
-    a.train_il(samples(ACTOR, n=2, seed=7), epochs=1)  # actor dirty again, reflector clean
+    a.train_il(samples(ACTOR, n=2, seed=7), epochs=1, max_tokens_per_batch=4096)  # actor dirty again, reflector clean
     ckpt = a.save_checkpoint(tmp_path / "ckpt" / "step")
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapters.safetensors", "learner.json", "optimizer.pt", "rng.pt"]
 
@@ -334,9 +335,9 @@ def test_checkpoint_roundtrip_resumes_exactly(tiny_path, tmp_path):
 
     # same optimizer state, RNG and batch order: the next steps are bit-identical
     state = torch.get_rng_state()  # the torch RNG is process-global; both learners share it here
-    a.train_il(data, epochs=1)
+    a.train_il(data, epochs=1, max_tokens_per_batch=4096)
     torch.set_rng_state(state)
-    b.train_il(data, epochs=1)
+    b.train_il(data, epochs=1, max_tokens_per_batch=4096)
     for role in (ACTOR, REFLECTOR):
         assert same(snapshot(b, role), snapshot(a, role))
     assert [u.role for u in b.publish()] == [ACTOR, REFLECTOR] and b.versions() == {ACTOR: 2, REFLECTOR: 2}
@@ -346,7 +347,7 @@ def test_shared_adapter(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, shared_adapter=True)
     refl = samples(REFLECTOR, n=2, seed=4)
     before = learner.sequence_logprobs(refl)
-    learner.train_il(samples(ACTOR), epochs=2)
+    learner.train_il(samples(ACTOR), epochs=2, max_tokens_per_batch=4096)
     assert learner.sequence_logprobs(refl) != pytest.approx(before, abs=1e-4)  # one adapter serves both roles
     updates = learner.publish()
     assert [(u.role, u.version) for u in updates] == [(ACTOR, 1), (REFLECTOR, 1)]
@@ -360,7 +361,7 @@ def test_zero_stages_and_bf16(tiny_path, tmp_path, dtype, stage):
     data = samples(ACTOR)
     r0 = snapshot(learner, REFLECTOR)
     before = sum(learner.sequence_logprobs(data))
-    learner.train_il(data, epochs=3)
+    learner.train_il(data, epochs=3, max_tokens_per_batch=4096)
     assert sum(learner.sequence_logprobs(data)) > before + 0.5
     assert same(snapshot(learner, REFLECTOR), r0)
     (update,) = learner.publish()
@@ -401,7 +402,8 @@ def test_the_process_group_is_gone_before_the_interpreter_finalizes(tiny_path, t
 import atexit, torch.distributed as dist
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))
 from learners.learner import Learner
-learner = Learner({tiny_path!r}, dtype="float32", output_dir={str(tmp_path / "learner")!r})
+learner = Learner({tiny_path!r}, dtype="float32", lr=1e-4, gradient_clipping=1.0, max_len=4096,
+                  output_dir={str(tmp_path / "learner")!r})
 learner.sequence_logprobs([])
 print("built")
 """

@@ -319,7 +319,7 @@ def test_adaptive_kl_controller():
     down = AdaptiveKLController(init_kl_coef=0.2, target=0.1, horizon=100)
     assert math.isclose(down.update(0.09, n_steps=10), 0.2 * (1 - 0.1 * 10 / 100))
     assert math.isclose(down.update(0.0, n_steps=10), 0.2 * 0.99 * 0.98)  # error clipped to -0.2
-    fixed = AdaptiveKLController(init_kl_coef=0.3, target=None)
+    fixed = AdaptiveKLController(init_kl_coef=0.3, target=None, horizon=100)
     assert fixed.update(100.0, n_steps=1000) == 0.3 and fixed.value == 0.3
 
     state = up.state_dict()

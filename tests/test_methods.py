@@ -19,8 +19,12 @@ def tiny_path() -> str:
     return str(resolve_model(TINY_MODEL))
 
 
+KL = {"kl_coef": 0.2, "target_kl": 0.1, "kl_horizon": 10000}  # the KL penalty's settings (retroformer section)
+
+
 def make(tiny_path: str, tmp_path, **kw) -> MethodLearner:
-    kw = {"dtype": "float32", "lr": 1e-2, "seed": 0, "output_dir": tmp_path / "learner", "lora_dropout": 0.0, **kw}
+    kw = {"dtype": "float32", "lr": 1e-2, "gradient_clipping": 1.0, "max_len": 4096, "seed": 0,
+          "output_dir": tmp_path / "learner", "lora_dropout": 0.0, **KL, **kw}
     return MethodLearner(tiny_path, **kw)
 
 
@@ -64,7 +68,7 @@ def test_retroact_raises_rewarded_actions_and_keeps_il_term(tiny_path, tmp_path)
     il = [sample(ACTOR, [7, 8, 9, 10], [501, 502, 503])]
     before = seqlp(learner, probe + il)
     reflector = learner.adapter_tensors(REFLECTOR)
-    m = learner.train_retroact(rl, il, epochs=4, lr=5e-3, eps=0.3, il_coef=1.0)
+    m = learner.train_retroact(rl, il, epochs=4, lr=5e-3, eps=0.3, il_coef=1.0, max_tokens_per_batch=4096)
     after = seqlp(learner, probe + il)
     assert after[0] > before[0]  # the rewarded completion became likelier
     assert after[2] > before[2]  # and the IL regulariser trained its own data
@@ -95,7 +99,7 @@ def test_retroact_weights_each_sample_by_its_reward(tiny_path, tmp_path):
     before = seqlp(learner, probe)
     n = sum(s.n_trained for s in rl)
     expected = -sum(r * lp for r, lp in zip(rewards, before)) / n
-    m = learner.train_retroact(rl, [], epochs=3, lr=5e-3, eps=0.3, max_tokens_per_batch=4096)
+    m = learner.train_retroact(rl, [], epochs=3, lr=5e-3, eps=0.3, il_coef=1.0, max_tokens_per_batch=4096)
     assert m["steps"] == 3 and m["loss_first/rl/actor"] == pytest.approx(expected, rel=1e-4)
     after = seqlp(learner, probe)
     assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
@@ -116,13 +120,13 @@ def test_retroact_zero_reward_gives_no_gradient_and_il_term_is_plain_il(tiny_pat
     learner = make(tiny_path, tmp_path / "zero")
     start = learner.adapter_tensors(ACTOR)
     zero = [sample(ACTOR, prompt, completion, logprobs=learner.token_logprobs(probe)[0].tolist(), reward=0.0)]
-    learner.train_retroact(zero, [], epochs=2, lr=5e-3)
+    learner.train_retroact(zero, [], epochs=2, lr=5e-3, eps=0.3, il_coef=1.0, max_tokens_per_batch=4096)
     assert all(torch.equal(start[k], v) for k, v in learner.adapter_tensors(ACTOR).items())
 
     learner = make(tiny_path, tmp_path / "zero+il")  # a fresh optimizer: Adam's step count moved above
-    learner.train_retroact(zero, il, epochs=2, lr=5e-3, il_coef=1.0)
+    learner.train_retroact(zero, il, epochs=2, lr=5e-3, eps=0.3, il_coef=1.0, max_tokens_per_batch=4096)
     control = make(tiny_path, tmp_path / "il")
-    control.train_il(il, epochs=2, lr=5e-3)
+    control.train_il(il, epochs=2, lr=5e-3, max_tokens_per_batch=4096)
     theirs = control.adapter_tensors(ACTOR)
     moved = learner.adapter_tensors(ACTOR)
     assert not all(torch.equal(start[k], v) for k, v in moved.items())
@@ -132,7 +136,8 @@ def test_retroact_zero_reward_gives_no_gradient_and_il_term_is_plain_il(tiny_pat
 def test_retroact_requires_behaviour_logprobs(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path)
     with pytest.raises(ValueError, match="behaviour log-probs"):
-        learner.train_retroact([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)], [], epochs=1)
+        learner.train_retroact([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)], [], epochs=1, eps=0.3, il_coef=1.0,
+                               max_tokens_per_batch=4096)
 
 
 def test_reflector_pg_follows_ratings_with_kl_and_checkpoints_it(tiny_path, tmp_path):
@@ -143,7 +148,7 @@ def test_reflector_pg_follows_ratings_with_kl_and_checkpoints_it(tiny_path, tmp_
     learner.set_reference([REFLECTOR])
     actor = learner.adapter_tensors(ACTOR)
     before = seqlp(learner, [helped, hurt])
-    m = learner.train_reflector_pg([helped, hurt], epochs=4, lr=5e-3)
+    m = learner.train_reflector_pg([helped, hurt], epochs=4, lr=5e-3, baseline="batch", max_tokens_per_batch=4096)
     after = seqlp(learner, [helped, hurt])
     assert after[0] > before[0] and after[1] < before[1]
     # Step 1 starts at the reference (KL 0, coefficient down 4 %), later steps sit above the target (up 4 % each).
@@ -164,7 +169,8 @@ def test_reflector_pg_follows_ratings_with_kl_and_checkpoints_it(tiny_path, tmp_
 def test_reflector_pg_refuses_actor_samples(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path)
     with pytest.raises(ValueError, match="reflector only"):
-        learner.train_reflector_pg([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)])
+        learner.train_reflector_pg([sample(ACTOR, [5, 6, 7], [8, 9], reward=1.0)], epochs=1, baseline="batch",
+                                   max_tokens_per_batch=4096)
 
 
 def test_reward_model_ranks_helpful_reflections_and_checkpoints(tiny_path, tmp_path):
