@@ -366,17 +366,22 @@ class Learner:
 
     def publish(self, roles: Sequence[str] | None = None, force: bool = False) -> list[AdapterUpdate]:
         """Bump the version of each role trained since its last publish, write `<output>/adapters/<role>/v<N>/`
-        atomically and return the tensors (CPU fp32, PEFT keys without the adapter name) for the engines."""
+        atomically and return the tensors (CPU fp32, PEFT keys without the adapter name) for the engines.
+
+        `force` also sends the roles not trained since: one already published goes out again under its own
+        version (a restored checkpoint's weights are that version, so a restart is not counted as a policy
+        update: async mode measures staleness in versions); one never published gets its first."""
         updates: list[AdapterUpdate] = []
         cache: dict[str, dict[str, torch.Tensor]] = {}
         for role in roles or self.roles:
-            if not force and role not in self._dirty:
+            clean = role not in self._dirty
+            if not force and clean:
                 continue
             adapter = self.adapter_of[role]
             if adapter not in cache:
                 cache[adapter] = self.adapter_tensors(adapter)
             tensors = cache[adapter]
-            version = self._versions[role] + 1
+            version = self._versions[role] if clean and self._versions[role] > 0 else self._versions[role] + 1
             save_adapter(self.adapter_root, role, version, tensors, self.lora_config, self.model_path)
             self._versions[role] = version
             self._dirty.discard(role)

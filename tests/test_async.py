@@ -42,7 +42,7 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
         rounds = [Round("explore-1", 2, settings), Round("explore-2", 2, settings)]
         with RolloutProducer(session, tasks, rounds, max_policy_lag=1) as producer:
             first = producer.take(0)
-            session.train("update-1", "train_il", imitation, epochs=1, lr=0.01)  # broadcasts version 1
+            session.train("update-1", "train_il", imitation, epochs=1, lr=0.01, max_tokens_per_batch=4096)  # v1
             producer.trained(0)
             second = producer.take(1)
         assert _versions(first) == {0}
@@ -65,7 +65,7 @@ def test_rollouts_go_on_while_the_learner_trains(tmp_path):
         rounds = [Round("explore-3", 2, settings), Round("explore-4", 2, settings)]
         with RolloutProducer(session, tasks, rounds, max_policy_lag=0) as producer:
             third = producer.take(0)
-            session.train("update-2", "train_il", imitation, epochs=1, lr=0.01)  # version 2
+            session.train("update-2", "train_il", imitation, epochs=1, lr=0.01, max_tokens_per_batch=4096)  # v2
             producer.trained(0)
             fourth = producer.take(1)
         assert _versions(third) == {1} and _versions(fourth) == {2}

@@ -54,12 +54,12 @@ def test_a_killed_learner_is_restored_from_its_checkpoint(tmp_path):
     session = Session(cfg, RunDir.create(cfg), preflight(cfg))
     try:
         samples = il_samples(session.demos(session.tasks("train", None)))
-        session.call("train_il", samples, epochs=1, lr=0.01)
+        session.call("train_il", samples, epochs=1, lr=0.01, max_tokens_per_batch=4096)
         checkpoint = session.checkpoint("before")
         session.call("set_reference", ["reflector"])  # state changed after the checkpoint: must be replayed
         first_pid = session.call("pid")
         killer = _kill_when_busy(first_pid, cpu_s=1.0)
-        killed = session.call("train_il", samples, epochs=8, lr=0.01)
+        killed = session.call("train_il", samples, epochs=8, lr=0.01, max_tokens_per_batch=4096)
         killer.join(timeout=1)
         assert not killer.is_alive()
         assert session.learner_restarts == 1 and session.call("pid") != first_pid
@@ -67,7 +67,7 @@ def test_a_killed_learner_is_restored_from_its_checkpoint(tmp_path):
 
         session.call("load_checkpoint_files", read_folder(checkpoint))
         session.call("set_reference", ["reflector"])
-        clean = session.call("train_il", samples, epochs=8, lr=0.01)
+        clean = session.call("train_il", samples, epochs=8, lr=0.01, max_tokens_per_batch=4096)
         same = [k for k in clean if "loss" in k or k in ("steps", "tokens")]
         assert same and {k: killed[k] for k in same} == {k: clean[k] for k in same}
         for role, tensors in after_kill.items():

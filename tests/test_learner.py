@@ -342,6 +342,16 @@ def test_checkpoint_roundtrip_resumes_exactly(tiny_path, tmp_path):
         assert same(snapshot(b, role), snapshot(a, role))
     assert [u.role for u in b.publish()] == [ACTOR, REFLECTOR] and b.versions() == {ACTOR: 2, REFLECTOR: 2}
 
+    # Served again after a restore (--resume): the actor, trained since v1, becomes v2; the reflector's weights
+    # are still v1's and go out as v1, so the restart does not look like a policy update.
+    c = make(tiny_path, tmp_path / "c")
+    c.load_checkpoint(ckpt)
+    forced = {u.role: u for u in c.publish(force=True)}
+    assert {r: u.version for r, u in forced.items()} == {ACTOR: 2, REFLECTOR: 1}
+    from learners.adapters import adapter_dir, load_adapter
+
+    assert same(forced[REFLECTOR].tensors, load_adapter(adapter_dir(a.adapter_root, REFLECTOR, 1))[0])
+
 
 def test_shared_adapter(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, shared_adapter=True)

@@ -160,3 +160,56 @@ def test_retroformer_trains_the_reflector_only_and_ranks_best_of_n(retroact_run,
     assert [e["versions"] for e in events if e["event"] == "broadcast"][-1] == {"reflector": 2}  # actor not resent
     rows = json.loads((run.path / "eval" / "results.json").read_text())
     assert {r["method"] for r in rows} >= {"Retroformer + reflection", "Retroformer best-of-2 + reflection"}
+
+
+class _Crash(Exception):
+    """Injected: the driver dies right after storing an episode."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,stage,update,extra", [
+    ("retroformer", "collect", "reflector-pg", ["agent.actor.temperature=1.0", "retroformer.lr=0.01"]),
+    ("retroact", "explore", "retroact", ["retroact.lr=0.01"]),
+    ("retroact", "explore", "retroact", ["retroact.lr=0.01", "rollout.mode=async"]),
+], ids=["retroformer", "retroact", "retroact-async"])
+def test_an_interrupted_run_resumes_without_losing_or_repeating(retroact_run, coin, tmp_path, monkeypatch,
+                                                                method, stage, update, extra):
+    """Two rounds from the RetroAct run's IL checkpoint; the driver dies right after the second round's first
+    episode is stored. `retrorl train --resume` keeps every stored episode, plays only the missing ones, loads
+    round 1's checkpoint instead of training it again, trains round 2 and finishes."""
+    from cluster.cli import main
+    from rollout.store import TrajectoryStore
+
+    append = TrajectoryStore.append
+
+    def crash_after_first_of_round_2(self, episodes, phase):
+        written = append(self, episodes, phase=phase)
+        if phase == f"{stage}-2":
+            raise _Crash(phase)
+        return written
+
+    overrides = coin + [f"method={method}", f"run_root={tmp_path}", f"{method}.rounds=2", f"{method}.trials=3",
+                        f"init.checkpoint={retroact_run.path / 'checkpoints' / 'sft'}", *extra]
+    monkeypatch.setattr(TrajectoryStore, "append", crash_after_first_of_round_2)
+    with pytest.raises(_Crash):
+        _run(overrides)
+    monkeypatch.setattr(TrajectoryStore, "append", append)
+    (folder,) = tmp_path.iterdir()
+    before = {(p, e.episode_id) for p, e in RunDir(folder).store.phased_episodes()}
+    assert sum(p == f"{stage}-2" for p, _ in before) == 1 and f"{update}-1" in {
+        e.get("phase") for e in RunDir(folder).metrics() if e["event"] == "train"}
+
+    assert main(["train", "--resume", str(folder)]) == 0
+    run = RunDir(folder)
+    after = [(p, e) for p, e in run.store.phased_episodes()]
+    assert before <= {(p, e.episode_id) for p, e in after}  # nothing stored before the crash is lost
+    per_phase = {}
+    for p, e in after:
+        per_phase.setdefault(p, []).append(e.task_id)
+    assert all(len(ids) == len(set(ids)) for ids in per_phase.values())  # no task played twice in a phase
+    assert len(per_phase[f"{stage}-1"]) == len(per_phase[f"{stage}-2"]) == 6  # n_train
+    events = run.metrics()
+    trained = [e["phase"] for e in events if e["event"] == "train"]
+    assert trained.count(f"{update}-1") == 1 and trained.count(f"{update}-2") == 1  # round 1 not trained again
+    assert [e["checkpoint"].rsplit("/", 1)[-1] for e in events if e["event"] == "resume"] == [f"{method}-1"]
+    assert [e["event"] for e in events].count("done") == 1
