@@ -1,10 +1,11 @@
-# Two commands for a new user (README): `make train` runs the main job, `make test` runs the tests.
-# Both create .venv and install everything on first use.
+# Two commands for a new user (README): `make train` runs the main job, `make test` runs the tests but those marked
+# slow (whole jobs through Ray: pyproject.toml's markers), `make test-all` every test (what CI runs).
+# All create .venv and install everything on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.retrorl-installed
 
-.PHONY: setup system-deps train test bench clean
+.PHONY: setup system-deps train test test-all bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +24,11 @@ $(STAMP): pyproject.toml Makefile
 train: setup
 	$(VENV)/bin/retrorl train $(ARGS)
 
+# faulthandler stays on through interpreter exit, so a crash after the last test prints every thread's stack.
 test: setup system-deps
-	# faulthandler stays on through interpreter exit, so a crash after the last test prints every thread's stack.
+	$(PY) -X faulthandler -m pytest -q -m "not slow" $(ARGS)
+
+test-all: setup system-deps
 	$(PY) -X faulthandler -m pytest -q $(ARGS)
 
 # Debian packages the tests need: Prometheus (tests/test_monitoring.py scrapes a real job with it). Needs root.

@@ -51,7 +51,9 @@ class _LiveLine:
 
 
 class Progress(_LiveLine):
-    """Episodes of a rollout phase: `[demos] 25/50 episodes  success 25/25  3s`."""
+    """Episodes of a rollout phase: `[demos] 25/50 episodes  success 25/25  ETA 3s  3s`. The ETA assumes the
+    remaining episodes take as long as the finished ones did on average (episodes run concurrently, so it is
+    rough for the first few)."""
 
     def __init__(self, phase: str, total: int) -> None:
         super().__init__(phase)
@@ -60,8 +62,12 @@ class Progress(_LiveLine):
     def update(self, success: bool) -> None:
         self.done += 1
         self.wins += int(success)
-        self.show(f"{self.done}/{self.total} episodes  success {self.wins}/{self.done}  {self.elapsed()}",
-                  self.done, self.total)
+        spent = time.perf_counter() - self.start
+        parts = [f"{self.done}/{self.total} episodes", f"success {self.wins}/{self.done}"]
+        if self.done < self.total:
+            parts.append(f"ETA {duration(spent / self.done * (self.total - self.done))}")
+        parts.append(duration(spent))
+        self.show("  ".join(parts), self.done, self.total)
 
 
 class TrainingProgress(_LiveLine):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+import types
 
 import pytest
 
@@ -64,6 +65,23 @@ def test_a_call_that_takes_no_step_ends_its_terminal_line(monkeypatch):
     assert screen.getvalue().endswith("\n")
 
 
+def test_rollout_lines_estimate_the_time_left_from_the_episodes_done(monkeypatch):
+    import cluster.progress
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    clock = iter([100.0, 130.0, 190.0, 280.0, 281.0])  # the start, then one reading per update
+    monkeypatch.setattr(cluster.progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    progress = Progress("explore-1", 4)
+    for won in (True, False, False, True):
+        progress.update(won)
+    # 30 s for the first of 4: 1m30s to go; 90 s for two: 1m30s; 180 s for three: 1m00s; none after the last.
+    assert out.getvalue().splitlines() == ["[explore-1] 1/4 episodes  success 1/1  ETA 1m30s  30s",
+                                           "[explore-1] 2/4 episodes  success 1/2  ETA 1m30s  1m30s",
+                                           "[explore-1] 3/4 episodes  success 1/3  ETA 1m00s  3m00s",
+                                           "[explore-1] 4/4 episodes  success 2/4  3m01s"]
+
+
 def test_transcript_copies_stdout_and_stderr_without_colours(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     monkeypatch.setattr(sys, "stderr", io.StringIO())
@@ -74,7 +92,7 @@ def test_transcript_copies_stdout_and_stderr_without_colours(monkeypatch, tmp_pa
         progress.update(False)
     assert sys.stderr.getvalue().startswith("\x1b[36m")  # the terminal keeps what it was sent
     assert path.read_text().splitlines() == ["(HFEngine pid=1) a warning from an actor",
-                                             "[demos] 1/2 episodes  success 1/1  0s",
+                                             "[demos] 1/2 episodes  success 1/1  ETA 0s  0s",
                                              "[demos] 2/2 episodes  success 1/2  0s"]
 
 
