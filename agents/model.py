@@ -8,6 +8,7 @@ later load is a fast `from_pretrained` of a local folder. Nothing here reaches a
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import json
 import os
@@ -150,6 +151,25 @@ def _build_tiny_model(target: Path, seed: int, stamp: dict, cache: str | os.Path
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(json.dumps(stamp))
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_SAMPLES, _SAMPLE_BYTES = 16, 4096  # per weight file: a few hundred KiB read, whatever the model's size
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash that names a model's weights wherever its folder is: each weight file's size and evenly spaced
+    samples of its bytes. Copies of one model agree under any folder name; another model of the same architecture
+    (a fine-tune, the base vs the instruct model) differs, since its tensors' bytes do."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as f:
+            for i in range(_SAMPLES):
+                f.seek(size * i // _SAMPLES)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def load_tokenizer(path: str | os.PathLike):

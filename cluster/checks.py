@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from agents.chat import ChatFormatter
-from agents.model import ModelError, load_tokenizer
+from agents.model import ModelError, load_tokenizer, weights_fingerprint
 from agents.trajectory import ROLES
 from cluster.config import Config, ConfigError
 from learners.batching import TokenSample, cap_length
@@ -106,7 +106,10 @@ def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
             "learner.lora.r": lora["r"],
             "learner.lora.alpha": lora["lora_alpha"],
             "learner.lora.target_modules": sorted(lora["target_modules"]),
-            "model.path": Path(meta["model_path"]).name,
+            # The base model by its weights' fingerprint: the same model under any folder name, on any node. A
+            # checkpoint from before fingerprints were written names only its model folder.
+            "model.path": (f"weights {meta['model_fingerprint']}" if "model_fingerprint" in meta
+                           else Path(meta["model_path"]).name),
         }
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"init.checkpoint {folder}: learner.json is unreadable or from another version ({exc}); "
@@ -116,7 +119,8 @@ def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
         "learner.lora.r": cfg.learner.lora.r,
         "learner.lora.alpha": cfg.learner.lora.alpha,
         "learner.lora.target_modules": sorted(cfg.learner.lora.target_modules),
-        "model.path": Path(model_path).name,
+        "model.path": (f"weights {weights_fingerprint(model_path)}" if "model_fingerprint" in meta
+                       else Path(model_path).name),
     }
     differ = [f"{key}={theirs[key]!r} there, {ours[key]!r} here" for key in ours if theirs[key] != ours[key]]
     if differ:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from agents.adapters import LORA, AdapterUpdate
-from agents.model import hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap
+from agents.model import (hardware, load_model, node_threads, resolve_dtype, resolve_model, trim_heap,
+                          weights_fingerprint)
 from agents.trajectory import ROLES
 from envs.atomic import staged_dir
 from envs.cache import resolve_cache_dir
@@ -643,6 +644,7 @@ class Learner:
                 "zero_stage": self.zero_stage,
                 "dtype": str(self.dtype),
                 "model_path": self.model_path,
+                "model_fingerprint": weights_fingerprint(self.model_path),
                 "lora": {k: _jsonable(v) for k, v in self.lora_config.to_dict().items()},
                 "extra": self._extra_state(),
             }

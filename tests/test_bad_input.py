@@ -107,7 +107,8 @@ def test_model_settings_that_do_not_fit_the_model_fail_before_the_run(overrides,
 
 
 def _fake_checkpoint(folder: Path, tiny_model_path: str, shared: bool = False, r: int = 8, alpha: int = 16,
-                     targets=("q_proj", "v_proj"), model_name: str = "tiny-llama", in_scale: int = 1) -> Path:
+                     targets=("q_proj", "v_proj"), model_name: str = "tiny-llama", in_scale: int = 1,
+                     fingerprint: str | None = None) -> Path:
     """A checkpoint folder laid out as learners.learner.Learner.save_checkpoint writes it (learner.json's keys
     and PEFT state-dict names), with zero tensors: what the start-up check reads without a learner."""
     import torch
@@ -130,6 +131,8 @@ def _fake_checkpoint(folder: Path, tiny_model_path: str, shared: bool = False, r
     torch.save({}, folder / "rng.pt")
     meta = {"adapters": adapters, "model_path": f"/somewhere/models/{model_name}", "dtype": "torch.float32",
             "lora": {"r": r, "lora_alpha": alpha, "target_modules": sorted(targets)}}
+    if fingerprint is not None:
+        meta["model_fingerprint"] = fingerprint
     (folder / "learner.json").write_text(json.dumps(meta))
     return folder
 
@@ -153,6 +156,29 @@ def test_init_checkpoint_that_does_not_fit_is_refused_at_start(made, message, ti
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_checkpoint(cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": str(bad)})}),
                          tiny_model_path, model)
+
+
+def test_init_checkpoint_base_model_is_recognised_by_its_weights_not_its_folder_name(model_copy, tiny_model_path,
+                                                                                   tmp_path):
+    """The same weights under another folder name (a copy on another node, a renamed folder) fit; other weights
+    of the same architecture in a folder of the same name do not."""
+    from safetensors.torch import load_file, save_file
+
+    from agents.model import weights_fingerprint
+    from cluster.checks import check_checkpoint, meta_model
+
+    ckpt = _fake_checkpoint(tmp_path / "ckpt", tiny_model_path, fingerprint=weights_fingerprint(tiny_model_path))
+    renamed = Path(shutil.copytree(model_copy, tmp_path / "models" / "my-copy"))
+    cfg = load_config(None, [f"model.path={renamed}", f"init.checkpoint={ckpt}"])
+    model = meta_model(cfg, str(renamed))
+    check_checkpoint(cfg, str(renamed), model)  # another name, the same weights: fits
+
+    other = Path(shutil.copytree(model_copy, tmp_path / "other" / "tiny-llama"))  # same name, other weights
+    for file in other.glob("*.safetensors"):
+        save_file({k: v * 1.5 for k, v in load_file(file).items()}, str(file), metadata={"format": "pt"})
+    assert weights_fingerprint(other) != weights_fingerprint(tiny_model_path)
+    with pytest.raises(ConfigError, match=r"model\.path='weights [0-9a-f]{16}' there, 'weights [0-9a-f]{16}' here"):
+        check_checkpoint(cfg, str(other), model)
 
 
 def test_init_checkpoint_with_missing_or_corrupt_files_fails_before_the_run(tiny_model_path, tmp_path, capsys):
