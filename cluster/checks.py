@@ -14,7 +14,7 @@ from agents.chat import ChatFormatter
 from agents.model import ModelError, load_tokenizer, weights_fingerprint
 from agents.trajectory import ROLES
 from cluster.config import Config, ConfigError
-from learners.batching import TokenSample, cap_length
+from learners.batching import TokenSample
 
 
 def chat_formatter(model_path: str) -> ChatFormatter:
@@ -158,13 +158,17 @@ def _lora_shape_problem(key: str, shape: tuple[int, ...], r: int, modules: dict[
     return None if shape == expected else f"{key} has shape {list(shape)}, this model and rank need {list(expected)}"
 
 
-def check_il_samples(samples: Sequence[TokenSample], max_sample_tokens: int) -> None:
-    """IL has something to train on: a learner.max_sample_tokens below every sample's length would drop them all
-    (the learner drops, never truncates), SFT would take 0 steps, and the run would go on from the base model."""
-    kept, _ = cap_length(samples, max_sample_tokens)
-    if samples and not kept:
-        shortest = min(len(s) for s in samples)
-        raise ConfigError(f"learner.max_sample_tokens={max_sample_tokens} drops all {len(samples)} IL samples (the "
-                          f"shortest has {shortest} tokens), so SFT would take 0 steps: set "
-                          f"learner.max_sample_tokens to at least {shortest} (or shorten the demos: "
+def check_samples_fit(samples: Sequence[TokenSample | tuple[TokenSample, ...]], max_sample_tokens: int,
+                      update: str) -> None:
+    """An update has something to train on: a learner.max_sample_tokens below every sample's length would drop
+    them all (the learner drops, never truncates), the update would take 0 steps, and the run would go on as if it
+    had trained. `samples`: an update's samples, or its DPO pairs (a pair is dropped if either side is too long).
+    Checked on the driver before the learner is called: for IL before anything trains, for the RL and DPO updates
+    once their rounds' samples exist."""
+    lengths = [max(len(s) for s in item) if isinstance(item, tuple) else len(item) for item in samples]
+    shortest = min(lengths, default=0)
+    if shortest > max_sample_tokens:  # learners.batching.cap_length keeps len <= the cap
+        raise ConfigError(f"learner.max_sample_tokens={max_sample_tokens} drops all {len(lengths)} samples of "
+                          f"{update} (the shortest has {shortest} tokens), so it would take 0 steps: set "
+                          f"learner.max_sample_tokens to at least {shortest} (or shorten the episodes: "
                           "agent.memory_size, agent.max_steps)")

@@ -22,7 +22,7 @@ from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import Episode
-from cluster.checks import (chat_formatter, check_checkpoint, check_il_samples, check_model, check_weights,
+from cluster.checks import (chat_formatter, check_checkpoint, check_samples_fit, check_model, check_weights,
                             meta_model)
 from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
@@ -324,7 +324,7 @@ class Session:
             return {k: v for k, v in record.items() if k not in ("time", "event", "phase", "checkpoint")}
         cfg = self.cfg.learner
         samples = self.imitation(episodes)
-        check_il_samples(samples, cfg.max_sample_tokens)
+        check_samples_fit(samples, cfg.max_sample_tokens, "SFT")
         roles = {r: sum(s.role == r for s in samples) for r in sorted({s.role for s in samples})}
         say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))

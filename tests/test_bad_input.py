@@ -302,14 +302,19 @@ def test_cached_textworld_game_missing_or_corrupt_is_rebuilt(damage, tmp_path):
 
 
 # -- found mid-run ------------------------------------------------------------------------------------------------
-def test_max_sample_tokens_that_drops_every_il_sample_is_an_error():
-    from cluster.checks import check_il_samples
+def test_max_sample_tokens_that_drops_every_sample_of_an_update_is_an_error():
+    from cluster.checks import check_samples_fit
     from learners.batching import TokenSample
 
     samples = [TokenSample([1] * n, [0] * (n - 1) + [1], "actor") for n in (300, 500)]
-    check_il_samples(samples, 300)  # one fits: IL trains on it
-    with pytest.raises(ConfigError, match="learner.max_sample_tokens=299 drops all 2 IL samples.*at least 300"):
-        check_il_samples(samples, 299)
+    check_samples_fit(samples, 300, "SFT")  # one fits: IL trains on it
+    with pytest.raises(ConfigError, match="max_sample_tokens=299 drops all 2 samples of SFT.*at least 300"):
+        check_samples_fit(samples, 299, "SFT")
+    # DPO pairs: a pair goes when either side is too long, so the longer side is what must fit.
+    pairs = [(samples[0], samples[1])]
+    check_samples_fit(pairs, 500, "dpo-1")
+    with pytest.raises(ConfigError, match="max_sample_tokens=499 drops all 1 samples of dpo-1.*at least 500"):
+        check_samples_fit(pairs, 499, "dpo-1")
 
 
 def test_bad_input_found_mid_run_marks_the_run_failed(tmp_path, capsys, monkeypatch):
