@@ -246,7 +246,7 @@ class Session:
         runner = EpisodeRunner(self.engines, self.actors.workers, self.cfg.rollout.envs_per_worker,
                                self.formatter, self.cfg.env.name, settings or self.settings(trials), rank,
                                retry_on=ACTOR_DIED, max_episode_retries=self.cfg.rollout.episode_retries)
-        progress = Progress(phase, len(tasks))
+        progress = Progress(phase, len(tasks), concurrency=len(runner.slots))
 
         def keep(episode: Episode) -> None:  # each finished episode is on disk before the next one is counted
             self.run.store.append([episode], phase=phase)

@@ -51,20 +51,24 @@ class _LiveLine:
 
 
 class Progress(_LiveLine):
-    """Episodes of a rollout phase: `[demos] 25/50 episodes  success 25/25  ETA 3s  3s`. The ETA assumes the
-    remaining episodes take as long as the finished ones did on average (episodes run concurrently, so it is
-    rough for the first few)."""
+    """Episodes of a rollout phase: `[explore-1] 25/50 episodes  success 3/25  ETA 3m10s  3m05s`.
 
-    def __init__(self, phase: str, total: int) -> None:
+    `concurrency` episodes are played at once, so the first ones finish together near the end of the first wave
+    and a rate measured before that overstates the time left (12 episodes on 16 slots: "ETA 36m" one and a half
+    minutes before the end). The ETA (time so far per finished episode, times those left) is shown once a whole
+    wave has finished, never for a phase that fits in one wave."""
+
+    def __init__(self, phase: str, total: int, concurrency: int = 1) -> None:
         super().__init__(phase)
         self.total, self.done, self.wins = total, 0, 0
+        self.concurrency = concurrency
 
     def update(self, success: bool) -> None:
         self.done += 1
         self.wins += int(success)
         spent = time.perf_counter() - self.start
         parts = [f"{self.done}/{self.total} episodes", f"success {self.wins}/{self.done}"]
-        if self.done < self.total:
+        if self.concurrency <= self.done < self.total:
             parts.append(f"ETA {duration(spent / self.done * (self.total - self.done))}")
         parts.append(duration(spent))
         self.show("  ".join(parts), self.done, self.total)

@@ -146,7 +146,10 @@ class TextEnv(gym.Env):
         if self._task is None:
             raise EnvError("call reset before step")
         self._steps += 1
-        obs, info, over = self._step(str(action).strip())
+        # Control characters (a NUL a policy emitted) never reach a game: families echo unknown actions into the
+        # observation, and from there into the next prompt. Line breaks stay: a family reads what they mean.
+        action = "".join(ch for ch in str(action) if ch.isprintable() or ch in "\n\t")
+        obs, info, over = self._step(action.strip())
         reward = 1.0 if info.won else 0.0
         truncated = not over and self._steps >= self._task.max_steps
         return obs, reward, over, truncated, {**info.as_dict(), **self._extra_info()}

@@ -195,10 +195,10 @@ def test_envs_lists_every_family_and_what_is_missing(capsys):
     assert set(families()) <= set(rows)
     header = next(line for line in out.splitlines() if line.startswith("| env |"))
     assert [c.strip() for c in header.split("|")[2:6]] == ["train", "valid", "seen", "unseen"]
-    assert [c.strip() for c in rows["textworld"].split("|")[2:6]] == ["24", "8", "8", "8"]  # default counts, no build
+    assert [c.strip() for c in rows["textworld"].split("|")[2:6]] == ["12", "4", "4", "4"]  # default counts, no build
     # The configured family is described with the config's kwargs; one that cannot be built says why.
     assert main(["envs", "--set", "env.kwargs={n_train: 5, kinds: [treasure]}"]) == 0
-    assert [c.strip() for c in capsys.readouterr().out.split("| textworld |")[1].split("|")[:4]] == ["5", "8", "8", "8"]
+    assert [c.strip() for c in capsys.readouterr().out.split("| textworld |")[1].split("|")[:4]] == ["5", "4", "4", "4"]
     assert main(["envs", "--set", "env.kwargs={kinds: [nethack]}"]) == 0
     out = capsys.readouterr().out
     assert "Not usable here:" in out and "- textworld: unknown textworld kinds ['nethack']" in out

@@ -67,7 +67,7 @@ def test_task_lists(env: TextWorldEnv, cache: Path):
 
 def test_valid_split_is_seen_settings_with_its_own_seeds(env: TextWorldEnv, cache: Path):
     default = TextWorldEnv(cache_dir=cache)
-    assert default.split_sizes() == {"train": 24, "valid": 8, "seen": 8, "unseen": 8}  # listed without building
+    assert default.split_sizes() == {"train": 12, "valid": 4, "seen": 4, "unseen": 4}  # listed without building
     assert TextWorldEnv(cache_dir=cache, n_valid=3).split_sizes()["valid"] == 3
     ids = {split: [t.task_id for t in env.tasks(split)] for split in SPLITS}
     assert ids["valid"] == ["treasure-valid-0000", "cooking-valid-0000"]

@@ -72,11 +72,12 @@ def test_rollout_lines_estimate_the_time_left_from_the_episodes_done(monkeypatch
     monkeypatch.setattr(sys, "stdout", out)
     clock = iter([100.0, 130.0, 190.0, 280.0, 281.0])  # the start, then one reading per update
     monkeypatch.setattr(cluster.progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    progress = Progress("explore-1", 4)
+    progress = Progress("explore-1", 4, concurrency=2)
     for won in (True, False, False, True):
         progress.update(won)
-    # 30 s for the first of 4: 1m30s to go; 90 s for two: 1m30s; 180 s for three: 1m00s; none after the last.
-    assert out.getvalue().splitlines() == ["[explore-1] 1/4 episodes  success 1/1  ETA 1m30s  30s",
+    # Two at a time: no estimate before a whole wave (two episodes) is done; 90 s for two: 1m30s to go; 180 s for
+    # three: 1m00s; none after the last.
+    assert out.getvalue().splitlines() == ["[explore-1] 1/4 episodes  success 1/1  30s",
                                            "[explore-1] 2/4 episodes  success 1/2  ETA 1m30s  1m30s",
                                            "[explore-1] 3/4 episodes  success 1/3  ETA 1m00s  3m00s",
                                            "[explore-1] 4/4 episodes  success 2/4  3m01s"]
