@@ -128,7 +128,7 @@ class TextWorldEnv(TextEnv):
     def __init__(
         self,
         kinds: Sequence[str] | str = DEFAULT_KINDS,
-        # Sized for the main job (`make train`: RetroAct on these defaults) to take about 13 minutes on a 2-core
+        # Sized for the main job (`make train`: RetroAct on these defaults) to take about 15 minutes on a 2-core
         # CPU (README); configs/textworld-full.yaml has the earlier 24 / 8 / 8.
         n_train: int = 12,
         n_seen: int = 4,
