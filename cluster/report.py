@@ -176,6 +176,11 @@ def _p(value: float | None) -> str:
     return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
 
 
+def _kind(label: Any) -> str:
+    """What an eval row is, without the policy's name: "SFT ReAct" -> "ReAct", "sft + reflection" -> "+ reflection"."""
+    return str(label).split(" ", 1)[-1]
+
+
 def paired(runs: Sequence[RunData]) -> list[str]:
     """Every later run against the first (the baseline), row by row where split and number of trials match.
     Rows with per-task `outcomes` get paired statistics on the tasks both evaluated (cluster/stats.py): exact
@@ -187,13 +192,16 @@ def paired(runs: Sequence[RunData]) -> list[str]:
         return []
     names = _names(runs)
     base = {(r.get("split"), r.get("trials"), r.get("method")): r for r in runs[0].rows}
+    base_kind = {(r.get("split"), r.get("trials"), _kind(r.get("method"))): r for r in runs[0].rows}
     base_any = {(r.get("split"), r.get("trials")): r for r in runs[0].rows}
     lines = []
     for run, name in zip(runs[1:], names[1:]):
         for row in run.rows:
             key = (row.get("split"), row.get("trials"))
-            # The same label when the baseline has it (SFT ReAct vs SFT ReAct), else any row of that shape.
-            ref = base.get((*key, row.get("method"))) or base_any.get(key)
+            # The same label when the baseline has it (SFT ReAct vs SFT ReAct), else the same kind of row (ReAct
+            # vs ReAct: at one trial a run's ReAct and reflection rows share a shape), else any row of that shape.
+            ref = (base.get((*key, row.get("method"))) or base_kind.get((*key, _kind(row.get("method"))))
+                   or base_any.get(key))
             if ref is None:
                 continue
             mine, theirs = _outcomes(row), _outcomes(ref)

@@ -51,8 +51,9 @@ ROUNDS_B = [(1, 0.1), (2, 0.35), (3, 0.5)]
 
 
 def _write_run(path: Path, method: str, seed: int, episodes: list[Episode], label: str,
-               rounds: list[tuple[int, float]], learners: tuple[tuple[str, str], ...] = ()) -> list[dict]:
-    rows = evaluate(episodes, label, K)
+               rounds: list[tuple[int, float]], learners: tuple[tuple[str, str], ...] = (), trials: int = K
+               ) -> list[dict]:
+    rows = evaluate(episodes, label, trials)
     (path / "eval").mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": method, "name": path.name}))
     (path / "eval" / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
@@ -261,6 +262,21 @@ def test_game_by_game_against_the_first_run(tmp_path, capsys):
     t = 0.25 / (math.sqrt(2.75 / 3) / 2)
     p = 2 * (1 - (0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi))
     assert (full["McNemar p"], full["return diff"], full["paired t p"]) == ("1.000", "+25.0", f"{p:.3f}")
+
+
+def test_one_trial_rows_pair_with_the_baselines_row_of_the_same_kind(tmp_path, capsys):
+    """At one trial a run's ReAct and reflection rows have the same split and trials; with labels that differ
+    (an eval of RUN/checkpoints/sft is labelled "sft", the SFT run "SFT") each still pairs with its own kind."""
+    base = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5)])]
+    other = [_episode("t1", "seen", [(0.0, 5)]), _episode("t2", "seen", [(1.0, 4)])]
+    run_a, run_b = tmp_path / "sft-1", tmp_path / "sft-eval-1"
+    _write_run(run_a, "sft", 0, base, "SFT", [], trials=1)
+    _write_run(run_b, "sft", 0, other, "sft", [], trials=1)
+    assert cli.main(["report", str(run_a), str(run_b), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["method"]: r for r in _table(capsys.readouterr().out, 1)}
+    assert {m: r["baseline"] for m, r in rows.items()} == {"sft ReAct": "SFT ReAct",
+                                                          "sft + reflection": "SFT + reflection"}
+    assert all((r["only run"], r["only baseline"]) == ("1", "1") for r in rows.values())
 
 
 @pytest.mark.parametrize("n", [1, 10, 14, 20, 31])
