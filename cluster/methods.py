@@ -15,7 +15,6 @@ from statistics import mean
 from typing import Any
 
 from agents.trajectory import REFLECTOR, Episode
-from cluster.checks import check_samples_fit
 from cluster.config import Config
 from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
@@ -82,7 +81,6 @@ def eto(session: Session) -> Rows:
         if not pairs:
             say(f"[eto {i + 1}] no pairs (every explored trajectory tied its expert); nothing to train")
             continue
-        check_samples_fit(pairs, cfg.learner.max_sample_tokens, f"dpo-{i + 1}")
         session.train(f"dpo-{i + 1}", "train_dpo", pairs, beta=_per_iteration(e.beta, i),
                       epochs=e.epochs, lr=_per_iteration(e.lr, i),
                       max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
@@ -114,7 +112,6 @@ def retroformer(session: Session) -> Rows:
         if not any(s.reward != 0 for s in replay):
             say(f"[retroformer {i + 1}] every rating is 0 so far: no gradient; collecting again")
             continue
-        check_samples_fit(replay, cfg.learner.max_sample_tokens, f"reflector-pg-{i + 1}")
         session.train(f"reflector-pg-{i + 1}", "train_reflector_pg", replay, epochs=r.epochs, lr=r.lr,
                       baseline=r.baseline, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
         if r.reward_model:
@@ -186,7 +183,6 @@ def _retroact_update(session: Session, i: int, episodes: list[Episode], imitatio
     if not samples:
         say(f"[retroact {i + 1}] no sample passed the filters (no positive return); nothing to train")
         return
-    check_samples_fit(samples, cfg.learner.max_sample_tokens, f"retroact-{i + 1}")
     session.train(f"retroact-{i + 1}", "train_retroact", samples, imitation, epochs=r.epochs, lr=r.lr,
                   eps=r.eps, il_coef=r.il_coef, max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
     session.checkpoint(f"retroact-{i + 1}")

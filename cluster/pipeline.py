@@ -432,7 +432,9 @@ class Session:
         self.run.log("learner_restart", restarts=self.learner_restarts, replayed=[m for m, _, _ in self._journal])
 
     def train(self, phase: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """One learner update (`method` of learners.methods.MethodLearner), then the broadcast."""
+        """One learner update (`method` of learners.methods.MethodLearner, whose first argument is its samples or
+        DPO pairs, checked against learner.max_sample_tokens first), then the broadcast."""
+        check_samples_fit(args[0], self.cfg.learner.max_sample_tokens, phase)
         self._engines_idle()
         metrics = self.call(method, *args, watch=phase, **kwargs)
         self.run.log("train", phase=phase, **metrics)

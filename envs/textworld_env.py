@@ -84,12 +84,11 @@ def max_steps_for(walkthrough: Sequence[str]) -> int:
 
 
 def normalize_command(action: str) -> str:
-    """First line, lower case, single spaces, no control characters: the form admissible commands take (cut below
-    the interpreter's 198-byte input limit). A NUL in a command killed the whole process (SIGSEGV in the
-    interpreter; found by tests/test_fuzz.py), so non-printable characters never reach it."""
+    """First line, lower case, single spaces: the form admissible commands take (cut below the interpreter's
+    198-byte input limit). Control characters never get here: a NUL in a command killed the whole process
+    (SIGSEGV in the interpreter; found by tests/test_fuzz.py), and TextEnv.step drops them for every family."""
     line = next((ln for ln in action.splitlines() if ln.strip()), "")
-    line = "".join(ch for ch in " ".join(line.lower().split()) if ch.isprintable())
-    return line.encode()[:190].decode(errors="ignore").strip()
+    return " ".join(line.lower().split()).encode()[:190].decode(errors="ignore").strip()
 
 
 def _clean_intro(text: str, objective: str) -> str:

@@ -222,6 +222,7 @@ class Learner:
         self.output_dir = Path(output_dir)
         self.adapter_root = self.output_dir / "adapters"
         self.model_path = str(resolve_model(model_path, cache))
+        self.model_fingerprint = weights_fingerprint(self.model_path)  # written in every checkpoint's learner.json
         self.dtype = resolve_dtype(dtype)
         self.zero_stage = zero_stage
         self.lr = lr
@@ -644,7 +645,7 @@ class Learner:
                 "zero_stage": self.zero_stage,
                 "dtype": str(self.dtype),
                 "model_path": self.model_path,
-                "model_fingerprint": weights_fingerprint(self.model_path),
+                "model_fingerprint": self.model_fingerprint,
                 "lora": {k: _jsonable(v) for k, v in self.lora_config.to_dict().items()},
                 "extra": self._extra_state(),
             }
