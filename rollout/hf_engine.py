@@ -2,14 +2,16 @@
 
 Concurrent `generate` calls are queued and served in batches by a single background task; the compute runs in a
 worker thread so the event loop keeps accepting requests (and, inside a Ray async actor, keeps answering calls).
-Each batch left-pads its prompts, prefills once and decodes with its own loop over a preallocated KV cache, so rows
-can use different roles (PEFT mixed-adapter batches), temperatures, top_p, seeds and lengths, and leave the batch as
-soon as they finish. Adapter updates are staged and swapped in between batches, never during one.
+Each batch prefills its prompts (in groups of similar uncached lengths, each left-padded to its own longest row)
+and then decodes all rows in one loop over a preallocated KV cache, so rows can use different roles (PEFT
+mixed-adapter batches), temperatures, top_p, seeds and lengths, and leave the batch as soon as they finish. Adapter
+updates are staged and swapped in between batches, never during one.
 
 Prefix reuse: a finished row's K/V (prompt + completion, bar the last sampled token, whose K/V was never computed)
 goes into an LRU keyed by role and adapter version. A later request of that role sharing a prefix with an entry
 (a multi-turn prompt that appends to an earlier prompt + completion, or a common system prompt) prefills only the
-rest. Matching is purely on ids, so callers change nothing; an adapter update drops its role's entries.
+rest; a prefix several rows of one batch share is computed once first. Matching is purely on ids, so callers change
+nothing; an adapter update drops its role's entries.
 
 Wrap it as `ray.remote(HFEngine)`; pass `threads` there, since Ray sets OMP_NUM_THREADS=1 in actors.
 """
@@ -73,22 +75,24 @@ class _Entry:
     kv: torch.Tensor  # [layers, 2 (K, V), kv_heads, L, head_dim]: post-RoPE, as the cache holds them; no padding
 
 
-def prefill_groups(new: Sequence[int], slack: int = 64) -> list[list[int]]:
-    """Split a batch's rows (by their uncached prompt lengths) so no group pads its prefill to more than twice its
-    real tokens plus `slack` per row. All rows of a group compute the longest row's positions: one fresh
-    1500-token prompt among fifteen 130-token continuations would otherwise cost 16 x 1500 positions."""
+def prefill_groups(new: Sequence[int], overhead: float) -> list[list[int]]:
+    """Split a batch's rows (by their uncached prompt lengths) into prefill groups of least total cost. A group
+    computes rows x its longest row's positions, plus `overhead`: a forward pass's fixed cost in positions (the
+    engine measures it at start). One fresh 1500-token prompt among fifteen 130-token continuations would otherwise
+    cost 16 x 1500 positions; the groups still decode as one batch."""
     order = sorted(range(len(new)), key=lambda i: new[i])
+    # best[k]: least cost of the k shortest rows, cut[k]: where its last group starts (groups are runs of `order`)
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for k in range(1, len(order) + 1):
+        for j in range(k):
+            cost = best[j] + overhead + (k - j) * new[order[k - 1]]
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
     groups: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:  # ascending, so new[i] is the widest row of current + [i]
-        rows = len(current) + 1
-        if current and new[i] * rows > 2 * (real + new[i]) + slack * rows:
-            groups.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += new[i]
-    groups.append(current)
+    k = len(order)
+    while k:
+        groups.insert(0, order[cut[k] : k])
+        k = cut[k]
     return groups
 
 
@@ -209,10 +213,13 @@ class HFEngine(EngineShell):
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
         self._n = {
-            "requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0, "hit_tokens": 0, "prefilled": 0
+            "requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0, "hit_tokens": 0, "prefilled": 0,
+            "shared": 0,
         }
         self._prefix = _PrefixCache(prefix_cache_tokens)
         self._busy_s = 0.0
+        self._phase_s = {"prefill": 0.0, "decode": 0.0}  # forward-pass seconds within busy_s
+        self.forward_overhead = 0.0  # measured below, once the warm-up has paid the first-call costs
         with torch.inference_mode():  # warm-up: the first StaticCache use imports torch._dynamo (seconds)
             warm = _Request([self.pad_id], self.roles[0], SamplingParams(0.0, max_new_tokens=1), None, 0)
             self._decode([warm], [_BASE], [None], keep_kv=False)
@@ -220,6 +227,21 @@ class HFEngine(EngineShell):
             probe = StaticCache(config=self.config, max_cache_len=2)
             if any(type(layer) is not StaticLayer for layer in probe.layers):
                 self._prefix.budget = 0
+            self.forward_overhead = self._measure_forward_overhead()
+        self._phase_s = dict.fromkeys(self._phase_s, 0.0)  # the warm-up's and the probe's passes are not served work
+
+    def _measure_forward_overhead(self, n: int = 64) -> float:
+        """A forward pass's fixed cost in prompt positions: about 35 on a CPU without AMX, 150 with it (the matmuls
+        are 4x faster, the per-layer Python and small ops are not). Prefill grouping trades padding against it."""
+        def seconds(length: int) -> float:
+            rows = [_Request([self.pad_id] * length, self.roles[0], SamplingParams(0.0, 1), None, 0)]
+            start = time.perf_counter()
+            self._prefill(rows, [_BASE], [None], tail=0)
+            return time.perf_counter() - start
+
+        one = min(seconds(1) for _ in range(2))
+        many = min(seconds(n) for _ in range(2))
+        return one / max((many - one) / (n - 1), 1e-9)
 
     # ---- public API ------------------------------------------------------------------------------------------
 
@@ -279,9 +301,12 @@ class HFEngine(EngineShell):
             "tokens_per_busy_s": n["tokens"] / self._busy_s if self._busy_s else 0.0,
             "pending_updates": len(self._pending),
             "prefix_hit_tokens": n["hit_tokens"],  # prompt tokens whose K/V came from the prefix cache
-            "prefilled_tokens": n["prefilled"],  # prompt tokens computed (hits + prefilled = prompt_tokens)
+            "prefilled_tokens": n["prefilled"],  # prompt tokens computed: prompt_tokens - hits + shared_prefix_tokens
+            "shared_prefix_tokens": n["shared"],  # computed once for several rows of a batch, then hits for each
             "prefix_cache_tokens": self._prefix.tokens,
             "prefix_cache_entries": len(self._prefix.entries),
+            "prefill_s": self._phase_s["prefill"],  # prompt forward passes
+            "decode_s": self._phase_s["decode"],  # one-token forward passes (the rest of busy_s: sampling, copies)
         }
 
     # ---- batching ----------------------------------------------------------------------------------------------
@@ -335,17 +360,12 @@ class HFEngine(EngineShell):
             names = [_BASE if self._is_base[r.role] else r.role for r in batch]
             keys = [(r.role, versions[r.role]) for r in batch]
             keep_kv = self._prefix.budget > 0
-            past: list[torch.Tensor | None] = []
-            for r, key in zip(batch, keys):
-                entry, hit = self._prefix.lookup(key, torch.tensor(r.prompt_ids)) if keep_kv else (None, 0)
-                past.append(None if entry is None else entry.kv[:, :, :, :hit])
-            outs: list = [None] * len(batch)
-            new = [len(r.prompt_ids) - (0 if p is None else p.shape[3]) for r, p in zip(batch, past)]
+            shared = 0
             with torch.inference_mode():
-                for group in prefill_groups(new):
-                    for i, out in zip(group, self._decode([batch[i] for i in group], [names[i] for i in group],
-                                                          [past[i] for i in group], keep_kv)):
-                        outs[i] = out
+                if keep_kv:
+                    shared = self._share_prefixes(batch, names, keys)
+                past = [self._lookup(key, r.prompt_ids, keep_kv) for r, key in zip(batch, keys)]
+                outs = self._decode(batch, names, past, keep_kv)
             for r, key, (ids, _, _, kv) in zip(batch, keys, outs):
                 if kv is not None:  # ids minus the last sampled token: its K/V was never computed
                     self._prefix.put(_Entry(key, torch.tensor(r.prompt_ids + ids[:-1]), kv))
@@ -360,7 +380,8 @@ class HFEngine(EngineShell):
         n["tokens"] += sum(len(o[0]) for o in outs)
         n["prompt_tokens"] += sum(len(r.prompt_ids) for r in batch)
         n["hit_tokens"] += sum(hits)
-        n["prefilled"] += sum(len(r.prompt_ids) for r in batch) - sum(hits)
+        n["prefilled"] += sum(len(r.prompt_ids) for r in batch) - sum(hits) + shared
+        n["shared"] += shared
         return [
             GenerateResult(
                 completion_ids=ids,
@@ -375,25 +396,66 @@ class HFEngine(EngineShell):
             for r, (ids, lps, reason, _), hit in zip(batch, outs, hits)
         ]
 
+    def _lookup(self, key: tuple[str, int], prompt_ids: list[int], enabled: bool) -> torch.Tensor | None:
+        entry, hit = self._prefix.lookup(key, torch.tensor(prompt_ids)) if enabled else (None, 0)
+        return None if entry is None else entry.kv[:, :, :, :hit]
+
+    def _share_prefixes(self, batch: list[_Request], names: list[str], keys: list[tuple[str, int]]) -> int:
+        """Rows of one batch that share a prompt prefix nobody has cached yet (the episodes' common system prompt on
+        their first step; n reflections of one prompt) would each compute it. Compute each such prefix once, as a
+        row of its own, into the prefix cache, so the rows' lookups then hit it: worth it when the positions saved,
+        (rows - 1) x uncached length, exceed a forward pass's fixed cost. Returns the tokens computed."""
+        order = sorted(range(len(batch)), key=lambda i: (keys[i], batch[i].prompt_ids))
+        candidates: set[tuple[tuple[str, int], tuple[int, ...]]] = set()
+        for a, b in zip(order, order[1:]):  # sorted, so every maximal shared prefix is one of neighbours
+            pa, pb = batch[a].prompt_ids, batch[b].prompt_ids
+            n = min(len(pa), len(pb))
+            same = next((k for k in range(n) if pa[k] != pb[k]), n)
+            if keys[a] == keys[b] and same >= _MIN_HIT:
+                candidates.add((keys[a], tuple(pa[:same])))
+        computed = 0
+        while candidates:  # shortest prefixes first, so a longer one then reuses the shorter one's entry
+            jobs = [kp for kp in candidates
+                    if not any(q[0] == kp[0] and len(q[1]) < len(kp[1]) and kp[1][: len(q[1])] == q[1]
+                               for q in candidates)]
+            candidates -= set(jobs)
+            worth = []  # (key, prefix ids, adapter name of its rows)
+            for key, ids in jobs:
+                rows = [i for i, r in enumerate(batch) if keys[i] == key and tuple(r.prompt_ids[: len(ids)]) == ids]
+                cached = self._prefix.lookup(key, torch.tensor(ids + (0,)))[1]  # + 1 id: lookup leaves the last out
+                if (len(rows) - 1) * (len(ids) - cached) > self.forward_overhead:
+                    worth.append((key, list(ids), names[rows[0]]))
+            if worth:
+                computed += self._prefill_into_cache(worth)
+        return computed
+
+    def _prefill_into_cache(self, prefixes: list[tuple[tuple[str, int], list[int], str]]) -> int:
+        """Compute the K/V of each (key, ids, adapter name) into the prefix cache; returns the tokens computed."""
+        requests = [_Request(ids, key[0], SamplingParams(0.0, 1), None, 0) for key, ids, _ in prefixes]
+        past = [self._lookup(key, ids, True) for key, ids, _ in prefixes]
+        outs = self._decode(requests, [name for _, _, name in prefixes], past, keep_kv=True)
+        for (key, ids, _), (_, _, _, kv) in zip(prefixes, outs):  # kv: the prefix's own (the new token's is not kept)
+            self._prefix.put(_Entry(key, torch.tensor(ids), kv))
+        return sum(len(ids) - (0 if p is None else p.shape[3]) for (_, ids, _), p in zip(prefixes, past))
+
     # ---- decoding ----------------------------------------------------------------------------------------------
 
-    def _decode(
-        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], keep_kv: bool
-    ) -> list[tuple[list[int], list[float], str, torch.Tensor | None]]:
-        """Generate for `batch`. past[i]: K/V of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or
-        None. Returns per row ids, log-probs, finish reason and, if keep_kv, the row's K/V for the prefix cache."""
+    def _prefill(
+        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
+    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
+        """Run `batch`'s prompts through the model into a new cache with `tail` free slots after them. past[i]: K/V
+        of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or None. Returns the last position's
+        logits [n, V], the cache, its attention mask [n, width + tail] and each row's prompt slots in the cache."""
         cached = [0 if p is None else p.shape[3] for p in past]
-        lens = [len(r.prompt_ids) for r in batch]
-        new = [n - c for n, c in zip(lens, cached)]
-        limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
+        new = [len(r.prompt_ids) - c for r, c in zip(batch, cached)]
         C, N = max(cached), max(new)
-        # Each row's slots: [pad | cached_i | pad | new_i | generated]. Cached and new segments are each left-padded,
-        # so all rows' next tokens land in the same column; the pads in between are masked out.
+        # Each row's slots: [pad | cached_i | pad | new_i | tail]. Cached and new segments are each left-padded, so
+        # all rows' next tokens land in the same column; the pads in between are masked out.
         ids = torch.full((len(batch), N), self.pad_id, dtype=torch.long)
         for i, (r, c) in enumerate(zip(batch, cached)):
             ids[i, N - new[i] :] = torch.tensor(r.prompt_ids[c:])
         # The mask covers the whole cache up front: pads are 0, every later slot 1 (causality hides unwritten ones).
-        mask = torch.ones((len(batch), C + N + max(limits)), dtype=torch.long)
+        mask = torch.ones((len(batch), C + N + tail), dtype=torch.long)
         for i, (c, n) in enumerate(zip(cached, new)):
             mask[i, : C - c] = 0
             mask[i, C : C + N - n] = 0
@@ -409,6 +471,7 @@ class HFEngine(EngineShell):
                     if p is not None:
                         kv[:, i, :, C - cached[i] :] = p[layer]
                 cache.update(kv[0], kv[1], layer)
+        start = time.perf_counter()
         logits = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -420,6 +483,59 @@ class HFEngine(EngineShell):
             logits_to_keep=torch.tensor([N - 1]),
             adapter_names=names,
         ).logits[:, -1]
+        self._phase_s["prefill"] += time.perf_counter() - start
+        slots = [torch.cat([torch.arange(C - c, C), torch.arange(C + N - n, C + N)]) for c, n in zip(cached, new)]
+        return logits, cache, mask, slots
+
+    def _prefill_groups(
+        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
+    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
+        """_prefill for a batch whose uncached prompt lengths differ widely: each group of similar lengths is
+        prefilled on its own (padding only to its own longest row), then the rows' K/V are gathered into one cache
+        laid out [pad | prompt_i | tail], so the whole batch decodes together."""
+        new = [len(r.prompt_ids) - (0 if p is None else p.shape[3]) for r, p in zip(batch, past)]
+        groups = prefill_groups(new, self.forward_overhead)
+        if len(groups) == 1:
+            return self._prefill(batch, names, past, tail)
+        lens = [len(r.prompt_ids) for r in batch]
+        P = max(lens)
+        logits: torch.Tensor | None = None
+        keys: list[torch.Tensor] = []  # per layer [B, heads, P, dim]
+        values: list[torch.Tensor] = []
+        for group in groups:
+            g_logits, g_cache, _, g_slots = self._prefill(
+                [batch[i] for i in group], [names[i] for i in group], [past[i] for i in group], tail=0
+            )
+            if logits is None:
+                logits = g_logits.new_empty((len(batch), g_logits.shape[1]))
+                _, heads, _, dim = g_cache.layers[0].keys.shape
+                keys = [torch.zeros((len(batch), heads, P, dim), dtype=self.dtype) for _ in g_cache.layers]
+                values = [torch.zeros_like(k) for k in keys]
+            logits[group] = g_logits
+            for layer, (k, v) in enumerate(zip(keys, values)):
+                src = g_cache.layers[layer]
+                for j, i in enumerate(group):
+                    k[i, :, P - lens[i] :] = src.keys[j].index_select(1, g_slots[j])
+                    v[i, :, P - lens[i] :] = src.values[j].index_select(1, g_slots[j])
+            del g_cache
+        cache = StaticCache(config=self.config, max_cache_len=P + tail)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, layer)
+        mask = torch.ones((len(batch), P + tail), dtype=torch.long)
+        for i, n in enumerate(lens):
+            mask[i, : P - n] = 0
+        assert logits is not None
+        return logits, cache, mask, [torch.arange(P - n, P) for n in lens]
+
+    def _decode(
+        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], keep_kv: bool
+    ) -> list[tuple[list[int], list[float], str, torch.Tensor | None]]:
+        """Generate for `batch`. past[i]: K/V of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or
+        None. Returns per row ids, log-probs, finish reason and, if keep_kv, the row's K/V for the prefix cache."""
+        lens = [len(r.prompt_ids) for r in batch]
+        limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
+        logits, cache, mask, slots = self._prefill_groups(batch, names, past, tail=max(limits))
+        width = mask.shape[1] - max(limits)  # generated tokens go to slots width, width + 1, ...
 
         rows = list(range(len(batch)))  # batch index of each live row
         next_pos = torch.tensor(lens)
@@ -441,11 +557,10 @@ class HFEngine(EngineShell):
                     keep.append(j)
                     continue
                 if keep_kv:  # before the row leaves the cache: its slots hold prompt + all but the last token
-                    slots = torch.cat([
-                        torch.arange(C - cached[i], C), torch.arange(C + N - new[i], C + N + len(out_ids[i]) - 1)
-                    ])
+                    row_slots = torch.cat([slots[i], torch.arange(width, width + len(out_ids[i]) - 1)])
                     out_kv[i] = torch.stack([
-                        torch.stack([layer.keys[j].index_select(1, slots), layer.values[j].index_select(1, slots)])
+                        torch.stack([layer.keys[j].index_select(1, row_slots),
+                                     layer.values[j].index_select(1, row_slots)])
                         for layer in cache.layers
                     ])
             if not keep:
@@ -455,6 +570,7 @@ class HFEngine(EngineShell):
                 cache.reorder_cache(idx)  # index_select on the batch dim of every layer
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
                 rows = [rows[j] for j in keep]
+            start = time.perf_counter()
             logits = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
@@ -463,6 +579,7 @@ class HFEngine(EngineShell):
                 use_cache=True,
                 adapter_names=[names[i] for i in rows],
             ).logits[:, -1]
+            self._phase_s["decode"] += time.perf_counter() - start
             next_pos = next_pos + 1
         return list(zip(out_ids, out_lps, reasons, out_kv))
 
@@ -471,7 +588,7 @@ class HFEngine(EngineShell):
         logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (fp32 logits [n, V]) and its log-prob under the raw (temperature 1) distribution."""
-        logp = torch.log_softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)  # log-probs only at the picked tokens: a full log_softmax is a pass more
         tokens = logits.argmax(dim=-1)
         hot = [j for j, p in enumerate(params) if p.temperature > 0]
         if hot:
@@ -490,7 +607,7 @@ class HFEngine(EngineShell):
             u = torch.cat([torch.rand(1, generator=gens[j], dtype=torch.float64) for j in hot])
             picked = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
             tokens[hot] = picked.clamp_(max=cdf.shape[1] - 1)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        return tokens, logits.gather(-1, tokens[:, None])[:, 0] - lse
 
     # ---- adapters ----------------------------------------------------------------------------------------------
 

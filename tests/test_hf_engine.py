@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -147,6 +148,10 @@ def test_update_adapter_changes_only_its_role(model_path: str, tmp_path: Path) -
     assert after[0].completion_ids != before[0].completion_ids and after[0].version == 1
     assert after[1].completion_ids == before[1].completion_ids and after[1].version == 0
     assert after[1].logprobs == pytest.approx(before[1].logprobs, abs=1e-6)
+    # One role per batch (PEFT's active adapter, switched between batches) gives what the mixed batch gave.
+    alone = run(one_by_one(engine, jobs + jobs))
+    for a, m in zip(alone, after + after):
+        assert a.completion_ids == m.completion_ids and a.logprobs == pytest.approx(m.logprobs, abs=1e-5)
 
     with pytest.raises(ValueError, match="stale"):
         engine.update_adapter(AdapterUpdate("actor", 0, tensors))
@@ -318,9 +323,64 @@ def test_prefix_cache_evicts_least_recently_used(model_path: str) -> None:
     assert engine.stats()["prefix_cache_tokens"] <= 100
 
 
-def test_prefill_groups_split_only_wasteful_mixes() -> None:
-    assert prefill_groups([130] * 15) == [list(range(15))]
-    groups = prefill_groups([130] * 15 + [1500])
-    assert groups == [list(range(15)), [15]]  # the fresh long prompt prefills on its own
-    assert sorted(i for g in prefill_groups([5, 900, 40, 1200, 33, 1000]) for i in g) == list(range(6))
-    assert prefill_groups([100, 120, 90]) == [[2, 0, 1]]
+def test_prefill_groups_trade_padding_against_a_forward_pass() -> None:
+    assert prefill_groups([130] * 15, overhead=40) == [list(range(15))]
+    # the fresh long prompt prefills on its own: 15 x 130 + 1500 + 2 x 40 positions instead of 16 x 1500 + 40
+    assert prefill_groups([130] * 15 + [1500], overhead=40) == [list(range(15)), [15]]
+    assert sorted(i for g in prefill_groups([5, 900, 40, 1200, 33, 1000], overhead=40) for i in g) == list(range(6))
+    # a 30-position saving is worth a pass that costs 20, not one that costs 150
+    assert prefill_groups([100, 120, 90], overhead=20) == [[2, 0], [1]]
+    assert prefill_groups([100, 120, 90], overhead=150) == [[2, 0, 1]]
+    # the least total cost, checked against every way to cut the sorted rows
+    lengths, overhead = [3, 50, 52, 200, 210, 900], 60
+    best = min(
+        sum(overhead + (b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, len(lengths))))
+        for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k)
+    )
+    got = prefill_groups(lengths, overhead)
+    assert sum(overhead + len(g) * max(lengths[i] for i in g) for g in got) == best
+
+
+def test_a_batch_prefilled_in_groups_decodes_as_one_and_matches_rows_served_alone(model_path: str) -> None:
+    """Rows of very different uncached lengths prefill in separate groups, then decode together: each row's
+    greedy tokens and log-probs equal those it gets alone, and the batch takes one decode loop, not one per group."""
+    engine = HFEngine(model_path, dtype="float32", threads=1, prefix_cache_tokens=0)
+    engine.forward_overhead = 1.0  # any padding is worth a pass: the short and the long rows prefill apart
+    prompts = [rand_ids(3, 1), rand_ids(5, 2), rand_ids(90, 3), rand_ids(97, 4)]
+    jobs = [(p, "actor", GREEDY) for p in prompts[:2]]
+    jobs += [(p, "actor", SamplingParams(temperature=1.0, max_new_tokens=8, seed=i)) for i, p in enumerate(prompts[2:])]
+    assert len(prefill_groups([len(p) for p in prompts], engine.forward_overhead)) > 1
+    single = run(one_by_one(engine, jobs))
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        batched = run(together(engine, jobs))
+    finally:
+        hook.remove()
+    assert batched[0].stats["batch_size"] == len(jobs)
+    for s, b in zip(single, batched):
+        assert s.completion_ids == b.completion_ids
+        assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    groups = len(prefill_groups([len(p) for p in prompts], engine.forward_overhead))
+    longest = max(len(b.completion_ids) for b in batched)
+    assert len(forwards) == groups + longest - 1  # a prefill per group, then one shared decode loop
+
+
+def test_a_prefix_shared_within_a_batch_is_computed_once(model_path: str) -> None:
+    """Episodes' first steps share a system prompt, and n reflections share a whole prompt: the batch computes
+    each shared part once and the rows reuse it, with the tokens and log-probs of a plain prefill."""
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    plain = HFEngine(model_path, dtype="float32", threads=1, prefix_cache_tokens=0)
+    engine.forward_overhead = 10.0
+    system, same = rand_ids(40, 1), rand_ids(30, 2)
+    prompts = [system + rand_ids(5 + k, 10 + k) for k in range(4)] + [same, same, same]
+    jobs = [(p, "actor", SamplingParams(temperature=1.0, max_new_tokens=6, seed=k)) for k, p in enumerate(prompts)]
+    got, want = run(together(engine, jobs)), run(together(plain, jobs))
+    for g, w in zip(got, want):
+        assert g.completion_ids == w.completion_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert [g.stats["prefix_hit_tokens"] for g in got] == [40] * 4 + [29] * 3  # a row always feeds its last token
+    stats = engine.stats()
+    assert stats["shared_prefix_tokens"] == 40 + 30
+    assert stats["prefilled_tokens"] == stats["prompt_tokens"] - stats["prefix_hit_tokens"] + 70
+    assert stats["prefilled_tokens"] == 70 + sum(5 + k for k in range(4)) + 3 < plain.stats()["prefilled_tokens"]
