@@ -2,9 +2,12 @@
 
 Both run the same tasks, model, sampling and max tokens through the same engine actor and episode code; the naive
 loop has a single env slot, so episodes run one after another and every generate call is a batch of one.
+Episodes are multi-trial by default (`--trials 2`: a failed first trial, a reflection, a second trial; the base
+model rarely wins in 4 steps); `--trials 1` is plain ReAct. Sampling is the main job's (its actor and reflector
+token caps) at T = 1, as in exploration. Every run starts with an empty prefix cache.
 Runs are interleaved (full, naive, full, naive, ...) and the ratio is the median over pairs (BENCHMARKS.md).
 
-  .venv/bin/python benchmarks/rollout.py [--pairs 3] [--episodes 16] [--max-steps 4] [--model smollm2-135m]
+  .venv/bin/python benchmarks/rollout.py [--pairs 3] [--episodes 16] [--trials 2] [--max-steps 4] [--model ...]
 """
 
 from __future__ import annotations
@@ -33,12 +36,18 @@ from rollout.runner import EpisodeRunner  # noqa: E402
 from rollout.workers import EnvWorker  # noqa: E402
 
 
+# Engine counters shown per run (their change over the run): where the engine's time went.
+ENGINE_KEYS = ("batches", "requests", "prompt_tokens", "prefilled_tokens", "busy_s", "prefill_s", "decode_s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="one cap for actor turns and reflections (default: the main job's, agent.actor / reflector)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--env-workers", type=int, default=2)
@@ -55,10 +64,13 @@ def main() -> None:
                     for _ in range(args.env_workers)]
     naive_worker = ray.remote(EnvWorker).options(num_cpus=0).remote("textworld", env_kwargs, 1)
     tasks = [(t.task_id, "seen") for t in ray.get(naive_worker.tasks.remote("seen"))][: args.episodes]
-    # Sampled like RL exploration, one trial, a step cap so the naive loop finishes in minutes.
-    default = rollout_settings(load_config().agent, trials=1, seed=0)  # the main job's agent
-    settings = replace(default, reflect=False, max_steps=args.max_steps,
-                       actor=SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens))
+    default = rollout_settings(load_config().agent, trials=args.trials, seed=0)  # the main job's agent
+    # Sampled like RL exploration (T = 1), with the main job's token caps unless one is given; a step cap so the naive
+    # loop finishes in minutes.
+    def hot(role: SamplingParams) -> SamplingParams:
+        return replace(role, temperature=1.0, max_new_tokens=args.max_new_tokens or role.max_new_tokens)
+
+    settings = replace(default, max_steps=args.max_steps, actor=hot(default.actor), reflector=hot(default.reflector))
     full = EpisodeRunner(EnginePool([engine]), full_workers, per_worker, formatter, "textworld", settings)
     naive = EpisodeRunner(EnginePool([engine]), [naive_worker], 1, formatter, "textworld", settings)
     asyncio.run(full.run(tasks[:2]))  # warm-up: first-call costs off the clock
@@ -66,12 +78,19 @@ def main() -> None:
     rows = []
     for i in range(args.pairs):
         for name, runner in (("full", full), ("naive", naive)):
+            ray.get(engine.release_memory.remote())  # every run starts cold: no prefix K/V from the one before
+            before = ray.get(engine.stats.remote())
             _, stats = asyncio.run(runner.run(tasks))
             s = stats.as_dict()
+            after = ray.get(engine.stats.remote())
+            eng = {k: after[k] - before[k] for k in ENGINE_KEYS}
             rows.append({"pair": i, "mode": name, **{k: s[k] for k in
-                         ("episodes", "env_steps", "tokens", "seconds", "tokens_per_s", "env_steps_per_s")}})
+                         ("episodes", "env_steps", "tokens", "seconds", "tokens_per_s", "env_steps_per_s")},
+                         "engine": eng})
             print(f"pair {i} {name:5s}  {s['tokens']:6d} tok  {s['env_steps']:4d} steps  {s['seconds']:7.1f}s  "
-                  f"{s['tokens_per_s']:7.1f} tok/s  {s['env_steps_per_s']:6.2f} steps/s", flush=True)
+                  f"{s['tokens_per_s']:7.1f} tok/s  {s['env_steps_per_s']:6.2f} steps/s  engine: "
+                  + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in eng.items()),
+                  flush=True)
     ray.shutdown()
 
     def ratio(key: str) -> float:
@@ -91,6 +110,8 @@ def main() -> None:
         "concurrency": per_worker * args.env_workers,
         "model": args.model,
         "pairs": args.pairs,
+        "trials": args.trials,
+        "max_new_tokens": {"actor": settings.actor.max_new_tokens, "reflector": settings.reflector.max_new_tokens},
         "full_tokens_per_s": median("full", "tokens_per_s"),
         "naive_tokens_per_s": median("naive", "tokens_per_s"),
         "full_env_steps_per_s": median("full", "env_steps_per_s"),
