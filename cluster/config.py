@@ -147,6 +147,11 @@ class LearnerCfg(_Strict):
     # Ray restarts a dead learner this many times; it is restored from the last checkpoint and the calls made
     # since are replayed, then the call that died is made again.
     restarts: int = Field(2, ge=0)
+    # IL (SFT) saves RUN/checkpoints/sft.partial about this often, and `--resume` continues the phase from there:
+    # on a 2-core AVX2-only CPU, SFT on 125 TextWorld-Express games had done under a tenth of its 558 steps after
+    # 16 minutes. Each save writes the adapters and their optimizer state (a few MB). 0: after every optimizer
+    # step; null: only at the phase's end.
+    checkpoint_minutes: float | None = Field(10.0, ge=0)
 
 
 class DemoCfg(_Strict):

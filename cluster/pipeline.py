@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import shutil
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,6 +39,7 @@ from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
 from rollout.runner import EpisodeRunner, RolloutSettings
 
+PARTIAL_SFT = "sft.partial"  # an IL phase in progress (learner.checkpoint_minutes), under RUN/checkpoints/
 _READ_ONLY = frozenset({"pid", "versions", "score_reflections"})  # learner calls that change nothing
 _RESTART_WAIT_S = 600.0  # a restarted learner reloads the model and starts DeepSpeed
 _TRAIN_POLL_S = 1.0  # a training call's live line is refreshed this often (one small learner call each time)
@@ -329,9 +331,22 @@ class Session:
         say(f"[sft] {len(samples)} samples {roles}, {cfg.epochs} epochs"
             + (f" ({', '.join(f'{r} {n}' for r, n in cfg.role_epochs.items())})" if cfg.role_epochs else ""))
         self._engines_idle()
-        metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr, role_epochs=cfg.role_epochs,
-                            max_tokens_per_batch=cfg.max_tokens_per_batch, watch="sft")
+        partial = self.run.path / "checkpoints" / PARTIAL_SFT
+        if PARTIAL_SFT in self.resume.checkpoints:  # a --resume of a run stopped inside IL
+            self.call("load_checkpoint_files", read_folder(partial))
+            self.run.log("resume", checkpoint=str(partial))
+        budget = None if cfg.checkpoint_minutes is None else cfg.checkpoint_minutes * 60
+        while True:  # one call per budget, each followed by a checkpoint --resume continues from
+            metrics = self.call("train_il", samples, epochs=cfg.epochs, lr=cfg.lr, role_epochs=cfg.role_epochs,
+                                max_tokens_per_batch=cfg.max_tokens_per_batch, budget_s=budget, watch="sft")
+            if metrics.get("finished", True):
+                break
+            write_folder(self.call("checkpoint_files"), partial)
+            self.run.log("checkpoint", phase="sft", step=metrics["step"], total=metrics["total"])
+            say(f"[sft] step {metrics['step']}/{metrics['total']}: checkpoints/{PARTIAL_SFT} saved "
+                f"(--resume continues from there)")
         checkpoint = self.checkpoint("sft")
+        shutil.rmtree(partial, ignore_errors=True)  # after "sft" is whole: a crash between leaves a finished phase
         self.run.log("train", phase="sft", checkpoint=checkpoint, **metrics)
         say(f"[sft] done: {_brief(metrics)}")
         self.broadcast()

@@ -233,6 +233,7 @@ class Learner:
         self._versions = {r: 0 for r in self.roles}  # 0 = untrained (adapter B = 0, i.e. the base model)
         self._dirty: set[str] = set()  # roles trained since their last publish
         self._rng = random.Random(seed)  # batch order; checkpointed
+        self._il: dict[str, Any] | None = None  # an IL phase stopped by its time budget (see train_il); checkpointed
         self._reference: dict[str, dict[str, torch.Tensor]] = {}  # role -> frozen LoRA tensors; checkpointed
         self._plain_grad_norm: float | None = None
         self._progress = TrainProgress()  # read by `progress()` while a training call runs
@@ -461,44 +462,29 @@ class Learner:
         self,
         steps: Iterable[Sequence[tuple[Batch, Objective]]],
         tag: Callable[[Batch, Objective], str] | None = None,
+        totals: "FitTotals | None" = None,
+        deadline: float | None = None,
     ) -> dict[str, float]:
         """Run optimizer steps and aggregate: token-weighted loss and stats per tag (default: the batch role),
-        step and token counts, throughput (all non-pad tokens through forward + backward per second)."""
+        step and token counts, throughput (all non-pad tokens through forward + backward per second).
+
+        `totals`: add to these running sums (an epoch continued across calls); `deadline` (time.monotonic()):
+        stop after the first step that ends past it (`totals.steps` says how many ran)."""
         tag = tag or (lambda b, _: b.role)
-        sums: dict[str, list[float]] = {}
-        stats: dict[str, list[float]] = {}
-        count = {"steps": 0, "tokens": 0, "seq_tokens": 0, "padded": 0}
+        totals = totals if totals is not None else FitTotals()
         t0 = time.perf_counter()
-        for parts in steps:
-            self._progress.begin_step()
-            done = self.optimizer_step(parts)
-            self._progress.end_step([(loss, n) for loss, n, _ in done], sum(b.n_tokens for b, _ in parts))
-            for (batch, objective), (loss, n, extra) in zip(parts, done):
-                key = tag(batch, objective)
-                acc = sums.setdefault(key, [0.0, 0])
-                acc[0] += loss * n
-                acc[1] += n
-                for name, value in extra.items():
-                    st = stats.setdefault(f"{name}/{key}", [0.0, 0])
-                    st[0] += value
-                    st[1] += 1
-                count["tokens"] += batch.n_trained
-                count["seq_tokens"] += batch.n_tokens
-                count["padded"] += batch.n_padded
-            count["steps"] += 1
-        elapsed = time.perf_counter() - t0
-        metrics: dict[str, float] = {
-            "steps": count["steps"],
-            "tokens": count["tokens"],
-            "seq_tokens": count["seq_tokens"],
-            "tokens_per_s": count["seq_tokens"] / elapsed if elapsed > 0 else 0.0,
-            "trained_tokens_per_s": count["tokens"] / elapsed if elapsed > 0 else 0.0,
-            "padding_frac": 1.0 - count["seq_tokens"] / count["padded"] if count["padded"] else 0.0,
-            "time_s": elapsed,
-        }
-        metrics.update({f"loss/{k}": s / max(n, 1) for k, (s, n) in sums.items()})
-        metrics.update({k: s / max(n, 1) for k, (s, n) in stats.items()})
-        norm = self.grad_norm() if count["steps"] else None
+        try:
+            for parts in steps:
+                self._progress.begin_step()
+                done = self.optimizer_step(parts)
+                self._progress.end_step([(loss, n) for loss, n, _ in done], sum(b.n_tokens for b, _ in parts))
+                totals.add([(tag(b, o), b) for b, o in parts], done)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            totals.time_s += time.perf_counter() - t0
+        metrics = totals.metrics()
+        norm = self.grad_norm() if totals.steps else None
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         trim_heap()  # the engines serve next on this machine: give the activations back
@@ -532,24 +518,62 @@ class Learner:
         max_tokens_per_batch: int,
         max_batch_size: int | None = None,
         role_epochs: dict[str, int] | None = None,
+        budget_s: float | None = None,
     ) -> dict[str, float]:
         """IL/SFT (mean NLL over agent tokens) on samples of any roles; each step trains every role with a batch.
         `role_epochs` gives a role its own number of epochs (e.g. more for the reflector's few samples); the
         other roles get `epochs`.
 
+        `budget_s`: return after the first step that ends this many seconds after the call began, with
+        {"finished": False, "step": k, "total": n}; the position and the running sums are learner state, saved by
+        `save_checkpoint`, and the next call with the same samples and settings continues there (a long IL phase
+        checkpointed as it goes). The batches come from a seed drawn once per phase, so a continued phase plans
+        the same steps, and its result equals one uninterrupted call's.
+
         Returns loss per role (`loss/<role>`: the role's last epoch, `loss_first/<role>`: its first, token-weighted),
         tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
         """
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         kept, counts = self.prepare(samples)
         self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
         per_role = {s.role: (role_epochs or {}).get(s.role, epochs) for s in kept}
+        if self._il is None:
+            self._il = {"seed": self._rng.getrandbits(63), "step": 0, "epochs": []}
+        rng = random.Random(self._il["seed"])
         plan = []
         for epoch in range(max(per_role.values(), default=epochs)):
             current = [s for s in kept if per_role[s.role] > epoch]
-            batches = make_batches(current, max_tokens_per_batch, self.pad_id, self._rng, max_batch_size)
+            batches = make_batches(current, max_tokens_per_batch, self.pad_id, rng, max_batch_size)
             plan.append([[(b, objective) for b in step.values()] for step in self._steps(batches)])
-        return {**merge_epochs(self.fit_epochs(plan)), **counts}
+        sizes = [len(e) for e in plan]
+        fingerprint = [sizes, sum(len(s) for s in kept)]
+        if self._il.setdefault("plan", fingerprint) != fingerprint:
+            raise ValueError(f"this learner holds an unfinished IL phase of {self._il['plan'][0]} steps per epoch; "
+                             f"continue it with the same samples and settings, or load another checkpoint")
+        start = self._il["step"]
+        self._progress.plan(sizes, start=start)
+        per_epoch = []
+        for e, epoch_steps in enumerate(plan):
+            first = sum(sizes[:e])  # steps before this epoch; the loop stops at the first unfinished one
+            if e == len(self._il["epochs"]):
+                self._il["epochs"].append(FitTotals().to_dict())
+            totals = FitTotals.from_dict(self._il["epochs"][e])
+            todo = epoch_steps[self._il["step"] - first:]
+            if not todo:  # finished before this call
+                per_epoch.append(totals.metrics())
+                continue
+            if self._il["step"] > start and deadline is not None and time.monotonic() >= deadline:
+                break  # out of time at an epoch's end
+            per_epoch.append(self.fit(todo, totals=totals, deadline=deadline))
+            self._il["step"] = first + totals.steps
+            self._il["epochs"][e] = totals.to_dict()
+            if totals.steps < len(epoch_steps):
+                break
+        if self._il["step"] < sum(sizes):
+            return {"finished": False, "step": self._il["step"], "total": sum(sizes)}
+        self._il = None
+        return {**merge_epochs(per_epoch), **counts}
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step, before clipping."""
@@ -648,6 +672,7 @@ class Learner:
                 "model_fingerprint": self.model_fingerprint,
                 "lora": {k: _jsonable(v) for k, v in self.lora_config.to_dict().items()},
                 "extra": self._extra_state(),
+                "il": self._il,
             }
             (tmp / "learner.json").write_text(json.dumps(meta, indent=1))
         return final
@@ -696,6 +721,7 @@ class Learner:
         v, state, gauss = meta["py_rng"]
         self._rng.setstate((v, tuple(state), gauss))
         self._load_extra_state(meta.get("extra", {}))
+        self._il = meta.get("il")
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON state of a subclass (e.g. a KL controller), saved in the checkpoint."""
@@ -720,6 +746,54 @@ class Learner:
         acc = get_accelerator()
         if "accelerator" in state and acc.device_name() != "cpu":
             acc.set_rng_state(state["accelerator"])
+
+
+class FitTotals:
+    """`fit`'s running sums: kept across calls (an IL epoch continued after a checkpoint) and JSON in a checkpoint.
+    `loss` and `stats` map a tag to [sum, count] (loss: token-weighted)."""
+
+    def __init__(self, steps: int = 0, tokens: int = 0, seq_tokens: int = 0, padded: int = 0, time_s: float = 0.0,
+                 loss: dict[str, list[float]] | None = None, stats: dict[str, list[float]] | None = None) -> None:
+        self.steps, self.tokens, self.seq_tokens, self.padded, self.time_s = steps, tokens, seq_tokens, padded, time_s
+        self.loss = loss or {}
+        self.stats = stats or {}
+
+    def add(self, tagged: Sequence[tuple[str, Batch]], done: Sequence[tuple[float, int, dict[str, float]]]) -> None:
+        """One optimizer step: each part's (tag, batch) and its (loss, scored tokens, stats)."""
+        for (key, batch), (loss, n, extra) in zip(tagged, done):
+            acc = self.loss.setdefault(key, [0.0, 0])
+            acc[0] += loss * n
+            acc[1] += n
+            for name, value in extra.items():
+                st = self.stats.setdefault(f"{name}/{key}", [0.0, 0])
+                st[0] += value
+                st[1] += 1
+            self.tokens += batch.n_trained
+            self.seq_tokens += batch.n_tokens
+            self.padded += batch.n_padded
+        self.steps += 1
+
+    def metrics(self) -> dict[str, float]:
+        t = self.time_s
+        out: dict[str, float] = {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seq_tokens": self.seq_tokens,
+            "tokens_per_s": self.seq_tokens / t if t > 0 else 0.0,
+            "trained_tokens_per_s": self.tokens / t if t > 0 else 0.0,
+            "padding_frac": 1.0 - self.seq_tokens / self.padded if self.padded else 0.0,
+            "time_s": t,
+        }
+        out.update({f"loss/{k}": s / max(n, 1) for k, (s, n) in self.loss.items()})
+        out.update({k: s / max(n, 1) for k, (s, n) in self.stats.items()})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitTotals":
+        return cls(**d)
 
 
 def merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:

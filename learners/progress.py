@@ -40,6 +40,7 @@ class TrainProgress:
         self.method = method
         self.bounds: list[int] = []  # the last step of each epoch, once planned
         self.step = 0
+        self.start = 0  # the step this call began at (a continued IL phase starts past 0)
         self.seq_tokens = 0  # non-pad tokens through forward + backward, as in the final `tokens_per_s`
         self.epoch_loss = [0.0, 0]  # token-weighted loss sum and tokens of the current epoch so far
         self.started = time.perf_counter()
@@ -51,10 +52,11 @@ class TrainProgress:
         with self._lock:
             self._reset(method)
 
-    def plan(self, steps_per_epoch: list[int]) -> None:
-        """The call will take these optimizer steps per epoch."""
+    def plan(self, steps_per_epoch: list[int], start: int = 0) -> None:
+        """The call will take these optimizer steps per epoch, beginning after step `start` (a continued phase)."""
         with self._lock:
             self.bounds = list(itertools.accumulate(steps_per_epoch))
+            self.step = self.start = start
 
     def begin_step(self) -> None:
         with self._lock:
@@ -90,6 +92,6 @@ class TrainProgress:
                 "step": self.step, "total": total, "epoch": max(epoch, 1 if total else 0), "epochs": len(self.bounds),
                 "loss": loss_sum / tokens if tokens else None,
                 "tokens_per_s": self.seq_tokens / training if training > 0 else 0.0,
-                "eta_s": training / self.step * (total - self.step) if self.step else None,
+                "eta_s": training / (self.step - self.start) * (total - self.step) if self.step > self.start else None,
                 "elapsed_s": now - self.started,
             }

@@ -156,6 +156,55 @@ def test_a_killed_driver_resumes_without_losing_or_repeating(tmp_path):
     assert again.returncode == 2 and "this run finished" in again.stderr
 
 
+@pytest.mark.slow
+def test_a_driver_killed_inside_il_resumes_the_phase_at_its_last_checkpoint(tmp_path):
+    """SFT with a checkpoint after every IL step (learner.checkpoint_minutes=0); the driver and its Ray are
+    SIGKILLed once RUN/checkpoints/sft.partial holds step 2 or later. `--resume` loads that checkpoint and trains
+    only the steps after it: the phase's record counts each planned step once, and sft.partial is replaced by sft."""
+    import json
+    import subprocess
+    import sys
+
+    from cluster.run_dir import read_metrics
+
+    args = TINY + [f"run_root={tmp_path}", "method=sft", "rollout.envs_per_worker=1", "eval.trials=1",
+                   "learner.epochs=3", "learner.lr=0.01", "learner.max_tokens_per_batch=512",
+                   "learner.checkpoint_minutes=0"]
+    cmd = [sys.executable, "-m", "cluster.cli", "train"]
+    first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            runs = list(tmp_path.iterdir())
+            meta = runs[0] / "checkpoints" / "sft.partial" / "learner.json" if runs else None
+            if meta is not None and meta.is_file() and json.loads(meta.read_text())["il"]["step"] >= 2:
+                break
+            time.sleep(0.05)
+        _kill_tree(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    (run,) = runs
+    saved = json.loads((run / "checkpoints" / "sft.partial" / "learner.json").read_text())["il"]
+    assert not (run / "checkpoints" / "sft").exists()
+
+    resumed = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = read_metrics(run / "metrics.jsonl")
+    after = records[[r["event"] for r in records].index("resume"):]
+    assert after[0]["checkpoint"].endswith("sft.partial")
+    steps = [r["step"] for r in after if r["event"] == "checkpoint"]
+    total = sum(saved["plan"][0])
+    assert steps == list(range(saved["step"] + 1, total))  # each step after the checkpoint once, none before it
+    (train,) = [r for r in records if r["event"] == "train"]
+    assert train["phase"] == "sft" and train["steps"] == total  # the running sums came through the restart
+    assert (run / "checkpoints" / "sft" / "learner.json").is_file()
+    assert not (run / "checkpoints" / "sft.partial").exists()
+    assert json.loads((run / "checkpoints" / "sft" / "learner.json").read_text())["il"] is None
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     from cluster.cli import main
 

@@ -353,6 +353,41 @@ def test_checkpoint_roundtrip_resumes_exactly(tiny_path, tmp_path):
     assert same(forced[REFLECTOR].tensors, load_adapter(adapter_dir(a.adapter_root, REFLECTOR, 1))[0])
 
 
+def test_il_stopped_by_its_budget_continues_from_a_checkpoint_exactly(tiny_path, tmp_path):
+    """A long IL phase is cut into calls by `budget_s` (here: one step each) with a checkpoint after the first,
+    loaded by another learner (a --resume): the phase continues at the next planned step, and the adapters and
+    the returned metrics equal those of one uninterrupted call."""
+    data = samples(ACTOR, n=6) + samples(REFLECTOR, n=3, seed=3)
+    kw = {"epochs": 2, "role_epochs": {REFLECTOR: 3}, "max_tokens_per_batch": 64}  # 2-3 steps an epoch
+    whole = make(tiny_path, tmp_path / "whole")
+    expected = whole.train_il(data, **kw)
+    assert expected["steps"] >= 6
+
+    first = make(tiny_path, tmp_path / "first")  # same seed: same LoRA init, torch RNG (dropout) and batch order
+    out = first.train_il(data, budget_s=0, **kw)
+    assert out == {"finished": False, "step": 1, "total": expected["steps"]}
+    ckpt = first.save_checkpoint(tmp_path / "ckpt")
+
+    resumed = make(tiny_path, tmp_path / "resumed", seed=5)
+    resumed.load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="unfinished IL phase"):  # other samples cannot continue this phase
+        resumed.train_il(samples(ACTOR, n=2, seed=9), budget_s=0, **kw)
+    calls = 1
+    while out.get("finished") is False:
+        out = resumed.train_il(data, budget_s=0, **kw)
+        calls += 1
+        assert out.get("step", expected["steps"]) == calls
+        shown = resumed.progress()  # the live line counts from the phase's start, its ETA from this call's pace
+        assert (shown["step"], shown["total"]) == (calls, expected["steps"]) and shown["eta_s"] >= 0
+    assert calls == expected["steps"]
+    for role in (ACTOR, REFLECTOR):
+        assert same(snapshot(resumed, role), snapshot(whole, role))
+    keys = ["steps", "tokens", "seq_tokens", "loss/actor", "loss/reflector", "loss_first/actor",
+            "loss_first/reflector", "samples", "padding_frac"]
+    assert {k: out[k] for k in keys} == {k: expected[k] for k in keys}
+    assert resumed.train_il(data, **kw)["steps"] == expected["steps"]  # a finished phase: the next call is new
+
+
 def test_shared_adapter(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, shared_adapter=True)
     refl = samples(REFLECTOR, n=2, seed=4)
