@@ -527,8 +527,8 @@ class Learner:
         `budget_s`: return after the first step that ends this many seconds after the call began, with
         {"finished": False, "step": k, "total": n}; the position and the running sums are learner state, saved by
         `save_checkpoint`, and the next call with the same samples and settings continues there (a long IL phase
-        checkpointed as it goes). The batches come from a seed drawn once per phase, so a continued phase plans
-        the same steps, and its result equals one uninterrupted call's.
+        checkpointed as it goes). A continued phase plans its batches again from the RNG state its first call
+        began with, so it runs the same steps, and its result equals one uninterrupted call's.
 
         Returns loss per role (`loss/<role>`: the role's last epoch, `loss_first/<role>`: its first, token-weighted),
         tokens trained, tokens/s (all non-pad tokens through forward+backward), steps and drop counts.
@@ -538,9 +538,13 @@ class Learner:
         self.set_lr(lr)
         objective: Objective = lambda b, lp: il_loss(lp, b.loss_mask[:, 1:])  # noqa: E731
         per_role = {s.role: (role_epochs or {}).get(s.role, epochs) for s in kept}
-        if self._il is None:
-            self._il = {"seed": self._rng.getrandbits(63), "step": 0, "epochs": []}
-        rng = random.Random(self._il["seed"])
+        if self._il is None:  # a new phase plans from the learner's RNG, as every update does
+            self._il = {"rng": _jsonable(self._rng.getstate()), "step": 0, "epochs": []}
+            rng = self._rng
+        else:  # a continued one plans again from the state its first call began with: the same batches
+            v, state, gauss = self._il["rng"]
+            rng = random.Random()
+            rng.setstate((v, tuple(state), gauss))
         plan = []
         for epoch in range(max(per_role.values(), default=epochs)):
             current = [s for s in kept if per_role[s.role] > epoch]
