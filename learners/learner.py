@@ -542,9 +542,8 @@ class Learner:
             self._il = {"rng": _jsonable(self._rng.getstate()), "step": 0, "epochs": []}
             rng = self._rng
         else:  # a continued one plans again from the state its first call began with: the same batches
-            v, state, gauss = self._il["rng"]
             rng = random.Random()
-            rng.setstate((v, tuple(state), gauss))
+            rng.setstate(_rng_state(self._il["rng"]))
         plan = []
         for epoch in range(max(per_role.values(), default=epochs)):
             current = [s for s in kept if per_role[s.role] > epoch]
@@ -722,8 +721,7 @@ class Learner:
         self.step = int(meta["step"])
         self._versions = {r: int(meta["versions"].get(r, 0)) for r in self.roles}
         self._dirty = set(meta["dirty"]) & set(self.roles)
-        v, state, gauss = meta["py_rng"]
-        self._rng.setstate((v, tuple(state), gauss))
+        self._rng.setstate(_rng_state(meta["py_rng"]))
         self._load_extra_state(meta.get("extra", {}))
         self._il = meta.get("il")
 
@@ -816,6 +814,12 @@ def merge_epochs(per_epoch: list[dict[str, float]]) -> dict[str, float]:
     for m in reversed(per_epoch):  # each role's first epoch
         out.update({f"loss_first/{k[5:]}": v for k, v in m.items() if k.startswith("loss/")})
     return out
+
+
+def _rng_state(saved: list) -> tuple:
+    """A `random.Random` state from its JSON form (`_jsonable(rng.getstate())`: lists where it had tuples)."""
+    v, state, gauss = saved
+    return v, tuple(state), gauss
 
 
 def _cpu(v: Any) -> Any:

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -99,6 +100,31 @@ def _phases(run_path) -> dict[str, list]:
     return out
 
 
+def _run_until(tmp_path: Path, args: list[str], ready) -> Path:
+    """`retrorl train` with `args` in a subprocess, SIGKILLed with its local Ray (`_kill_tree`) as soon as
+    `ready(run_dir)` holds; returns the run directory."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cluster.cli", "train"]
+    first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            runs = list(tmp_path.iterdir())
+            if runs and ready(runs[0]):
+                break
+            time.sleep(0.05)
+        _kill_tree(first.pid)
+    finally:
+        first.kill()
+        first.wait()
+    (run,) = runs
+    return run
+
+
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_losing_or_repeating(tmp_path):
     """ETO with two iterations; the driver (and its local Ray) is SIGKILLed right after the first episode of the
@@ -113,22 +139,8 @@ def test_a_killed_driver_resumes_without_losing_or_repeating(tmp_path):
                    "eto.iterations=2", "eto.lr=[0.01]", "eto.epochs=1", "learner.epochs=1", "learner.lr=0.01",
                    "learner.role_epochs={}"]
     cmd = [sys.executable, "-m", "cluster.cli", "train"]
-    first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while True:
-            assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-            runs = list(tmp_path.iterdir())
-            if runs and (runs[0] / "checkpoints" / "eto-1" / "learner.json").is_file() \
-                    and len(_phases(runs[0]).get("explore-2", [])) >= 1:
-                break
-            time.sleep(0.05)
-        _kill_tree(first.pid)
-    finally:
-        first.kill()
-        first.wait()
-    (run,) = runs
+    run = _run_until(tmp_path, args, lambda run: (run / "checkpoints" / "eto-1" / "learner.json").is_file()
+                     and len(_phases(run).get("explore-2", [])) >= 1)
     before = _phases(run)
     assert len(before["explore-1"]) == 2 and len(before["explore-2"]) == 1 and "eval-eto" not in before
     records = read_metrics(run / "metrics.jsonl")
@@ -170,23 +182,12 @@ def test_a_driver_killed_inside_il_resumes_the_phase_at_its_last_checkpoint(tmp_
     args = TINY + [f"run_root={tmp_path}", "method=sft", "rollout.envs_per_worker=1", "eval.trials=1",
                    "learner.epochs=3", "learner.lr=0.01", "learner.max_tokens_per_batch=512",
                    "learner.checkpoint_minutes=0"]
+    def saved_step_2(run) -> bool:
+        meta = run / "checkpoints" / "sft.partial" / "learner.json"
+        return meta.is_file() and json.loads(meta.read_text())["il"]["step"] >= 2
+
     cmd = [sys.executable, "-m", "cluster.cli", "train"]
-    first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while True:
-            assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-            runs = list(tmp_path.iterdir())
-            meta = runs[0] / "checkpoints" / "sft.partial" / "learner.json" if runs else None
-            if meta is not None and meta.is_file() and json.loads(meta.read_text())["il"]["step"] >= 2:
-                break
-            time.sleep(0.05)
-        _kill_tree(first.pid)
-    finally:
-        first.kill()
-        first.wait()
-    (run,) = runs
+    run = _run_until(tmp_path, args, saved_step_2)
     saved = json.loads((run / "checkpoints" / "sft.partial" / "learner.json").read_text())["il"]
     assert not (run / "checkpoints" / "sft").exists()
 
