@@ -94,7 +94,7 @@ class TrainingProgress(_LiveLine):
         parts = [f"{step}/{total} steps", f"epoch {snap['epoch']}/{snap['epochs']}"]
         if snap["loss"] is not None:
             parts.append(f"loss {snap['loss']:.4g}")
-        if step:
+        if snap["tokens_per_s"] is not None:
             parts.append(f"{snap['tokens_per_s']:.0f} tok/s")
         if step < total and snap["eta_s"] is not None:
             parts.append(f"ETA {duration(snap['eta_s'])}")

@@ -80,18 +80,19 @@ class TrainProgress:
 
     def snapshot(self) -> dict[str, Any]:
         """step / total, epoch / epochs, the current epoch's mean loss so far, tokens/s since the first step, and the
-        ETA at that pace (None until a step is done)."""
+        ETA at that pace (both None until this call has done a step: a continued IL phase starts past step 0)."""
         with self._lock:
             now = time.perf_counter()
             total = self.bounds[-1] if self.bounds else 0
             epoch = next((i + 1 for i, b in enumerate(self.bounds) if self.step <= b), len(self.bounds))
             training = now - self.first_step if self.first_step is not None else 0.0
+            stepped = self.step > self.start and training > 0
             loss_sum, tokens = self.epoch_loss
             return {
                 "method": self.method, "running": self.running,
                 "step": self.step, "total": total, "epoch": max(epoch, 1 if total else 0), "epochs": len(self.bounds),
                 "loss": loss_sum / tokens if tokens else None,
-                "tokens_per_s": self.seq_tokens / training if training > 0 else 0.0,
-                "eta_s": training / (self.step - self.start) * (total - self.step) if self.step > self.start else None,
+                "tokens_per_s": self.seq_tokens / training if stepped else None,
+                "eta_s": training / (self.step - self.start) * (total - self.step) if stepped else None,
                 "elapsed_s": now - self.started,
             }

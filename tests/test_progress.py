@@ -10,6 +10,7 @@ import pytest
 
 from cluster.console import TRANSCRIPT, closing_lines, transcript
 from cluster.progress import Progress, TrainingProgress, duration
+from learners.progress import TrainProgress
 
 
 class _Terminal(io.StringIO):
@@ -21,7 +22,7 @@ def _snapshots(total: int, epochs: int = 2) -> list[dict]:
     """What the learner's `progress()` returns along a call (learners/progress.py), step by step."""
     return [{"method": "il", "running": step < total, "step": step, "total": total,
              "epoch": max(1, -(-step * epochs // total)), "epochs": epochs, "loss": None if step == 0 else 3.0 / step,
-             "tokens_per_s": 400.0 if step else 0.0, "eta_s": None if step == 0 else 2.0 * (total - step),
+             "tokens_per_s": 400.0 if step else None, "eta_s": None if step == 0 else 2.0 * (total - step),
              "elapsed_s": float(step)} for step in range(total + 1)]
 
 
@@ -63,6 +64,28 @@ def test_a_call_that_takes_no_step_ends_its_terminal_line(monkeypatch):
     line.update(idle)
     line.update({**idle, "running": False})
     assert screen.getvalue().endswith("\n")
+
+
+def test_a_continued_il_call_shows_no_speed_before_its_first_step(monkeypatch):
+    """An IL phase cut by checkpoints continues in a new call past step 0: until that call has done a step it has
+    no speed or ETA to show (it showed "0 tok/s"), then both come from its own steps."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    progress = TrainProgress()
+    progress.begin("il")
+    progress.plan([3, 3], start=2)
+    progress.begin_step()
+    waiting = progress.snapshot()
+    assert (waiting["step"], waiting["tokens_per_s"], waiting["eta_s"]) == (2, None, None)
+    progress.end_step([(2.0, 10)], seq_tokens=100)
+    stepped = progress.snapshot()
+    assert stepped["step"] == 3 and stepped["tokens_per_s"] > 0 and stepped["eta_s"] >= 0
+    line = TrainingProgress("sft")
+    line.update(waiting)
+    line.update(stepped)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("[sft] 2/6 steps  epoch 1/2  ") and "tok/s" not in first and "ETA" not in first
+    assert second.startswith("[sft] 3/6 steps  epoch 1/2  loss 2  ") and " tok/s  ETA " in second
 
 
 def test_rollout_lines_estimate_the_time_left_from_the_episodes_done(monkeypatch):
