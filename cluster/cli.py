@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cluster.config import ConfigError, load_config
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from rollout.store import StoreError
 
     run = None
+    # Ray's start makes SIGTERM an interrupt like Ctrl-C (cluster/runtime.py); the caller's handler comes back after.
+    on_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         from cluster.console import TRANSCRIPT, transcript
         from cluster.methods import run_method
@@ -114,10 +119,21 @@ def main(argv: list[str] | None = None) -> int:
             where = f" (run directory {run.path}, marked failed in its metrics.jsonl)"
         print(f"retrorl: error: {exc}{where}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM once Ray is up
+        if run is None:
+            print("\nretrorl: interrupted before the run directory was made", file=sys.stderr)
+        else:  # everything stored so far was written atomically: a resumed run keeps it
+            run.log("interrupted")
+            again = f"; continue it with: retrorl train --resume {shlex.quote(str(run.path))}" if args.command == "train" else ""
+            print(f"\nretrorl: interrupted; the run directory {run.path} keeps what was done{again}",
+                  file=sys.stderr)
+        return 130
     finally:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():  # a caller in the same process (tests) may start its own
             ray.shutdown()
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
     return 0
 
 

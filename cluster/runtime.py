@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,11 @@ def init_ray(cfg: Config) -> None:
         where = f"local on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
     dashboard = f", dashboard {context.dashboard_url}" if context.dashboard_url else ""
     say(f"Ray: {where}{dashboard}")
+    if threading.current_thread() is threading.main_thread():
+        # ray.init made SIGTERM a bare sys.exit(15) (ray/_private/worker.py:1675-1679), after Ray's C++ handler
+        # printed a stack dump: a run stopped with `kill` (or by a job scheduler) ends like Ctrl-C instead, and the
+        # CLI says where the run is and how to continue it (cluster/cli.py).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 _CONNECT_TIMEOUT_S = 5.0

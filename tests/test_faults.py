@@ -206,6 +206,47 @@ def test_a_driver_killed_inside_il_resumes_the_phase_at_its_last_checkpoint(tmp_
     assert json.loads((run / "checkpoints" / "sft" / "learner.json").read_text())["il"] is None
 
 
+@pytest.mark.slow
+def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume_it(tmp_path):
+    """`kill` (SIGTERM) sent to a training driver inside IL: it exits 130 with one line naming the run directory
+    and the --resume command (Ray alone made it a bare exit 15 after a C++ stack dump), marks the run interrupted
+    in metrics.jsonl, leaves none of its local Ray's processes behind, and the run can be resumed."""
+    import argparse
+    import subprocess
+    import sys
+
+    from cluster.cli import resumable
+    from cluster.run_dir import read_metrics
+
+    args = TINY + [f"run_root={tmp_path}", "method=sft", "rollout.envs_per_worker=1", "learner.epochs=50",
+                   "learner.lr=0.01", "learner.max_tokens_per_batch=512"]
+    err = tmp_path.parent / f"{tmp_path.name}.stderr"
+    with open(err, "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train"]
+                                  + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 600
+        while not any(r["event"] == "train_progress" and r["step"] >= 1
+                      for run in tmp_path.iterdir() for r in read_metrics(run / "metrics.jsonl")):
+            assert driver.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+            time.sleep(0.1)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 130
+        _, alive = psutil.wait_procs(ray_processes, timeout=60)
+        assert not alive, [p.name() for p in alive]
+    finally:
+        if driver.poll() is None:
+            _kill_tree(driver.pid)
+    (run,) = tmp_path.iterdir()
+    lines = err.read_text().splitlines()
+    assert f"retrorl: interrupted; the run directory {run} keeps what was done; continue it with: " \
+           f"retrorl train --resume {run}" in lines
+    assert "Traceback" not in err.read_text() and "SIGTERM received" not in err.read_text()
+    assert read_metrics(run / "metrics.jsonl")[-1]["event"] == "interrupted"
+    assert resumable(str(run), argparse.Namespace(config=None, overrides=[], method=None)).method == "sft"
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     from cluster.cli import main
 
