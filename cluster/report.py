@@ -147,11 +147,40 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None, 
                      "re-evaluate the run to plot them):")
         lines += [f"- {s}" for s in skipped]
         lines.append("")
+    lines += by_kind(runs)
     lines += paired(runs)
     no_rounds = [name for run, name in zip(runs, _names(runs)) if not run.rounds]
     if no_rounds:
         lines += ["No training rounds in metrics.jsonl: " + ", ".join(f"`{n}`" for n in no_rounds), ""]
     return "\n".join(lines)
+
+
+def by_kind(runs: Sequence[RunData]) -> list[str]:
+    """Success per game kind (task family), `won/tasks`, for every row whose outcomes name their kind (episodes
+    stored since kinds were tagged); one table per split, a column per kind."""
+    tables: dict[str, tuple[list[str], list[tuple[str, str, dict[str, list[int]]]]]] = {}
+    for row in table_rows(runs):
+        outcomes = row.get("outcomes")
+        if not isinstance(outcomes, list) or not outcomes or not all(
+                isinstance(o, dict) and isinstance(o.get("kind"), str) for o in outcomes):
+            continue
+        counts: dict[str, list[int]] = {}
+        for o in outcomes:
+            won_n = counts.setdefault(o["kind"], [0, 0])
+            won_n[0] += bool(o.get("success"))
+            won_n[1] += 1
+        kinds, rows = tables.setdefault(str(row.get("split", "-")), ([], []))
+        kinds.extend(k for k in counts if k not in kinds)
+        rows.append((str(row["run"]), str(row.get("method")), counts))
+    lines = []
+    for split, (kinds, rows) in tables.items():
+        lines += [f"Success per kind on `{split}` (tasks won / tasks):", "",
+                  "| run | method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
+        for name, method, counts in rows:
+            cells = [f"{counts[k][0]}/{counts[k][1]}" if k in counts else "-" for k in kinds]
+            lines.append(f"| `{name}` | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _outcomes(row: dict[str, Any]) -> dict[str, tuple[bool, float]] | None:

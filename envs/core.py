@@ -138,7 +138,8 @@ class TextEnv(gym.Env):
         self._task = self.task(options["task"])
         self._steps = 0
         instruction, obs = self._reset(self._task, seed)
-        info = {"instruction": instruction, "task_id": self._task.task_id, "max_steps": self._task.max_steps}
+        info = {"instruction": instruction, "task_id": self._task.task_id, "kind": self._task.kind,
+                "max_steps": self._task.max_steps}
         info.update(self._extra_info())
         return obs, info
 

@@ -128,6 +128,7 @@ class EpisodeRunner:
         for k in range(cfg.trials):
             obs, info = await worker.reset.remote(index, task_id)
             instruction, first_obs = info["instruction"], obs
+            episode.tags.setdefault("kind", info["kind"])  # the game kind, for per-kind results (retrorl report)
             builder = TrialBuilder(self.actor_prompt, k, memory, instruction, obs, info.get("admissible") or [])
             for _ in range(min(info["max_steps"], cfg.max_steps or info["max_steps"])):
                 if len(builder.ids) + cfg.actor.max_new_tokens > cfg.max_context_tokens:

@@ -110,6 +110,15 @@ def test_sft_job_with_tiny_model(sft_run):
     assert all(before[t].prompt_ids == after[t].prompt_ids for t in before)  # same first prompt, greedy
     assert any(before[t].completion_ids != after[t].completion_ids for t in before)
 
+    # Every episode is tagged with its task's kind and every eval outcome names it (the report's per-kind table).
+    from envs import make_env
+
+    cfg = load_config(path / "config.yaml")
+    env = make_env(cfg.env.name, **cfg.env.kwargs)
+    kinds = {t.task_id: t.kind for split in ("seen", "unseen") for t in env.tasks(split)}
+    assert {(e.task_id, e.tags["kind"]) for eps in by_phase.values() for e in eps} == set(kinds.items())
+    assert {(o["task"], o["kind"]) for r in rows for o in r["outcomes"]} == set(kinds.items())
+
 
 @pytest.mark.slow
 def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):

@@ -91,7 +91,7 @@ def test_reset_and_step_api(env: TextWorldEnv):
     obs, info = env.reset(options={"task": task.task_id})
     assert isinstance(obs, str) and obs and "$$" not in obs  # the ASCII banner is gone
     assert set(info) >= {"instruction", "task_id", "max_steps", "admissible"}
-    assert info["task_id"] == task.task_id and info["max_steps"] == task.max_steps
+    assert info["task_id"] == task.task_id and info["max_steps"] == task.max_steps and info["kind"] == task.kind
     assert info["instruction"] and info["instruction"] not in obs
     assert info["admissible"] == sorted(info["admissible"]) and all(isinstance(a, str) for a in info["admissible"])
     obs, reward, terminated, truncated, sinfo = env.step(info["admissible"][0])

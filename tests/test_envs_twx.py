@@ -111,6 +111,7 @@ def test_gold_paths_win_every_task(env: TwxEnv, cache: Path, split: str):
         obs, info = env.reset(options={"task": task.task_id})
         assert obs and set(info) >= {"instruction", "task_id", "max_steps", "admissible"}
         assert info["instruction"] and info["instruction"] not in obs and info["max_steps"] == task.max_steps
+        assert info["kind"] == task.kind == task.task_id.split(":")[1]  # the game
         assert info["admissible"] and info["admissible"] == sorted(info["admissible"])
         assert 0 < len(gold) <= task.max_steps
         for i, action in enumerate(gold):

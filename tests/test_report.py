@@ -279,6 +279,32 @@ def test_one_trial_rows_pair_with_the_baselines_row_of_the_same_kind(tmp_path, c
     assert all((r["only run"], r["only baseline"]) == ("1", "1") for r in rows.values())
 
 
+def test_success_per_kind_where_outcomes_name_their_kind(tmp_path, capsys):
+    """Episodes tagged with their game kind (the rollout tags each): a table per split counts the tasks won per
+    kind, with a column for every kind any run played; a run stored before kinds were tagged has no row there."""
+    def tagged(task: str, kind: str, won: bool) -> Episode:
+        episode = _episode(task, "valid", [(1.0, 2)] if won else [(0.0, 5)])
+        episode.tags["kind"] = kind
+        return episode
+
+    base = [tagged("coin-1", "coin", True), tagged("coin-2", "coin", False), tagged("arith-1", "arithmetic", True)]
+    other = [tagged("coin-1", "coin", False), tagged("coin-2", "coin", True), tagged("arith-1", "arithmetic", False),
+             tagged("sort-1", "sorting", True)]
+    runs = [tmp_path / "sft-1", tmp_path / "eto-1", tmp_path / "old-1"]
+    _write_run(runs[0], "sft", 0, base, "SFT", [], trials=1)
+    _write_run(runs[1], "eto", 0, other, "ETO", [], trials=1)
+    _write_run(runs[2], "sft", 0, [_episode("coin-1", "valid", [(1.0, 2)])], "old", [], trials=1)
+    assert cli.main(["report", *map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    assert "Success per kind on `valid` (tasks won / tasks):" in md
+    rows = _table(md, 1)
+    assert [r["method"] for r in rows] == ["SFT ReAct", "SFT + reflection", "ETO ReAct", "ETO + reflection"]
+    assert {k: rows[0][k] for k in ("coin", "arithmetic", "sorting")} == {"coin": "1/2", "arithmetic": "1/1",
+                                                                        "sorting": "-"}
+    assert {k: rows[2][k] for k in ("coin", "arithmetic", "sorting")} == {"coin": "1/2", "arithmetic": "0/1",
+                                                                        "sorting": "1/1"}
+
+
 @pytest.mark.parametrize("n", [1, 10, 14, 20, 31])
 def test_palette_keeps_every_curve_distinct(n):
     from matplotlib.colors import to_rgb
