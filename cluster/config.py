@@ -178,7 +178,8 @@ class EvalCfg(_Strict):
 
 class InitCfg(_Strict):
     # A learner checkpoint (e.g. RUN/checkpoints/sft of an SFT run) to start from instead of running IL. It must
-    # come from the same model, LoRA config and adapter layout; the method's own stage then starts from it.
+    # come from the same model, LoRA config and adapter layout; the method's own stage then starts from it, with
+    # the adapters and optimizer state of the checkpoint and the batch order and dropout of this run's `seed`.
     checkpoint: str | None = None
 
 

@@ -360,6 +360,7 @@ class Session:
             self.train_il(demos)
             return
         self.call("load_checkpoint_files", read_folder(self.cfg.init.checkpoint))
+        self.call("reseed")  # this run's seed, not the checkpoint's RNG, orders its batches and draws dropout
         self.run.log("init", checkpoint=self.cfg.init.checkpoint)
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
         self.broadcast(force=True, roles=roles)

@@ -725,6 +725,13 @@ class Learner:
         self._load_extra_state(meta.get("extra", {}))
         self._il = meta.get("il")
 
+    def reseed(self) -> None:
+        """Batch order and dropout from this learner's own seed again, after another run's checkpoint became the
+        starting policy (init.checkpoint restores that run's RNG with its adapters): runs from one start at
+        several seeds then differ in their training, not only in their rollouts. A --resume keeps the RNG."""
+        self._rng = random.Random(self.seed)
+        torch.manual_seed(self.seed)  # every device's generator
+
     def _extra_state(self) -> dict[str, Any]:
         """JSON state of a subclass (e.g. a KL controller), saved in the checkpoint."""
         return {}

@@ -388,6 +388,26 @@ def test_il_stopped_by_its_budget_continues_from_a_checkpoint_exactly(tiny_path,
     assert resumed.train_il(data, **kw)["steps"] == expected["steps"]  # a finished phase: the next call is new
 
 
+def test_a_start_checkpoint_trains_with_the_new_runs_seed(tiny_path, tmp_path):
+    """init.checkpoint loads another run's learner, RNG included; `reseed` then draws batch order and dropout from
+    this learner's seed: two learners of one seed train identically from that start, a third seed differently.
+    (Without it, runs from one SFT checkpoint at three seeds trained with one RNG.)"""
+    data = samples(ACTOR, n=6)
+    start = make(tiny_path, tmp_path / "start")
+    start.train_il(data, epochs=1, max_tokens_per_batch=64)
+    ckpt = start.save_checkpoint(tmp_path / "ckpt")
+
+    def trained(seed: int, where: str) -> dict:
+        learner = make(tiny_path, tmp_path / where, seed=seed)
+        learner.load_checkpoint(ckpt)
+        learner.reseed()
+        learner.train_il(data, epochs=2, max_tokens_per_batch=64)
+        return snapshot(learner, ACTOR)
+
+    first = trained(1, "a")
+    assert same(trained(1, "b"), first) and not same(trained(2, "c"), first)
+
+
 def test_shared_adapter(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path, shared_adapter=True)
     refl = samples(REFLECTOR, n=2, seed=4)
