@@ -157,7 +157,7 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None, 
 
 def by_kind(runs: Sequence[RunData]) -> list[str]:
     """Success per game kind (task family), `won/tasks`, for every row whose outcomes name their kind (episodes
-    stored since kinds were tagged); one table per split, a column per kind."""
+    stored since kinds were tagged); one table per split, a column per kind in alphabetical order."""
     tables: dict[str, tuple[list[str], list[tuple[str, str, dict[str, list[int]]]]]] = {}
     for row in table_rows(runs):
         outcomes = row.get("outcomes")
@@ -174,6 +174,7 @@ def by_kind(runs: Sequence[RunData]) -> list[str]:
         rows.append((str(row["run"]), str(row.get("method")), counts))
     lines = []
     for split, (kinds, rows) in tables.items():
+        kinds = sorted(kinds)
         lines += [f"Success per kind on `{split}` (tasks won / tasks):", "",
                   "| run | method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
         for name, method, counts in rows:
