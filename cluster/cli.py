@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\nretrorl: interrupted before the run directory was made", file=sys.stderr)
         else:  # everything stored so far was written atomically: a resumed run keeps it
             run.log("interrupted")
-            again = f"; continue it with: retrorl train --resume {shlex.quote(str(run.path))}" if args.command == "train" else ""
+            again = ""
+            if args.command == "train":
+                again = f"; continue it with: retrorl train --resume {shlex.quote(str(run.path))}"
             print(f"\nretrorl: interrupted; the run directory {run.path} keeps what was done{again}",
                   file=sys.stderr)
         return 130

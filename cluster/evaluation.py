@@ -54,7 +54,7 @@ def summarise(episodes: Iterable[Episode], trials: int) -> dict[str, Any]:
 
 def _outcome(episode: Episode, padded: list[float], trials: int) -> dict[str, Any]:
     played = episode.trials[:trials]
-    kind = {"kind": episode.tags["kind"]} if "kind" in episode.tags else {}  # untagged: stored before kinds were
+    kind = {"kind": episode.tags["kind"]} if "kind" in episode.tags else {}  # none if stored before the tag
     return {"task": episode.task_id, **kind, "returns": padded, "success": any(t.success for t in played),
             "steps": sum(len(t.steps) for t in played),
             "versions": sorted({s.generation.version for t in played for s in t.steps})}

@@ -158,7 +158,7 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None, 
 def by_kind(runs: Sequence[RunData]) -> list[str]:
     """Success per game kind (task family), `won/tasks`, for every row whose outcomes name their kind (episodes
     stored since kinds were tagged); one table per split, a column per kind in alphabetical order."""
-    tables: dict[str, tuple[list[str], list[tuple[str, str, dict[str, list[int]]]]]] = {}
+    tables: dict[str, tuple[set[str], list[tuple[str, str, dict[str, list[int]]]]]] = {}
     for row in table_rows(runs):
         outcomes = row.get("outcomes")
         if not isinstance(outcomes, list) or not outcomes or not all(
@@ -169,12 +169,12 @@ def by_kind(runs: Sequence[RunData]) -> list[str]:
             won_n = counts.setdefault(o["kind"], [0, 0])
             won_n[0] += bool(o.get("success"))
             won_n[1] += 1
-        kinds, rows = tables.setdefault(str(row.get("split", "-")), ([], []))
-        kinds.extend(k for k in counts if k not in kinds)
+        kinds, rows = tables.setdefault(str(row.get("split", "-")), (set(), []))
+        kinds.update(counts)
         rows.append((str(row["run"]), str(row.get("method")), counts))
     lines = []
-    for split, (kinds, rows) in tables.items():
-        kinds = sorted(kinds)
+    for split, (kind_set, rows) in tables.items():
+        kinds = sorted(kind_set)
         lines += [f"Success per kind on `{split}` (tasks won / tasks):", "",
                   "| run | method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
         for name, method, counts in rows:

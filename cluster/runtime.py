@@ -49,9 +49,9 @@ def init_ray(cfg: Config) -> None:
     dashboard = f", dashboard {context.dashboard_url}" if context.dashboard_url else ""
     say(f"Ray: {where}{dashboard}")
     if threading.current_thread() is threading.main_thread():
-        # ray.init made SIGTERM a bare sys.exit(15) (ray/_private/worker.py:1675-1679), after Ray's C++ handler
-        # printed a stack dump: a run stopped with `kill` (or by a job scheduler) ends like Ctrl-C instead, and the
-        # CLI says where the run is and how to continue it (cluster/cli.py).
+        # ray.init sets SIGTERM to sys.exit (ray/_private/worker.py:1675-1679), yet the driver died of SIGABRT
+        # (exit -6) after a C++ stack dump when killed in IL (tests/test_faults.py): a run stopped with `kill`, or
+        # by a job scheduler, ends like Ctrl-C instead, and the CLI says where the run is and how to continue it.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 

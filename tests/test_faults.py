@@ -209,8 +209,9 @@ def test_a_driver_killed_inside_il_resumes_the_phase_at_its_last_checkpoint(tmp_
 @pytest.mark.slow
 def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume_it(tmp_path):
     """`kill` (SIGTERM) sent to a training driver inside IL: it exits 130 with one line naming the run directory
-    and the --resume command (Ray alone made it a bare exit 15 after a C++ stack dump), marks the run interrupted
-    in metrics.jsonl, leaves none of its local Ray's processes behind, and the run can be resumed."""
+    and the --resume command (without the CLI's handler it died of SIGABRT, exit -6, after a C++ stack dump),
+    marks the run interrupted in metrics.jsonl, leaves none of its local Ray's processes behind, and the run can be
+    resumed."""
     import argparse
     import subprocess
     import sys
