@@ -215,8 +215,8 @@ def paired(runs: Sequence[RunData]) -> list[str]:
     """Every later run against the first (the baseline), row by row where split and number of trials match.
     Rows with per-task `outcomes` get paired statistics on the tasks both evaluated (cluster/stats.py): exact
     McNemar on success, the mean return difference (FR for K-trial rows, IR for one-trial rows) with a bootstrap
-    95% CI and a paired t-test; older rows with only `solved` get the game counts."""
-    from cluster.stats import compare
+    95% CI and a paired t-test; older rows with only `solved` get the game counts and McNemar (it needs no more)."""
+    from cluster.stats import compare, mcnemar_exact
 
     if len(runs) < 2:
         return []
@@ -245,14 +245,15 @@ def paired(runs: Sequence[RunData]) -> list[str]:
                              f"{_pct(c.return_diff, True)} | {ci} | {_p(c.p_return)} |")
             elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
                 won, ref_won = set(row["solved"]), set(ref["solved"])
-                lines.append(f"{lead} {row.get('episodes')} | {len(won - ref_won)} | {len(ref_won - won)} | "
-                             f"{len(won & ref_won)} | - | - | - | - |")
+                only, only_ref = len(won - ref_won), len(ref_won - won)
+                lines.append(f"{lead} {row.get('episodes')} | {only} | {only_ref} | {len(won & ref_won)} | "
+                             f"{_p(mcnemar_exact(only, only_ref))} | - | - | - |")
     if not lines:
         return []
     header = [(f"Paired, task by task, against `{names[0]}` (same split and number of trials): tasks won only by "
                "the run, only by the baseline, by both; exact McNemar p on success; the mean return difference "
                "x100 (run - baseline; FR for K-trial rows, IR for one-trial rows), its bootstrap 95% CI and a "
-               "paired t-test p. Rows from runs without per-task outcomes show the counts only."), "",
+               "paired t-test p. Rows from runs without per-task outcomes show the counts and McNemar only."), "",
               "| split | run | method | baseline | tasks | only run | only baseline | both | McNemar p | "
               "return diff | 95% CI | paired t p |", "|" + "---|" * 12]
     return header + lines + ["", *across_seeds(runs)]

@@ -264,6 +264,24 @@ def test_game_by_game_against_the_first_run(tmp_path, capsys):
     assert (full["McNemar p"], full["return diff"], full["paired t p"]) == ("1.000", "+25.0", f"{p:.3f}")
 
 
+def test_rows_stored_before_per_task_outcomes_get_counts_and_mcnemar(tmp_path, capsys):
+    """Older committed runs keep only each row's `solved` list: the discordant counts are all McNemar needs, so
+    their p is shown; the return columns, which need per-task returns, stay empty."""
+    base = [_episode(f"t{i}", "seen", [(0.0, 5)]) for i in range(6)]
+    other = [_episode(f"t{i}", "seen", [(1.0 if i < 5 else 0.0, 4)]) for i in range(6)]
+    run_a, run_b = tmp_path / "sft-1", tmp_path / "eto-1"
+    for path, method, episodes, label in ((run_a, "sft", base, "SFT"), (run_b, "eto", other, "ETO")):
+        rows = _write_run(path, method, 0, episodes, label, [], trials=1)
+        for row in rows:
+            del row["outcomes"]
+        (path / "eval" / "results.json").write_text(json.dumps(rows))
+    assert cli.main(["report", str(run_a), str(run_b), "--out", str(tmp_path / "out")]) == 0
+    react = {r["method"]: r for r in _table(capsys.readouterr().out, 1)}["ETO ReAct"]
+    # 5 tasks won only by the run, none only by the baseline: p = 2 * 0.5 ** 5
+    assert (react["only run"], react["only baseline"], react["both"], react["McNemar p"]) == ("5", "0", "0", "0.062")
+    assert (react["return diff"], react["95% CI"], react["paired t p"]) == ("-", "-", "-")
+
+
 def test_one_trial_rows_pair_with_the_baselines_row_of_the_same_kind(tmp_path, capsys):
     """At one trial a run's ReAct and reflection rows have the same split and trials; with labels that differ
     (an eval of RUN/checkpoints/sft is labelled "sft", the SFT run "SFT") each still pairs with its own kind."""
