@@ -24,3 +24,21 @@ def test_committed_report_is_rendered_from_committed_runs(set_dir: Path, monkeyp
     text, _ = render(runs, Path("."))
     assert text == (set_dir / "report.md").read_text(), (
         f"results/{set_dir.name}/report.md differs from what its runs render: run results/render.sh {set_dir.name}")
+
+
+START = RESULTS / "twxs-valid" / "twxs-sft-n25-20261205-013807" / "checkpoints" / "sft"
+
+
+def test_committed_starting_checkpoint_fits_the_config_it_is_named_in():
+    """The SFT checkpoint every issue-22 method run starts from is committed whole, and still passes the start
+    check (same base model by its weights, LoRA shape, adapter layout) for configs/twx-short.yaml, which names it:
+    a changed LoRA default would strand it."""
+    from agents.model import resolve_model
+    from cluster.checks import check_checkpoint, meta_model
+    from cluster.config import load_config
+
+    config = RESULTS.parent / "configs" / "twx-short.yaml"
+    assert str(START.relative_to(RESULTS.parent)) in config.read_text()
+    cfg = load_config(config, [f"init.checkpoint={START}"])
+    model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
+    check_checkpoint(cfg, model_path, meta_model(cfg, model_path))  # raises ConfigError naming what differs
