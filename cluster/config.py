@@ -194,6 +194,10 @@ class EtoCfg(_Strict):
     lr: list[float] = Field(default_factory=lambda: [1e-5, 5e-6])  # per iteration; the last repeats
     epochs: int = Field(1, ge=1)
     extra_turns: int = Field(5, ge=0)  # the loser is cut to at most len(expert) + extra_turns turns
+    # An ETO run directory started from the same init.checkpoint: iteration 1 pairs its stored exploration instead
+    # of playing it again (greedy exploration from one start is one set of trajectories whatever the seed), so
+    # DPO settings and seeds are compared at the cost of DPO and the evaluation. Later iterations explore.
+    replay: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "EtoCfg":
@@ -325,13 +329,21 @@ class Config(_Strict):
         if self.retroact.replay is not None and (self.method != "retroact" or ro.mode != "sync"):
             raise ValueError("retroact.replay feeds a synchronous RetroAct run's first round: set method=retroact "
                              "and rollout.mode=sync, or retroact.replay=null")
-        if self.retroact.replay is not None and self.init.checkpoint is None:
-            raise ValueError("retroact.replay reuses exploration played by the policy this run starts from: set "
-                             "init.checkpoint to the checkpoint the replayed run started from")
+        if self.eto.replay is not None and self.method != "eto":
+            raise ValueError("eto.replay feeds an ETO run's first iteration: set method=eto, or eto.replay=null")
+        for key, source in (("retroact.replay", self.retroact.replay), ("eto.replay", self.eto.replay)):
+            if source is not None and self.init.checkpoint is None:
+                raise ValueError(f"{key} reuses exploration played by the policy this run starts from: set "
+                                 "init.checkpoint to the checkpoint the replayed run started from")
         if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")
         return self
+
+    @property
+    def replay(self) -> str | None:
+        """The run whose first exploration round this run reuses: its method's `replay` (validated above)."""
+        return self.retroact.replay if self.method == "retroact" else self.eto.replay
 
     @property
     def engines_sleep(self) -> bool:

@@ -72,7 +72,10 @@ def eto(session: Session) -> Rows:
     tasks = session.explore_tasks()
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
-        explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
+        if i == 0 and session.replayed is not None:  # eto.replay, read and checked by preflight
+            explored = _store_replayed(session, "explore-1", session.replayed)
+        else:
+            explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
         if session.resumed(f"eto-{i + 1}"):
             continue
         pairs, counts = dpo_pairs(explored, experts, e.extra_turns)
@@ -164,9 +167,8 @@ def _store_replayed(session: Session, phase: str, episodes: list[Episode]) -> li
     """This run keeps its own copy of the replayed round, so `retrorl report` and --resume read it like a
     played one."""
     session.run.store.append(episodes, phase=phase)
-    session.run.log("replay", phase=phase, source=str(Path(session.cfg.retroact.replay).resolve()),
-                    episodes=len(episodes))
-    say(f"[{phase}] replayed {len(episodes)} episodes from {session.cfg.retroact.replay}")
+    session.run.log("replay", phase=phase, source=str(Path(session.cfg.replay).resolve()), episodes=len(episodes))
+    say(f"[{phase}] replayed {len(episodes)} episodes from {session.cfg.replay}")
     return episodes
 
 

@@ -79,7 +79,7 @@ def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
 @dataclass
 class Prepared:
     """What `preflight` checked and built: the model folder, the driver's env (for task lists), on --resume what
-    the run directory holds, and retroact.replay's episodes when this run still needs them."""
+    the run directory holds, and the replayed round's episodes (retroact / eto.replay) when this run still needs them."""
 
     model_path: str
     env: TextEnv
@@ -106,7 +106,7 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
               run: RunDir | None = None) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
     resolves (converted once if needed) and fits the config (cluster/checks.py), the env family builds its tasks
-    (games generated once, here), a resumed run's stored episodes and retroact.replay's source read back, and Ray
+    (games generated once, here), a resumed run's stored episodes and a replayed round's source read back, and Ray
     can hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
     plays expert demos (train and demos do; eval does not). `run`: the run directory of a --resume."""
     check_address(cfg)
@@ -131,7 +131,7 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
                           "(env.train_tasks, or the env's own count such as env.kwargs.n_train)")
     resume = Resume.of(run) if run is not None else None
     replayed = None
-    if cfg.retroact.replay is not None and not (resume and resume.episodes.get("explore-1")):
+    if cfg.replay is not None and not (resume and resume.episodes.get("explore-1")):
         replayed = replayed_round(cfg, train_tasks(cfg, env)[1], "explore-1")
     check_backend(cfg)
     init_ray(cfg)
@@ -153,7 +153,7 @@ class Session:
         self.learner_restarts = 0
         # What the run directory already holds (empty for a new run; preflight read a --resume's).
         self.resume = prepared.resume if prepared.resume is not None else Resume.of(run)
-        self.replayed = prepared.replayed  # retroact.replay's round 1, if this run still needs it
+        self.replayed = prepared.replayed  # the replayed first round (retroact / eto.replay), if still needed
         self._restore: str | None = None  # a finished round's checkpoint to load before the learner is next used
         self._asleep = False  # engines sleeping while the learner trains (rollout.vllm.sleep_while_training)
         learner = ""

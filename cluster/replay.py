@@ -1,8 +1,9 @@
-"""`retroact.replay`: RetroAct's first round learns from another run's stored exploration instead of playing it.
+"""`retroact.replay` / `eto.replay`: a method's first exploration round is another run's stored one.
 
 RetroAct's loss is off-policy (every generated token keeps the log-prob of the policy that sampled it), so one
-replay buffer can train several RL settings. The replayed run must have started from the same checkpoint, model,
-environment and trial count, or its rounds would not be this run's first round."""
+replay buffer can train several RL settings; ETO explores greedily, so runs from one start explore alike and
+differ only in DPO. The replayed run must be of the same method and have started from the same checkpoint, model,
+environment and exploration settings, or its round would not be this run's first round."""
 
 from __future__ import annotations
 
@@ -18,19 +19,22 @@ def _resolved(path: str | None) -> str | None:
 
 
 def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> list[Episode]:
-    """The episodes of `phase` that cfg.retroact.replay stored, one per task of `tasks` in that order."""
-    source = Path(cfg.retroact.replay or "")
+    """The episodes of `phase` that cfg.replay stored, one per task of `tasks` in that order."""
+    key, source = f"{cfg.method}.replay", Path(cfg.replay or "")
     if not (source / "config.yaml").is_file() or not (source / "trajectories").is_dir():
-        raise ConfigError(f"retroact.replay {str(source)!r} is not a run directory (no config.yaml / trajectories/): "
-                          "give the folder a RetroAct `retrorl train` printed as its run directory")
+        raise ConfigError(f"{key} {str(source)!r} is not a run directory (no config.yaml / trajectories/): give "
+                          f"the folder a `retrorl train --method {cfg.method}` printed as its run directory")
     theirs = load_config(source / "config.yaml")
+    # How the round was played: RetroAct's trials per task, ETO's exploration temperature.
+    played = ({"retroact.trials": (theirs.retroact.trials, cfg.retroact.trials)} if cfg.method == "retroact"
+              else {"eto.temperature": (theirs.eto.temperature, cfg.eto.temperature)})
     same = {
-        "method": (theirs.method, "retroact"),
+        "method": (theirs.method, cfg.method),
         "model.path": (theirs.model.path, cfg.model.path),
         "env.name": (theirs.env.name, cfg.env.name),
         "env.kwargs": (theirs.env.kwargs, cfg.env.kwargs),
         "init.checkpoint": (_resolved(theirs.init.checkpoint), _resolved(cfg.init.checkpoint)),
-        "retroact.trials": (theirs.retroact.trials, cfg.retroact.trials),
+        **played,
         # The stored prompts and behaviour log-probs were made with these: another context budget, memory or
         # sampling, or another engine precision, and the importance weights would be against the wrong policy.
         **{f"agent.{key}": (value, getattr(cfg.agent, key)) for key, value in theirs.agent},
@@ -39,12 +43,12 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
     }
     differ = [key for key, (a, b) in same.items() if a != b]
     if differ:
-        raise ConfigError(f"retroact.replay {source}: its {', '.join(differ)} differ from this run's, so its "
-                          f"{phase} is not this run's first round; replay a RetroAct run started with the same ones")
+        raise ConfigError(f"{key} {source}: its {', '.join(differ)} differ from this run's, so its {phase} is "
+                          f"not this run's first round; replay a {cfg.method} run started with the same ones")
     stored = {(e.task_id, e.split): e for e in TrajectoryStore(source / "trajectories").episodes(phase)}
     missing = [task for task in tasks if task not in stored]
     if missing:
-        raise ConfigError(f"retroact.replay {source} holds no {phase} episode for {len(missing)} of the "
+        raise ConfigError(f"{key} {source} holds no {phase} episode for {len(missing)} of the "
                           f"{len(tasks)} training tasks (first: {missing[0][0]}); replay a run whose first round "
                           "was played in full on the same training tasks (or finish it with --resume)")
     return [stored[task] for task in tasks]

@@ -143,10 +143,18 @@ def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
 
 
 @pytest.mark.slow
-def test_eto_from_sft_checkpoint(sft_run, tmp_path):
-    """(Retroformer from a checkpoint, with updates, reward model and best-of-n: tests/test_updates_e2e.py.)"""
-    sft, sft_rows = sft_run
-    _check_method(sft, tmp_path, "eto", [])
+def test_eto_from_sft_checkpoint_and_its_replay(sft_run, tmp_path):
+    """An ETO run, then one at another seed with eto.replay of it: the second pairs a copy of the first one's
+    exploration, plays none of its own, and still trains DPO. (Retroformer from a checkpoint, with updates,
+    reward model and best-of-n: tests/test_updates_e2e.py.)"""
+    sft, _ = sft_run
+    source = _check_method(sft, tmp_path / "source", "eto", [])
+    run = _check_method(sft, tmp_path / "replay", "eto", ["seed=1", f"eto.replay={source.path}"])
+    assert [e.episode_id for e in _episodes(run, "explore-1")] == [e.episode_id for e in _episodes(source, "explore-1")]
+    events = run.metrics()
+    (replay,) = [e for e in events if e["event"] == "replay"]
+    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 2)
+    assert [e["phase"] for e in events if e["event"] == "rollout"] == ["eval-eto"]
 
 
 @pytest.mark.slow

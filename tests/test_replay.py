@@ -1,4 +1,4 @@
-"""`retroact.replay`: a stored first round is reused only by a run it belongs to, in the order of the tasks."""
+"""`retroact.replay` / `eto.replay`: a stored first round is reused only by a run it belongs to, in task order."""
 
 from __future__ import annotations
 
@@ -56,6 +56,24 @@ def test_replay_of_a_different_run_names_what_differs(tmp_path, checkpoint, over
         replayed_round(cfg, [("a", "train")], "explore-1")
 
 
+def test_eto_replay_takes_an_eto_runs_round_explored_alike(tmp_path, checkpoint):
+    """ETO's round is one greedy trajectory per task: another seed or DPO setting may reuse it, another
+    exploration temperature or a RetroAct run's round may not."""
+    source = _source(tmp_path, checkpoint, "method=eto")
+    stored = {e.task_id: e for e in source.store.episodes("explore-1")}
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", "method=eto", f"eto.replay={source.path}", "seed=2",
+                             "eto.lr=[5e-5]"])
+    assert [e.episode_id for e in replayed_round(cfg, [("a", "train")], "explore-1")] == [stored["a"].episode_id]
+    hot = load_config(None, [f"init.checkpoint={checkpoint}", "method=eto", f"eto.replay={source.path}",
+                             "eto.temperature=1.0"])
+    with pytest.raises(ConfigError, match="eto.replay .*its eto.temperature differ"):
+        replayed_round(hot, [("a", "train")], "explore-1")
+    other = _source(tmp_path, checkpoint)  # a RetroAct run
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", "method=eto", f"eto.replay={other.path}"])
+    with pytest.raises(ConfigError, match="its method differ"):
+        replayed_round(cfg, [("a", "train")], "explore-1")
+
+
 def test_replay_needs_every_task_and_a_run_directory(tmp_path, checkpoint):
     source = _source(tmp_path, checkpoint)
     cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={source.path}"])
@@ -75,3 +93,12 @@ def test_replay_config_errors_name_the_fix(tmp_path, checkpoint, override, messa
     start = [f"init.checkpoint={checkpoint}"] if override else []
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"retroact.replay={tmp_path}", *start, *override])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["method=eto"], "eto.replay reuses .* set init.checkpoint"),
+    (["method=retroact", "init.checkpoint={checkpoint}"], "set method=eto"),
+])
+def test_eto_replay_config_errors_name_the_fix(tmp_path, checkpoint, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"eto.replay={tmp_path}", *(o.format(checkpoint=checkpoint) for o in override)])
