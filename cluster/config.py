@@ -331,10 +331,9 @@ class Config(_Strict):
                              "and rollout.mode=sync, or retroact.replay=null")
         if self.eto.replay is not None and self.method != "eto":
             raise ValueError("eto.replay feeds an ETO run's first iteration: set method=eto, or eto.replay=null")
-        for key, source in (("retroact.replay", self.retroact.replay), ("eto.replay", self.eto.replay)):
-            if source is not None and self.init.checkpoint is None:
-                raise ValueError(f"{key} reuses exploration played by the policy this run starts from: set "
-                                 "init.checkpoint to the checkpoint the replayed run started from")
+        if self.replay is not None and self.init.checkpoint is None:  # past the checks above: the method's own
+            raise ValueError(f"{self.method}.replay reuses exploration played by the policy this run starts from: "
+                             "set init.checkpoint to the checkpoint the replayed run started from")
         if self.init.checkpoint is not None and not Path(self.init.checkpoint, "learner.json").is_file():
             raise ValueError(f"init.checkpoint {self.init.checkpoint!r} is not a learner checkpoint folder "
                              "(no learner.json); point it at RUN/checkpoints/<name> of a finished run")

@@ -72,10 +72,11 @@ def eto(session: Session) -> Rows:
     tasks = session.explore_tasks()
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
+        phase = f"explore-{i + 1}"
         if i == 0 and session.replayed is not None:  # eto.replay, read and checked by preflight
-            explored = _store_replayed(session, "explore-1", session.replayed)
+            explored = _store_replayed(session, phase, session.replayed)
         else:
-            explored = session.rollout(tasks, f"explore-{i + 1}", 1, settings)
+            explored = session.rollout(tasks, phase, 1, settings)
         if session.resumed(f"eto-{i + 1}"):
             continue
         pairs, counts = dpo_pairs(explored, experts, e.extra_turns)
