@@ -202,6 +202,10 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return "-" if value is None else f"{100 * value:{'+' if signed else ''}.1f}"
 
 
+def _ci(interval: tuple[float, float] | None) -> str:
+    return "-" if interval is None else f"[{_pct(interval[0], True)}, {_pct(interval[1], True)}]"
+
+
 def _p(value: float | None) -> str:
     return "-" if value is None else (f"{value:.3f}" if value >= 0.001 else "<0.001")
 
@@ -216,7 +220,7 @@ def paired(runs: Sequence[RunData]) -> list[str]:
     Rows with per-task `outcomes` get paired statistics on the tasks both evaluated (cluster/stats.py): exact
     McNemar on success, the mean return difference (FR for K-trial rows, IR for one-trial rows) with a bootstrap
     95% CI and a paired t-test; older rows with only `solved` get the game counts and McNemar (it needs no more)."""
-    from cluster.stats import compare, mcnemar_exact
+    from cluster.stats import compare, mcnemar_exact, success_diff
 
     if len(runs) < 2:
         return []
@@ -240,22 +244,24 @@ def paired(runs: Sequence[RunData]) -> list[str]:
                 c = compare(mine, theirs)
                 if c is None:
                     continue
-                ci = "-" if c.return_ci is None else f"[{_pct(c.return_ci[0], True)}, {_pct(c.return_ci[1], True)}]"
                 lines.append(f"{lead} {c.tasks} | {c.only_a} | {c.only_b} | {c.both} | {_p(c.p_success)} | "
-                             f"{_pct(c.return_diff, True)} | {ci} | {_p(c.p_return)} |")
+                             f"{_pct(c.success_diff, True)} | {_ci(c.success_ci)} | "
+                             f"{_pct(c.return_diff, True)} | {_ci(c.return_ci)} | {_p(c.p_return)} |")
             elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
                 won, ref_won = set(row["solved"]), set(ref["solved"])
                 only, only_ref = len(won - ref_won), len(ref_won - won)
+                diff, ci = success_diff(len(won & ref_won), only, only_ref, row.get("episodes"))
                 lines.append(f"{lead} {row.get('episodes')} | {only} | {only_ref} | {len(won & ref_won)} | "
-                             f"{_p(mcnemar_exact(only, only_ref))} | - | - | - |")
+                             f"{_p(mcnemar_exact(only, only_ref))} | {_pct(diff, True)} | {_ci(ci)} | - | - | - |")
     if not lines:
         return []
     header = [(f"Paired, task by task, against `{names[0]}` (same split and number of trials): tasks won only by "
-               "the run, only by the baseline, by both; exact McNemar p on success; the mean return difference "
-               "x100 (run - baseline; FR for K-trial rows, IR for one-trial rows), its bootstrap 95% CI and a "
-               "paired t-test p. Rows from runs without per-task outcomes show the counts and McNemar only."), "",
+               "the run, only by the baseline, by both; exact McNemar p on success and the success-rate difference "
+               "x100 (run - baseline) with Newcombe's paired score 95% CI; the mean return difference x100 (FR for "
+               "K-trial rows, IR for one-trial rows), its bootstrap 95% CI and a paired t-test p. Rows from runs "
+               "without per-task returns show the success columns only."), "",
               "| split | run | method | baseline | tasks | only run | only baseline | both | McNemar p | "
-              "return diff | 95% CI | paired t p |", "|" + "---|" * 12]
+              "success diff | success 95% CI | return diff | return 95% CI | paired t p |", "|" + "---|" * 14]
     return header + lines + ["", *across_seeds(runs)]
 
 

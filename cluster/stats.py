@@ -3,8 +3,10 @@
 Two runs evaluated on the same task ids give paired outcomes per task: success (won within the row's trials) and
 return (the row's last padded trial return: IR for a one-trial row, FR for a K-trial row). Success is compared with
 an exact McNemar test (only the discordant tasks carry information: a two-sided binomial test of `only_a` against
-`only_a + only_b` at 1/2), returns with a paired t-test and a percentile-bootstrap 95% CI of the mean difference.
-Across seeds, a t interval of the mean. scipy provides the distributions.
+`only_a + only_b` at 1/2), and its effect size is the success-rate difference with Newcombe's paired score 95% CI
+(what a negative result rules out: an interval whose upper end is +5 points excludes a gain of 10); returns with a
+paired t-test and a percentile-bootstrap 95% CI of the mean difference. Across seeds, a t interval of the mean.
+scipy provides the distributions.
 """
 
 from __future__ import annotations
@@ -56,6 +58,41 @@ def bootstrap_ci(diffs: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
     return means[int(tail * resamples)], means[min(resamples - 1, int((1 - tail) * resamples))]
 
 
+def wilson_ci(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score interval (LEVEL) of a binomial proportion."""
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - (1 - LEVEL) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def success_diff(both: int, only_a: int, only_b: int, tasks: int) -> tuple[float, tuple[float, float] | None]:
+    """The success-rate difference a - b over `tasks` paired tasks and its LEVEL interval: Newcombe's hybrid
+    score interval for paired proportions (Stat Med 1998;17:2635, method 10), Wilson intervals of both rates
+    combined through the correlation of the paired outcomes. Unlike a bootstrap over tasks it stays wide when few
+    tasks are discordant (0 against 1 of 50 does not rule out a gain)."""
+    neither = tasks - both - only_a - only_b
+    if min(both, only_a, only_b, neither) < 0:
+        raise ValueError(f"won by both ({both}), by a only ({only_a}), by b only ({only_b}) must fit in {tasks} tasks")
+    if tasks == 0:
+        return 0.0, None
+    p1, p2 = (both + only_a) / tasks, (both + only_b) / tasks
+    (l1, u1), (l2, u2) = wilson_ci(both + only_a, tasks), wilson_ci(both + only_b, tasks)
+    # The correlation of the paired outcomes, a positive one shrunk by a continuity correction of tasks / 2
+    # (Newcombe's phi-hat; Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables, 2017, sec. 8.5).
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    cross = cross - tasks / 2 if cross > tasks / 2 else min(cross, 0)
+    phi = cross / math.sqrt(margins) if margins else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return diff, (max(-1.0, diff - below), min(1.0, diff + above))
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float | None, float | None]:
     """Mean and its t interval (LEVEL); no interval from a single value."""
     from scipy.stats import t as student
@@ -87,6 +124,8 @@ class Paired:
     only_b: int
     both: int
     p_success: float  # exact McNemar
+    success_diff: float  # success rate of a - b
+    success_ci: tuple[float, float] | None
     return_diff: float  # mean of a - b
     return_ci: tuple[float, float] | None
     p_return: float | None  # paired t
@@ -99,6 +138,8 @@ def compare(a: Mapping[str, tuple[bool, float]], b: Mapping[str, tuple[bool, flo
         return None
     only_a = sum(a[t][0] and not b[t][0] for t in common)
     only_b = sum(b[t][0] and not a[t][0] for t in common)
+    both = sum(a[t][0] and b[t][0] for t in common)
     diffs = [a[t][1] - b[t][1] for t in common]
-    return Paired(len(common), only_a, only_b, sum(a[t][0] and b[t][0] for t in common),
-                  mcnemar_exact(only_a, only_b), sum(diffs) / len(diffs), bootstrap_ci(diffs), paired_t_p(diffs))
+    return Paired(len(common), only_a, only_b, both,
+                  mcnemar_exact(only_a, only_b), *success_diff(both, only_a, only_b, len(common)),
+                  sum(diffs) / len(diffs), bootstrap_ci(diffs), paired_t_p(diffs))

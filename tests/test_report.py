@@ -12,6 +12,7 @@ import yaml
 from agents.trajectory import ACTOR, REFLECTOR, Episode, Generation, Step, Trial
 from cluster import cli
 from cluster.evaluation import evaluate, padded_returns, summarise
+from cluster.stats import success_diff
 
 K = 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -252,8 +253,12 @@ def test_game_by_game_against_the_first_run(tmp_path, capsys):
         "SFT ReAct", "1", "1", "0", "4")
     # IR differences -1, +1, 0, 0: mean 0, t = 0; McNemar on 1 vs 1 discordant tasks: 2 * 3/4, capped at 1
     assert (react["McNemar p"], react["return diff"], react["paired t p"]) == ("1.000", "+0.0", "1.000")
-    low, high = (float(x) for x in react["95% CI"].strip("[]").split(","))
+    low, high = (float(x) for x in react["return 95% CI"].strip("[]").split(","))
     assert -100 <= low < 0 < high <= 100
+    # success: one task each way of 4 (none won by both), difference 0, Newcombe's paired interval
+    assert react["success diff"] == "+0.0"
+    low, high = success_diff(0, 1, 1, 4)[1]
+    assert react["success 95% CI"] == f"[{100 * low:+.1f}, {100 * high:+.1f}]" and low < 0 < high
     # three trials: A won t1, t3; B won t2, t3, t4
     full = rows["ETO + reflection"]
     assert (full["baseline"], full["only run"], full["only baseline"], full["both"]) == ("SFT + reflection", "2", "1", "1")
@@ -279,7 +284,11 @@ def test_rows_stored_before_per_task_outcomes_get_counts_and_mcnemar(tmp_path, c
     react = {r["method"]: r for r in _table(capsys.readouterr().out, 1)}["ETO ReAct"]
     # 5 tasks won only by the run, none only by the baseline: p = 2 * 0.5 ** 5
     assert (react["only run"], react["only baseline"], react["both"], react["McNemar p"]) == ("5", "0", "0", "0.062")
-    assert (react["return diff"], react["95% CI"], react["paired t p"]) == ("-", "-", "-")
+    assert (react["return diff"], react["return 95% CI"], react["paired t p"]) == ("-", "-", "-")
+    # the success difference needs only the counts: 5 of 6 tasks won by the run alone
+    assert react["success diff"] == "+83.3"
+    low, high = success_diff(0, 5, 0, 6)[1]
+    assert react["success 95% CI"] == f"[{100 * low:+.1f}, {100 * high:+.1f}]" and 0 < low < high < 1
 
 
 def test_one_trial_rows_pair_with_the_baselines_row_of_the_same_kind(tmp_path, capsys):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from cluster.stats import bootstrap_ci, compare, mcnemar_exact, mean_ci, paired_t_p
+from cluster.stats import bootstrap_ci, compare, mcnemar_exact, mean_ci, paired_t_p, success_diff
 
 
 def test_exact_mcnemar():
@@ -46,7 +47,41 @@ def test_compare_pairs_only_common_tasks():
     c = compare(a, b)
     assert (c.tasks, c.only_a, c.only_b, c.both) == (3, 1, 0, 1)
     assert c.p_success == 1.0 and c.return_diff == pytest.approx(1 / 3)
+    assert c.success_diff == pytest.approx(1 / 3) and c.success_ci == success_diff(1, 1, 0, 3)[1]
     assert compare({"x": (True, 1.0)}, b) is None
+
+
+def test_success_difference_interval_matches_the_published_example():
+    """Newcombe's paired interval on the worked example of Fagerland, Lydersen & Laake (2017), chapter 8 (59 tasks
+    won by both, 6 by the first only, 16 by the second only, 80 by neither): -0.0621, 95% CI -0.1186 to -0.0046."""
+    diff, (low, high) = success_diff(59, 6, 16, 161)
+    assert (round(diff, 4), round(low, 4), round(high, 4)) == (-0.0621, -0.1186, -0.0046)
+    # a swap of the two policies mirrors the interval
+    assert success_diff(59, 16, 6, 161)[1] == pytest.approx((-high, -low))
+
+
+def test_success_difference_interval_stays_wide_with_few_discordant_tasks():
+    """0 against 1 of 50 tasks does not rule out a gain (a bootstrap over tasks would say [-6, 0]); identical
+    outcomes give an interval around 0; counts that do not fit the tasks are refused."""
+    diff, (low, high) = success_diff(17, 0, 1, 50)
+    assert diff == pytest.approx(-0.02) and low < -0.06 and high > 0.03
+    assert success_diff(18, 0, 0, 50)[1][0] == pytest.approx(-success_diff(18, 0, 0, 50)[1][1])
+    assert success_diff(0, 0, 0, 0) == (0.0, None)
+    with pytest.raises(ValueError, match="must fit in 5 tasks"):
+        success_diff(0, 4, 2, 5)
+
+
+def test_success_difference_interval_covers_the_true_difference():
+    """Coverage: paired outcomes drawn with a known difference (-5 points) on 50 tasks; the 95% interval holds it
+    in about 95% of 2000 draws (Newcombe's method errs on the conservative side)."""
+    rng = random.Random(0)
+    cells = [0.3, 0.05, 0.1, 0.55]  # both, first only, second only, neither
+    covered = 0
+    for _ in range(2000):
+        draw = rng.choices(range(4), weights=cells, k=50)
+        _, (low, high) = success_diff(draw.count(0), draw.count(1), draw.count(2), 50)
+        covered += low <= -0.05 <= high
+    assert 0.93 <= covered / 2000 <= 0.99
 
 
 def test_tasks_needed_for_a_five_point_gain():
