@@ -149,6 +149,7 @@ def markdown(runs: Sequence[RunData], skipped: list[str], png_name: str | None, 
         lines.append("")
     lines += by_kind(runs)
     lines += paired(runs)
+    lines += reflection_gain(runs)
     no_rounds = [name for run, name in zip(runs, _names(runs)) if not run.rounds]
     if no_rounds:
         lines += ["No training rounds in metrics.jsonl: " + ", ".join(f"`{n}`" for n in no_rounds), ""]
@@ -263,6 +264,45 @@ def paired(runs: Sequence[RunData]) -> list[str]:
               "| split | run | method | baseline | tasks | only run | only baseline | both | McNemar p | "
               "success diff | success 95% CI | return diff | return 95% CI | paired t p |", "|" + "---|" * 14]
     return header + lines + ["", *across_seeds(runs)]
+
+
+def reflection_gain(runs: Sequence[RunData]) -> list[str]:
+    """Within each run, its K-trial row (the agent with its reflector) against its own first trial (the ReAct row,
+    the same episodes' trial 1): what the later trials added, paired task by task. Success by trial K includes
+    trial 1, so no task is won only at trial 1 and McNemar is the sign test of the tasks won after a reflection."""
+    from cluster.stats import compare, mcnemar_exact, success_diff
+
+    lines = []
+    for run, name in zip(runs, _names(runs)):
+        first = {r.get("split"): r for r in run.rows if r.get("trials") == 1 and _kind(r.get("method")) == "ReAct"}
+        for row in run.rows:
+            trials, ref = row.get("trials"), first.get(row.get("split"))
+            if not isinstance(trials, int) or trials < 2 or ref is None:
+                continue
+            lead = f"| {row.get('split')} | `{name}` | {row.get('method')} | {trials} |"
+            mine, theirs = _outcomes(row), _outcomes(ref)
+            if mine is not None and theirs is not None:
+                c = compare(mine, theirs)
+                if c is None:
+                    continue
+                lines.append(f"{lead} {c.tasks} | {c.only_a} | {_p(c.p_success)} | {_pct(c.success_diff, True)} | "
+                             f"{_ci(c.success_ci)} | {_pct(c.return_diff, True)} | {_ci(c.return_ci)} | "
+                             f"{_p(c.p_return)} |")
+            elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
+                later, at_first = set(row["solved"]), set(ref["solved"])  # rows stored before per-task outcomes
+                gained = len(later - at_first)
+                diff, ci = success_diff(len(later & at_first), gained, len(at_first - later), row.get("episodes"))
+                lines.append(f"{lead} {row.get('episodes')} | {gained} | "
+                             f"{_p(mcnemar_exact(gained, len(at_first - later)))} | {_pct(diff, True)} | {_ci(ci)} | "
+                             "- | - | - |")
+    if not lines:
+        return []
+    return [("Reflection within each run: the K-trial row against the same episodes' first trial (the run's "
+             "ReAct row), task by task: tasks won only after trial 1, McNemar p (a sign test here), the success "
+             "difference x100 with Newcombe's paired 95% CI, FR - IR x100 with its bootstrap 95% CI and a paired "
+             "t-test p."), "",
+            "| split | run | method | trials | tasks | won after trial 1 | McNemar p | success diff | "
+            "success 95% CI | FR - IR | return 95% CI | paired t p |", "|" + "---|" * 12, *lines, ""]
 
 
 def across_seeds(runs: Sequence[RunData]) -> list[str]:

@@ -370,3 +370,24 @@ def test_across_seeds_mean_and_t_interval(tmp_path, capsys):
     assert full.low == pytest.approx([0.5 - half / 100] * 3) and full.high == pytest.approx([0.5 + half / 100] * 3)
     (one,) = [s for s in trial_series([load_run(paths[1])])[0] if "reflection" in s.label]
     assert one.label.endswith("1 run") and (one.low[0], one.high[0]) == bootstrap_ci([1.0, 1.0, 0.0, 0.0])
+
+
+def test_reflection_gain_within_one_run(tmp_path, capsys):
+    """A 3-trial run against its own first trial: t1 won at trial 1, t2 at trial 3, t3 at trial 2, t4 never.
+    Two tasks won only after a reflection and none the other way: McNemar (a sign test) p = 2 * 0.5 ** 2 = 0.5;
+    FR - IR per task 0, 1, 1, 0: mean 0.5, paired t = 0.5 / (sqrt(1/3) / 2) on 3 df."""
+    episodes = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5), (0.0, 5), (1.0, 2)]),
+                _episode("t3", "seen", [(0.0, 5), (1.0, 2)]), _episode("t4", "seen", [(0.0, 5)] * 3)]
+    run = tmp_path / "retroact-1"
+    _write_run(run, "retroact", 0, episodes, "RetroAct", [])
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    tables = sum(line.startswith("|---") for line in md.splitlines())
+    (table,) = [i for i in range(tables) if "won after trial 1" in _table(md, i)[0]]
+    (row,) = _table(md, table)
+    assert (row["method"], row["trials"], row["tasks"], row["won after trial 1"]) == ("RetroAct + reflection", "3", "4", "2")
+    t = 0.5 / (math.sqrt(1 / 3) / 2)
+    p = 2 * (1 - (0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi))
+    assert (row["McNemar p"], row["success diff"], row["FR - IR"], row["paired t p"]) == ("0.500", "+50.0", "+50.0", f"{p:.3f}")
+    low, high = success_diff(1, 2, 0, 4)[1]
+    assert row["success 95% CI"] == f"[{100 * low:+.1f}, {100 * high:+.1f}]"
