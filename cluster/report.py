@@ -212,8 +212,10 @@ def _p(value: float | None) -> str:
 
 
 def _kind(label: Any) -> str:
-    """What an eval row is, without the policy's name: "SFT ReAct" -> "ReAct", "sft + reflection" -> "+ reflection"."""
-    return str(label).split(" ", 1)[-1]
+    """What an eval row is, without the policy's name: "SFT ReAct" -> "ReAct", "Reflexion (sft actor) + reflection"
+    -> "+ reflection" (the two suffixes cluster/evaluation.py gives its rows)."""
+    text = str(label)
+    return next((kind for kind in ("ReAct", "+ reflection") if text.endswith(kind)), text.split(" ", 1)[-1])
 
 
 def paired(runs: Sequence[RunData]) -> list[str]:

@@ -379,13 +379,13 @@ def test_reflection_gain_within_one_run(tmp_path, capsys):
     episodes = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5), (0.0, 5), (1.0, 2)]),
                 _episode("t3", "seen", [(0.0, 5), (1.0, 2)]), _episode("t4", "seen", [(0.0, 5)] * 3)]
     run = tmp_path / "retroact-1"
-    _write_run(run, "retroact", 0, episodes, "RetroAct", [])
+    _write_run(run, "retroact", 0, episodes, "Reflexion (sft actor)", [])  # a label of several words
     assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
     md = capsys.readouterr().out
     tables = sum(line.startswith("|---") for line in md.splitlines())
     (table,) = [i for i in range(tables) if "won after trial 1" in _table(md, i)[0]]
     (row,) = _table(md, table)
-    assert (row["method"], row["trials"], row["tasks"], row["won after trial 1"]) == ("RetroAct + reflection", "3", "4", "2")
+    assert (row["method"], row["trials"], row["tasks"], row["won after trial 1"]) == ("Reflexion (sft actor) + reflection", "3", "4", "2")
     t = 0.5 / (math.sqrt(1 / 3) / 2)
     p = 2 * (1 - (0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi))
     assert (row["McNemar p"], row["success diff"], row["FR - IR"], row["paired t p"]) == ("0.500", "+50.0", "+50.0", f"{p:.3f}")
