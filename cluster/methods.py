@@ -86,7 +86,7 @@ def eto(session: Session) -> Rows:
             say(f"[eto {i + 1}] no pairs (every explored trajectory tied its expert); nothing to train")
             continue
         session.train(f"dpo-{i + 1}", "train_dpo", pairs, beta=_per_iteration(e.beta, i),
-                      epochs=e.epochs, lr=_per_iteration(e.lr, i),
+                      epochs=e.epochs, lr=_per_iteration(e.lr, i), nll_coef=e.nll_coef,
                       max_tokens_per_batch=cfg.learner.max_tokens_per_batch)
         session.checkpoint(f"eto-{i + 1}")
     return rows + session.evaluate("ETO")

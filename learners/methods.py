@@ -91,9 +91,12 @@ class MethodLearner(Learner):
         epochs: int,
         lr: float | None = None,
         max_tokens_per_batch: int,
+        nll_coef: float = 0.0,
     ) -> dict[str, float]:
         """DPO over whole trajectories; the reference is this policy as the call starts (ETO: pi_ref := pi_theta
-        at the start of each iteration), scored once up front. Pairs with a sample over the length cap are dropped."""
+        at the start of each iteration), scored once up front. Pairs with a sample over the length cap are dropped.
+        `nll_coef` > 0 adds that times the mean token NLL of the chosen trajectories (RPO; TRL's loss_type
+        ["sigmoid", "sft"], trl/trainer/dpo_trainer.py:1495 in 1.16): an anchor on what the winners do."""
         flat = [s for pair in pairs for s in pair]
         kept, counts = self.prepare(flat)
         keep = {id(s) for s in kept}
@@ -108,13 +111,19 @@ class MethodLearner(Learner):
             ref = masked_sum(batch.ref_logprobs[:, 1:], mask)
             k = policy.shape[0] // 2  # rows: chosen first, then rejected (make_pair_batches)
             loss, chosen, rejected = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta)
-            return loss, k, {"reward_accuracy": float((chosen > rejected).float().mean()),
-                             "reward_margin": float((chosen - rejected).mean())}
+            stats = {"reward_accuracy": float((chosen > rejected).float().mean()),
+                     "reward_margin": float((chosen - rejected).mean())}
+            if nll_coef:
+                nll = -policy[:k].sum() / mask[:k].sum().clamp(min=1)
+                loss = loss + nll_coef * nll
+                stats["nll_chosen"] = float(nll.detach())
+            return loss, k, stats
 
         objective = _named("dpo", dpo)
         plan = [[[(b, objective)] for b in make_pair_batches(pairs, max_tokens_per_batch, self.pad_id, self._rng)]
                 for _ in range(epochs)]
-        return {**merge_epochs(self.fit_epochs(plan)), **counts, "pairs": len(pairs), "beta": beta}
+        return {**merge_epochs(self.fit_epochs(plan)), **counts, "pairs": len(pairs), "beta": beta,
+                "nll_coef": nll_coef}
 
     # ------------------------------------------------------------------ Retroformer
     @tracked("reflector-pg")

@@ -58,6 +58,27 @@ def test_dpo_raises_chosen_over_rejected_against_the_start(tiny_path, tmp_path):
     assert all(torch.equal(reflector[k], v) for k, v in learner.adapter_tensors(REFLECTOR).items())
 
 
+def test_dpo_nll_term_keeps_the_chosen_trajectories_likely(tiny_path, tmp_path):
+    """RPO (eto.nll_coef): the same pairs, steps and seed with and without the chosen trajectories' NLL; with it
+    the chosen ones end up likelier than pure DPO leaves them, and the step reports that NLL."""
+    rng = random.Random(1)
+    pairs = []
+    for i in range(4):
+        prompt = [rng.randint(100, 4000) for _ in range(10 + i)]
+        pairs.append((sample(ACTOR, prompt, [rng.randint(100, 4000) for _ in range(6)]),
+                      sample(ACTOR, prompt, [rng.randint(100, 4000) for _ in range(7)])))
+    chosen = [c for c, _ in pairs]
+    after, metrics = [], []
+    for coef, folder in ((0.0, tmp_path / "dpo"), (1.0, tmp_path / "rpo")):
+        learner = make(tiny_path, folder)
+        metrics.append(learner.train_dpo(pairs, beta=0.5, epochs=3, lr=5e-3, max_tokens_per_batch=64,
+                                         nll_coef=coef))
+        after.append(seqlp(learner, chosen))
+    assert sum(after[1]) > sum(after[0])
+    assert "nll_chosen/actor" not in metrics[0] and metrics[1]["nll_chosen/actor"] > 0
+    assert (metrics[0]["nll_coef"], metrics[1]["nll_coef"]) == (0.0, 1.0)
+
+
 def test_retroact_raises_rewarded_actions_and_keeps_il_term(tiny_path, tmp_path):
     learner = make(tiny_path, tmp_path)
     prompt = list(range(200, 212))
