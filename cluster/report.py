@@ -17,11 +17,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from cluster.run_dir import read_metrics
+
+if TYPE_CHECKING:  # the type only: the functions import cluster.stats where they use it, as before
+    from cluster.stats import Paired
 
 RATES = ("IR", "FR", "AR", "success")  # shown x100
 COLUMNS = ("split", "run", "config method", "seed", "method", "episodes", "trials", "IR", "FR", "AR", "success",
@@ -218,13 +221,31 @@ def _kind(label: Any) -> str:
     return next((kind for kind in ("ReAct", "+ reflection") if text.endswith(kind)), text.split(" ", 1)[-1])
 
 
+def _pair_rows(row: dict[str, Any], ref: dict[str, Any]) -> Paired | None:
+    """`row` against `ref` task by task: from per-task outcomes, or from the solved lists of rows stored before
+    them (success only: McNemar and the success difference need no more); None when neither pair has them."""
+    from cluster.stats import compare, from_counts
+
+    mine, theirs = _outcomes(row), _outcomes(ref)
+    if mine is not None and theirs is not None:
+        return compare(mine, theirs)
+    if isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
+        won, ref_won = set(row["solved"]), set(ref["solved"])
+        return from_counts(len(won & ref_won), len(won - ref_won), len(ref_won - won), row.get("episodes"))
+    return None
+
+
+def _success_and_return(c: Paired) -> str:
+    """The success difference with its CI, then the return difference with its CI and p ("-" without returns)."""
+    return (f"{_pct(c.success_diff, True)} | {_ci(c.success_ci)} | {_pct(c.return_diff, True)} | "
+            f"{_ci(c.return_ci)} | {_p(c.p_return)}")
+
+
 def paired(runs: Sequence[RunData]) -> list[str]:
     """Every later run against the first (the baseline), row by row where split and number of trials match.
     Rows with per-task `outcomes` get paired statistics on the tasks both evaluated (cluster/stats.py): exact
     McNemar on success, the mean return difference (FR for K-trial rows, IR for one-trial rows) with a bootstrap
     95% CI and a paired t-test; older rows with only `solved` get the game counts and McNemar (it needs no more)."""
-    from cluster.stats import compare, mcnemar_exact, success_diff
-
     if len(runs) < 2:
         return []
     names = _names(runs)
@@ -241,21 +262,11 @@ def paired(runs: Sequence[RunData]) -> list[str]:
                    or base_any.get(key))
             if ref is None:
                 continue
-            mine, theirs = _outcomes(row), _outcomes(ref)
-            lead = f"| {row.get('split')} | `{name}` | {row.get('method')} | {ref.get('method')} |"
-            if mine is not None and theirs is not None:
-                c = compare(mine, theirs)
-                if c is None:
-                    continue
-                lines.append(f"{lead} {c.tasks} | {c.only_a} | {c.only_b} | {c.both} | {_p(c.p_success)} | "
-                             f"{_pct(c.success_diff, True)} | {_ci(c.success_ci)} | "
-                             f"{_pct(c.return_diff, True)} | {_ci(c.return_ci)} | {_p(c.p_return)} |")
-            elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
-                won, ref_won = set(row["solved"]), set(ref["solved"])
-                only, only_ref = len(won - ref_won), len(ref_won - won)
-                diff, ci = success_diff(len(won & ref_won), only, only_ref, row.get("episodes"))
-                lines.append(f"{lead} {row.get('episodes')} | {only} | {only_ref} | {len(won & ref_won)} | "
-                             f"{_p(mcnemar_exact(only, only_ref))} | {_pct(diff, True)} | {_ci(ci)} | - | - | - |")
+            c = _pair_rows(row, ref)
+            if c is None:
+                continue
+            lines.append(f"| {row.get('split')} | `{name}` | {row.get('method')} | {ref.get('method')} | {c.tasks} | "
+                         f"{c.only_a} | {c.only_b} | {c.both} | {_p(c.p_success)} | {_success_and_return(c)} |")
     if not lines:
         return []
     header = [(f"Paired, task by task, against `{names[0]}` (same split and number of trials): tasks won only by "
@@ -272,8 +283,6 @@ def reflection_gain(runs: Sequence[RunData]) -> list[str]:
     """Within each run, its K-trial row (the agent with its reflector) against its own first trial (the ReAct row,
     the same episodes' trial 1): what the later trials added, paired task by task. Success by trial K includes
     trial 1, so no task is won only at trial 1 and McNemar is the sign test of the tasks won after a reflection."""
-    from cluster.stats import compare, mcnemar_exact, success_diff
-
     lines = []
     for run, name in zip(runs, _names(runs)):
         first = {r.get("split"): r for r in run.rows if r.get("trials") == 1 and _kind(r.get("method")) == "ReAct"}
@@ -281,22 +290,11 @@ def reflection_gain(runs: Sequence[RunData]) -> list[str]:
             trials, ref = row.get("trials"), first.get(row.get("split"))
             if not isinstance(trials, int) or trials < 2 or ref is None:
                 continue
-            lead = f"| {row.get('split')} | `{name}` | {row.get('method')} | {trials} |"
-            mine, theirs = _outcomes(row), _outcomes(ref)
-            if mine is not None and theirs is not None:
-                c = compare(mine, theirs)
-                if c is None:
-                    continue
-                lines.append(f"{lead} {c.tasks} | {c.only_a} | {_p(c.p_success)} | {_pct(c.success_diff, True)} | "
-                             f"{_ci(c.success_ci)} | {_pct(c.return_diff, True)} | {_ci(c.return_ci)} | "
-                             f"{_p(c.p_return)} |")
-            elif isinstance(row.get("solved"), list) and isinstance(ref.get("solved"), list):
-                later, at_first = set(row["solved"]), set(ref["solved"])  # rows stored before per-task outcomes
-                gained = len(later - at_first)
-                diff, ci = success_diff(len(later & at_first), gained, len(at_first - later), row.get("episodes"))
-                lines.append(f"{lead} {row.get('episodes')} | {gained} | "
-                             f"{_p(mcnemar_exact(gained, len(at_first - later)))} | {_pct(diff, True)} | {_ci(ci)} | "
-                             "- | - | - |")
+            c = _pair_rows(row, ref)
+            if c is None:
+                continue
+            lines.append(f"| {row.get('split')} | `{name}` | {row.get('method')} | {trials} | {c.tasks} | "
+                         f"{c.only_a} | {_p(c.p_success)} | {_success_and_return(c)} |")
     if not lines:
         return []
     return [("Reflection within each run: the K-trial row against the same episodes' first trial (the run's "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 LEVEL = 0.95  # every interval here
 BOOTSTRAP_RESAMPLES = 10_000
@@ -126,9 +126,14 @@ class Paired:
     p_success: float  # exact McNemar
     success_diff: float  # success rate of a - b
     success_ci: tuple[float, float] | None
-    return_diff: float  # mean of a - b
-    return_ci: tuple[float, float] | None
-    p_return: float | None  # paired t
+    return_diff: float | None = None  # mean of a - b; None: compared on success alone
+    return_ci: tuple[float, float] | None = None
+    p_return: float | None = None  # paired t
+
+
+def from_counts(both: int, only_a: int, only_b: int, tasks: int) -> Paired:
+    """The success side of a comparison, which the counts of tasks won by both and by each alone determine."""
+    return Paired(tasks, only_a, only_b, both, mcnemar_exact(only_a, only_b), *success_diff(both, only_a, only_b, tasks))
 
 
 def compare(a: Mapping[str, tuple[bool, float]], b: Mapping[str, tuple[bool, float]]) -> Paired | None:
@@ -140,6 +145,5 @@ def compare(a: Mapping[str, tuple[bool, float]], b: Mapping[str, tuple[bool, flo
     only_b = sum(b[t][0] and not a[t][0] for t in common)
     both = sum(a[t][0] and b[t][0] for t in common)
     diffs = [a[t][1] - b[t][1] for t in common]
-    return Paired(len(common), only_a, only_b, both,
-                  mcnemar_exact(only_a, only_b), *success_diff(both, only_a, only_b, len(common)),
-                  sum(diffs) / len(diffs), bootstrap_ci(diffs), paired_t_p(diffs))
+    return replace(from_counts(both, only_a, only_b, len(common)), return_diff=sum(diffs) / len(diffs),
+                   return_ci=bootstrap_ci(diffs), p_return=paired_t_p(diffs))
