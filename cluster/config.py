@@ -190,6 +190,9 @@ class EtoCfg(_Strict):
     # SFT by one game in every column (tied on the 8 unseen games). Hence one gentle iteration by default.
     iterations: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0.0)  # exploration sampling (paper: greedy)
+    # Explorations per training task and iteration (paper: 1). More than 1 needs temperature > 0 (greedy ones are
+    # alike); each failed one is paired with the task's expert, so tasks the policy wins greedily can give pairs.
+    samples: int = Field(1, ge=1)
     beta: list[float] = Field(default_factory=lambda: [0.1, 0.5])  # per iteration; the last repeats
     lr: list[float] = Field(default_factory=lambda: [1e-5, 5e-6])  # per iteration; the last repeats
     epochs: int = Field(1, ge=1)
@@ -207,6 +210,10 @@ class EtoCfg(_Strict):
     def _check(self) -> "EtoCfg":
         if not self.beta or not self.lr or min(self.beta) <= 0 or min(self.lr) <= 0:
             raise ValueError("eto.beta and eto.lr need at least one positive value each")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"eto.samples={self.samples} explores each task {self.samples} times, but greedy "
+                             "exploration (eto.temperature=0) plays them alike: set eto.temperature > 0 (e.g. "
+                             "1.0), or eto.samples=1")
         return self
 
 

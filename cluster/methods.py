@@ -19,6 +19,7 @@ from cluster.config import Config
 from cluster.evaluation import markdown_table
 from cluster.pipeline import Prepared, Session, derive_seed
 from cluster.producer import Round, RolloutProducer
+from cluster.replay import explored_tasks
 from cluster.console import closing_lines, transcript
 from cluster.progress import duration, say
 from cluster.run_dir import RunDir
@@ -65,11 +66,11 @@ def sft(session: Session) -> Rows:
 
 
 def eto(session: Session) -> Rows:
-    """SFT, then N x [explore once per training task, (win, lose) pairs against the expert, DPO]."""
+    """SFT, then N x [explore each training task (eto.samples times), (win, lose) pairs against the expert, DPO]."""
     cfg, e = session.cfg, session.cfg.eto
     demos, rows = _start(session)
     experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
-    tasks = session.explore_tasks()
+    tasks = explored_tasks(cfg, session.explore_tasks())
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))
         phase = f"explore-{i + 1}"

@@ -28,7 +28,7 @@ from cluster.checks import (chat_formatter, check_checkpoint, check_samples_fit,
 from cluster.config import AgentCfg, Config, ConfigError
 from cluster.evaluation import eval_phase, evaluate
 from cluster.progress import Progress, TrainingProgress, say
-from cluster.replay import replayed_round
+from cluster.replay import explored_tasks, replayed_round
 from cluster.run_dir import RunDir
 from cluster.resume import Resume
 from cluster.runtime import PROGRESS_GROUP, check_address, check_backend, check_resources, init_ray, start_actors
@@ -132,7 +132,7 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
     resume = Resume.of(run) if run is not None else None
     replayed = None
     if cfg.replay is not None and not (resume and resume.episodes.get("explore-1")):
-        replayed = replayed_round(cfg, train_tasks(cfg, env)[1], "explore-1")
+        replayed = replayed_round(cfg, explored_tasks(cfg, train_tasks(cfg, env)[1]), "explore-1")
     check_backend(cfg)
     init_ray(cfg)
     check_resources(cfg, with_learner)

@@ -1,12 +1,13 @@
 """`retroact.replay` / `eto.replay`: a method's first exploration round is another run's stored one.
 
 RetroAct's loss is off-policy (every generated token keeps the log-prob of the policy that sampled it), so one
-replay buffer can train several RL settings; ETO explores greedily, so runs from one start explore alike and
-differ only in DPO. The replayed run must be of the same method and have started from the same checkpoint, model,
+replay buffer can train several RL settings; ETO explores greedily by default, so runs from one start explore alike
+and differ only in DPO (with eto.samples > 1 at a temperature, runs share one sampled exploration). The replayed run must be of the same method and have started from the same checkpoint, model,
 environment and exploration settings, or its round would not be this run's first round."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from agents.trajectory import Episode
@@ -18,8 +19,14 @@ def _resolved(path: str | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
+def explored_tasks(cfg: Config, tasks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What one exploration round plays, in order: each task once, ETO's `eto.samples` times."""
+    return [task for task in tasks for _ in range(cfg.eto.samples if cfg.method == "eto" else 1)]
+
+
 def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> list[Episode]:
-    """The episodes of `phase` that cfg.replay stored, one per task of `tasks` in that order."""
+    """The episodes of `phase` that cfg.replay stored, one per entry of `tasks` in that order (a task listed n
+    times takes n of its stored episodes)."""
     key, source = f"{cfg.method}.replay", Path(cfg.replay or "")
     if not (source / "config.yaml").is_file() or not (source / "trajectories").is_dir():
         raise ConfigError(f"{key} {str(source)!r} is not a run directory (no config.yaml / trajectories/): give "
@@ -27,7 +34,8 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
     theirs = load_config(source / "config.yaml")
     # How the round was played: RetroAct's trials per task, ETO's exploration temperature.
     played = ({"retroact.trials": (theirs.retroact.trials, cfg.retroact.trials)} if cfg.method == "retroact"
-              else {"eto.temperature": (theirs.eto.temperature, cfg.eto.temperature)})
+              else {"eto.temperature": (theirs.eto.temperature, cfg.eto.temperature),
+                    "eto.samples": (theirs.eto.samples, cfg.eto.samples)})
     same = {
         "method": (theirs.method, cfg.method),
         "model.path": (theirs.model.path, cfg.model.path),
@@ -45,10 +53,13 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
     if differ:
         raise ConfigError(f"{key} {source}: its {', '.join(differ)} differ from this run's, so its {phase} is "
                           f"not this run's first round; replay a {cfg.method} run started with the same ones")
-    stored = {(e.task_id, e.split): e for e in TrajectoryStore(source / "trajectories").episodes(phase)}
-    missing = [task for task in tasks if task not in stored]
+    stored: dict[tuple[str, str], list[Episode]] = {}
+    for e in TrajectoryStore(source / "trajectories").episodes(phase):
+        stored.setdefault((e.task_id, e.split), []).append(e)
+    wanted = Counter(tasks)
+    missing = [task for task, n in wanted.items() if len(stored.get(task, [])) < n]
     if missing:
-        raise ConfigError(f"{key} {source} holds no {phase} episode for {len(missing)} of the "
-                          f"{len(tasks)} training tasks (first: {missing[0][0]}); replay a run whose first round "
+        raise ConfigError(f"{key} {source} holds too few {phase} episodes for {len(missing)} of the "
+                          f"{len(wanted)} training tasks (first: {missing[0][0]}); replay a run whose first round "
                           "was played in full on the same training tasks (or finish it with --resume)")
-    return [stored[task] for task in tasks]
+    return [stored[task].pop(0) for task in tasks]

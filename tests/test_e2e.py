@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -144,16 +145,17 @@ def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
 
 @pytest.mark.slow
 def test_eto_from_sft_checkpoint_and_its_replay(sft_run, tmp_path):
-    """An ETO run, then one at another seed with eto.replay of it: the second pairs a copy of the first one's
-    exploration, plays none of its own, and still trains DPO. (Retroformer from a checkpoint, with updates,
-    reward model and best-of-n: tests/test_updates_e2e.py.)"""
+    """An ETO run exploring each task twice at T = 1 (eto.samples), then one at another seed with eto.replay of
+    it: the second pairs a copy of the first one's exploration, plays none of its own, and still trains DPO.
+    (Retroformer from a checkpoint, with updates, reward model and best-of-n: tests/test_updates_e2e.py.)"""
     sft, _ = sft_run
-    source = _check_method(sft, tmp_path / "source", "eto", [])
-    run = _check_method(sft, tmp_path / "replay", "eto", ["seed=1", f"eto.replay={source.path}"])
+    sampled = ["eto.samples=2", "eto.temperature=1.0"]
+    source = _check_method(sft, tmp_path / "source", "eto", sampled)
+    run = _check_method(sft, tmp_path / "replay", "eto", sampled + ["seed=1", f"eto.replay={source.path}"])
     assert [e.episode_id for e in _episodes(run, "explore-1")] == [e.episode_id for e in _episodes(source, "explore-1")]
     events = run.metrics()
     (replay,) = [e for e in events if e["event"] == "replay"]
-    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 2)
+    assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 4)
     assert [e["phase"] for e in events if e["event"] == "rollout"] == ["eval-eto"]
 
 
@@ -189,8 +191,10 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
     # The checkpoint's adapters are published as this run's v1 and served for the training rollouts.
     phase = "explore-1" if method != "retroformer" else "collect-1"
     explored = _episodes(run, phase)
-    demos_tasks = yaml.safe_load((run.path / "config.yaml").read_text())["demos"]["tasks"]
-    assert len(explored) == 2 - (demos_tasks or 0)
+    config = yaml.safe_load((run.path / "config.yaml").read_text())
+    samples = config["eto"]["samples"] if method == "eto" else 1
+    assert len(explored) == (2 - (config["demos"]["tasks"] or 0)) * samples
+    assert sorted(Counter(e.task_id for e in explored).values()) == [samples] * (len(explored) // samples)
     assert {s.generation.version for e in explored for t in e.trials for s in t.steps} == {1}
     # Same starting policy as the SFT run: the greedy first step of each eval task is what SFT's eval produced.
     eval_phase = f"eval-{label.lower()}"
@@ -198,10 +202,10 @@ def _check_method(sft: RunDir, tmp_path, method: str, extra: list[str]) -> RunDi
     after = {e.task_id: e.trials[0].steps[0].generation for e in _episodes(run, eval_phase)}
     trained = [e for e in events if e["event"] == "train"]
     if method == "eto":
-        # Every explored trajectory of the random model loses to its expert: DPO trains on both pairs,
+        # Every explored trajectory of the random model loses to its expert: DPO trains on every pair,
         # the new actor version reaches the engine, and its greedy output differs from SFT's.
         (round_,) = [e for e in events if e["event"] == "round"]
-        assert round_["pairs"] == 2 and trained[0]["phase"] == "dpo-1" and trained[0]["steps"] > 0
+        assert round_["pairs"] == len(explored) and trained[0]["phase"] == "dpo-1" and trained[0]["steps"] > 0
         versions = {s.generation.version for e in _episodes(run, eval_phase) for t in e.trials for s in t.steps}
         assert versions == {2}
         assert any(after[t].completion_ids != sft_first[t].completion_ids for t in after)

@@ -6,7 +6,7 @@ import pytest
 
 from agents.trajectory import Episode, Generation, Step, Trial, new_episode_id
 from cluster.config import ConfigError, load_config
-from cluster.replay import replayed_round
+from cluster.replay import explored_tasks, replayed_round
 from cluster.run_dir import RunDir
 
 
@@ -77,7 +77,7 @@ def test_eto_replay_takes_an_eto_runs_round_explored_alike(tmp_path, checkpoint)
 def test_replay_needs_every_task_and_a_run_directory(tmp_path, checkpoint):
     source = _source(tmp_path, checkpoint)
     cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={source.path}"])
-    with pytest.raises(ConfigError, match="no explore-1 episode for 1 of the 2 training tasks"):
+    with pytest.raises(ConfigError, match="too few explore-1 episodes for 1 of the 2 training tasks"):
         replayed_round(cfg, [("a", "train"), ("c", "train")], "explore-1")
     cfg = load_config(None, [f"init.checkpoint={checkpoint}", f"retroact.replay={tmp_path}"])
     with pytest.raises(ConfigError, match="not a run directory"):
@@ -102,3 +102,24 @@ def test_replay_config_errors_name_the_fix(tmp_path, checkpoint, override, messa
 def test_eto_replay_config_errors_name_the_fix(tmp_path, checkpoint, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"eto.replay={tmp_path}", *(o.format(checkpoint=checkpoint) for o in override)])
+
+
+def test_eto_samples_replay_takes_that_many_episodes_per_task(tmp_path, checkpoint):
+    """eto.samples > 1 explores each task that many times: a replay hands each listed entry its own stored episode
+    (none twice), and a run explored with another number of samples is not this run's round."""
+    source = _source(tmp_path, checkpoint, "method=eto", "eto.samples=2", "eto.temperature=1.0")
+    source.store.append([_episode("a"), _episode("b")], phase="explore-1")
+    cfg = load_config(None, [f"init.checkpoint={checkpoint}", "method=eto", f"eto.replay={source.path}",
+                             "eto.samples=2", "eto.temperature=1.0"])
+    tasks = explored_tasks(cfg, [("a", "train"), ("b", "train")])
+    assert tasks == [("a", "train"), ("a", "train"), ("b", "train"), ("b", "train")]
+    got = replayed_round(cfg, tasks, "explore-1")
+    assert [e.task_id for e in got] == ["a", "a", "b", "b"] and len({e.episode_id for e in got}) == 4
+    three = load_config(None, [f"init.checkpoint={checkpoint}", "method=eto", f"eto.replay={source.path}",
+                               "eto.samples=3", "eto.temperature=1.0"])
+    with pytest.raises(ConfigError, match="its eto.samples differ"):
+        replayed_round(three, explored_tasks(three, [("a", "train")]), "explore-1")
+    with pytest.raises(ConfigError, match="too few explore-1 episodes for 1 of the 2"):
+        replayed_round(cfg, explored_tasks(cfg, [("a", "train"), ("c", "train")]), "explore-1")
+    with pytest.raises(ConfigError, match=r"eto.temperature > 0"):
+        load_config(None, ["method=eto", "eto.samples=2"])
