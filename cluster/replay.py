@@ -1,17 +1,18 @@
 """`retroact.replay` / `eto.replay`: a method's first exploration round is another run's stored one.
 
 RetroAct's loss is off-policy (every generated token keeps the log-prob of the policy that sampled it), so one
-replay buffer can train several RL settings; ETO explores greedily by default, so runs from one start explore alike
-and differ only in DPO (with eto.samples > 1 at a temperature, runs share one sampled exploration). The replayed run must be of the same method and have started from the same checkpoint, model,
-environment and exploration settings, or its round would not be this run's first round."""
+replay buffer can train several RL settings; ETO explores greedily by default, so runs from one start explore
+alike and differ only in DPO (with eto.samples > 1 at a temperature, runs share one sampled exploration). The
+replayed run must be of the same method and have started from the same checkpoint, model, environment and
+exploration settings, or its round would not be this run's first round."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from agents.trajectory import Episode
 from cluster.config import Config, ConfigError, load_config
+from cluster.resume import match_stored
 from rollout.store import TrajectoryStore
 
 
@@ -53,13 +54,10 @@ def replayed_round(cfg: Config, tasks: list[tuple[str, str]], phase: str) -> lis
     if differ:
         raise ConfigError(f"{key} {source}: its {', '.join(differ)} differ from this run's, so its {phase} is "
                           f"not this run's first round; replay a {cfg.method} run started with the same ones")
-    stored: dict[tuple[str, str], list[Episode]] = {}
-    for e in TrajectoryStore(source / "trajectories").episodes(phase):
-        stored.setdefault((e.task_id, e.split), []).append(e)
-    wanted = Counter(tasks)
-    missing = [task for task, n in wanted.items() if len(stored.get(task, [])) < n]
-    if missing:
+    done, todo = match_stored(TrajectoryStore(source / "trajectories").episodes(phase), tasks)
+    if todo:
+        missing = list(dict.fromkeys(tasks[i] for i in todo))
         raise ConfigError(f"{key} {source} holds too few {phase} episodes for {len(missing)} of the "
-                          f"{len(wanted)} training tasks (first: {missing[0][0]}); replay a run whose first round "
-                          "was played in full on the same training tasks (or finish it with --resume)")
-    return [stored[task].pop(0) for task in tasks]
+                          f"{len(set(tasks))} training tasks (first: {missing[0][0]}); replay a run whose first "
+                          "round was played in full on the same training tasks (or finish it with --resume)")
+    return [done[i] for i in range(len(tasks))]

@@ -13,6 +13,7 @@ A new run gets an empty record, and every answer is "not done".
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,18 +37,8 @@ class Resume:
 
     def split(self, phase: str, tasks: list[tuple[str, str]]) -> tuple[dict[int, Episode], list[int]]:
         """Which of `tasks` (task_id, split) already have a stored episode of `phase` (index -> episode), and the
-        indices still to play. A task listed twice matches two stored episodes."""
-        pool: dict[tuple[str, str], list[Episode]] = defaultdict(list)
-        for e in self.episodes.get(phase, []):
-            pool[(e.task_id, e.split)].append(e)
-        done: dict[int, Episode] = {}
-        todo: list[int] = []
-        for i, key in enumerate(tasks):
-            if pool.get(key):
-                done[i] = pool[key].pop(0)
-            else:
-                todo.append(i)
-        return done, todo
+        indices still to play."""
+        return match_stored(self.episodes.get(phase, []), tasks)
 
     def logged(self, event: str, **match: Any) -> dict[str, Any] | None:
         """The last record of `event` whose fields equal `match`, if one was written before the restart."""
@@ -55,3 +46,19 @@ class Resume:
             if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
                 return record
         return None
+
+
+def match_stored(episodes: Iterable[Episode], tasks: list[tuple[str, str]]) -> tuple[dict[int, Episode], list[int]]:
+    """Stored episodes matched to `tasks` (task_id, split) in order: index -> episode, and the indices left without
+    one. A task listed n times takes n of its episodes, in store order; none is handed out twice."""
+    pool: dict[tuple[str, str], list[Episode]] = defaultdict(list)
+    for e in episodes:
+        pool[(e.task_id, e.split)].append(e)
+    done: dict[int, Episode] = {}
+    todo: list[int] = []
+    for i, key in enumerate(tasks):
+        if pool.get(key):
+            done[i] = pool[key].pop(0)
+        else:
+            todo.append(i)
+    return done, todo
