@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--untrained-reflector", action="store_true",
                           help="serve only the checkpoint's actor; the reflector is the base model (the Reflexion "
                                "baseline: the same actor with an untrained reflector)")
+    evaluate.add_argument("--resume", metavar="RUN_DIR",
+                          help="continue a stopped evaluation in RUN_DIR with its own config: stored episodes are "
+                               "reused, only the missing tasks are played")
     demos = sub.add_parser("demos", help="export expert trajectories of the training tasks to a run directory")
     common(demos)
     report = sub.add_parser("report", help="comparison table across run directories and a plot (report.md, report.png)")
@@ -83,26 +86,32 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.run_dir import RunDir
 
         resume = getattr(args, "resume", None)
+        untrained_reflector = getattr(args, "untrained_reflector", False)
         if resume:
-            cfg = resumable(resume, args)
+            cfg, untrained_reflector = resumable(resume, args)
         else:
             overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
             cfg = load_config(args.config, overrides)
             if args.command != "train" and cfg.name is None:  # runs named for what they did: textworld-eval-<stamp>
                 cfg = cfg.model_copy(update={"name": f"{cfg.env.name}-{args.command}"})
-        if getattr(args, "untrained_reflector", False) and cfg.init.checkpoint is None:
+        if untrained_reflector and cfg.init.checkpoint is None:
             raise ConfigError("--untrained-reflector evaluates a checkpoint's actor: add --set "
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
         resumed = RunDir(resume) if resume else None
         prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed)
-        run = resumed or RunDir.create(cfg)
+        if resumed is None:
+            run = RunDir.create(cfg)
+            # What the config does not hold, for --resume: which command made the run, with which flags.
+            run.log("command", command=args.command, untrained_reflector=untrained_reflector)
+        else:
+            run = resumed
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
             with transcript(run.path):
-                _evaluate(cfg, run, prepared, with_learner, args.untrained_reflector)
+                _evaluate(cfg, run, prepared, with_learner, untrained_reflector)
         elif args.command == "demos":
             with transcript(run.path):
                 session = Session(cfg, run, prepared, with_learner=False)
@@ -125,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # everything stored so far was written atomically: a resumed run keeps it
             run.log("interrupted")
             again = ""
-            if args.command == "train":
-                again = f"; continue it with: retrorl train --resume {shlex.quote(str(run.path))}"
+            if args.command in ("train", "eval"):
+                again = f"; continue it with: retrorl {args.command} --resume {shlex.quote(str(run.path))}"
             print(f"\nretrorl: interrupted; the run directory {run.path} keeps what was done{again}",
                   file=sys.stderr)
         return 130
@@ -161,25 +170,37 @@ def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool)
         session.close()
     run.write_json("eval/results.json", rows)
     print(run.write_text("eval/table.md", markdown_table(rows)).read_text())
+    run.log("done", command="eval")
     for line in closing_lines(run.path):
         print(line)
 
 
 def resumable(path: str, args: argparse.Namespace):
-    """The config of the stopped run in `path`; a run that cannot be continued is a ConfigError."""
+    """The config of the stopped run in `path` and whether it evaluates with an untrained reflector; a run that
+    cannot be continued by `args.command` is a ConfigError."""
     from cluster.run_dir import read_metrics
 
-    if args.config or args.overrides or args.method:
+    if args.config or args.overrides or getattr(args, "method", None) or getattr(args, "untrained_reflector", False):
+        flags = "--config, --set and --method" if args.command == "train" else "--config, --set and " \
+                                                                               "--untrained-reflector"
         raise ConfigError("--resume continues a run with the config it was started with (RUN_DIR/config.yaml): "
-                          "drop --config, --set and --method")
+                          f"drop {flags}")
     folder = Path(path)
     if not (folder / "config.yaml").is_file() or not (folder / "trajectories").is_dir():
         raise ConfigError(f"--resume {path}: not a run directory (no config.yaml / trajectories/); give the folder "
-                          "`retrorl train` printed as its run directory")
-    if any(r.get("event") == "done" for r in read_metrics(folder / "metrics.jsonl")):
+                          f"`retrorl {args.command}` printed as its run directory")
+    records = read_metrics(folder / "metrics.jsonl")
+    if any(r.get("event") == "done" for r in records):
         raise ConfigError(f"--resume {path}: this run finished (its results are in {folder / 'eval'}); nothing "
                           "to continue")
-    return load_config(folder / "config.yaml")
+    # Runs made before the record existed were all resumable by `train` only.
+    started = next((r for r in records if r.get("event") == "command"), {"command": "train"})
+    if started["command"] != args.command:
+        other = f"retrorl {started['command']}"
+        how = (f"continue it with: {other} --resume {shlex.quote(path)}" if started["command"] in ("train", "eval")
+               else f"`{other}` has no --resume: run it again")
+        raise ConfigError(f"--resume {path}: this run was started by `{other}`; {how}")
+    return load_config(folder / "config.yaml"), bool(started.get("untrained_reflector", False))
 
 
 if __name__ == "__main__":

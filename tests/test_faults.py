@@ -1,8 +1,9 @@
 """Faults injected on purpose into real processes: the learner actor killed mid-update, and the driver killed
-mid-run then continued with `retrorl train --resume`."""
+mid-run then continued with `retrorl train --resume` (or `retrorl eval --resume`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -100,13 +101,13 @@ def _phases(run_path) -> dict[str, list]:
     return out
 
 
-def _run_until(tmp_path: Path, args: list[str], ready) -> Path:
-    """`retrorl train` with `args` in a subprocess, SIGKILLed with its local Ray (`_kill_tree`) as soon as
+def _run_until(tmp_path: Path, args: list[str], ready, command: str = "train") -> Path:
+    """`retrorl <command>` with `args` in a subprocess, SIGKILLed with its local Ray (`_kill_tree`) as soon as
     `ready(run_dir)` holds; returns the run directory."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "cluster.cli", "train"]
+    cmd = [sys.executable, "-m", "cluster.cli", command]
     first = subprocess.Popen(cmd + [a for kv in args for a in ("--set", kv)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -169,11 +170,43 @@ def test_a_killed_driver_resumes_without_losing_or_repeating(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_evaluation_continues_with_eval_resume(tmp_path):
+    """`retrorl eval` of the base model, SIGKILLed with its Ray once its first episode is stored (one env slot:
+    the second task has not finished). `retrorl eval --resume RUN_DIR` keeps that episode, plays only the other
+    task and writes the table; `train --resume` names the command that continues it; a finished one is refused."""
+    import subprocess
+    import sys
+
+    from cluster.run_dir import read_metrics
+
+    args = TINY + [f"run_root={tmp_path}", "rollout.envs_per_worker=1", "eval.trials=2"]
+    run = _run_until(tmp_path, args, lambda run: len(_phases(run).get("eval-base", [])) >= 1, command="eval")
+    (before,) = _phases(run)["eval-base"]
+    cmd = [sys.executable, "-m", "cluster.cli"]
+    wrong = subprocess.run(cmd + ["train", "--resume", str(run)], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2
+    assert f"started by `retrorl eval`; continue it with: retrorl eval --resume {run}" in wrong.stderr
+
+    resumed = subprocess.run(cmd + ["eval", "--resume", str(run)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[eval-base] resumed: 1 of 2 episodes already stored" in resumed.stdout + resumed.stderr
+    after = _phases(run)["eval-base"]
+    assert len(after) == 2 and before.episode_id in {e.episode_id for e in after}
+    assert len({(e.task_id, e.split) for e in after}) == 2  # the stored task was not played again
+    rows = json.loads((run / "eval" / "results.json").read_text())
+    assert sum(r["episodes"] for r in rows if r["method"] == "base ReAct") == 2  # the table counts both
+    events = [r["event"] for r in read_metrics(run / "metrics.jsonl")]
+    assert events.count("command") == 1 and events.count("done") == 1
+
+    again = subprocess.run(cmd + ["eval", "--resume", str(run)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "this run finished" in again.stderr
+
+
+@pytest.mark.slow
 def test_a_driver_killed_inside_il_resumes_the_phase_at_its_last_checkpoint(tmp_path):
     """SFT with a checkpoint after every IL step (learner.checkpoint_minutes=0); the driver and its Ray are
     SIGKILLed once RUN/checkpoints/sft.partial holds step 2 or later. `--resume` loads that checkpoint and trains
     only the steps after it: the phase's record counts each planned step once, and sft.partial is replaced by sft."""
-    import json
     import subprocess
     import sys
 
@@ -245,7 +278,9 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume_it(tmp_path):
            f"retrorl train --resume {run}" in lines
     assert "Traceback" not in err.read_text() and "SIGTERM received" not in err.read_text()
     assert read_metrics(run / "metrics.jsonl")[-1]["event"] == "interrupted"
-    assert resumable(str(run), argparse.Namespace(config=None, overrides=[], method=None)).method == "sft"
+    cfg, untrained_reflector = resumable(str(run), argparse.Namespace(command="train", config=None, overrides=[],
+                                                                      method=None))
+    assert cfg.method == "sft" and not untrained_reflector
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
@@ -256,3 +291,25 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--set", "eval.trials=1"]) == 2
     assert "drop --config, --set and --method" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_resume_takes_the_command_and_flags_the_run_was_started_with(tmp_path, capsys):
+    """A run's `command` record says which command continues it and with which flags (the config does not hold
+    --untrained-reflector); runs written before the record existed are train runs."""
+    import argparse
+
+    from cluster.cli import main, resumable
+
+    cfg = load_config(None, TINY + [f"run_root={tmp_path}"])
+    evaluation, demos, old = RunDir.create(cfg), RunDir.create(cfg), RunDir.create(cfg)
+    evaluation.log("command", command="eval", untrained_reflector=True)
+    demos.log("command", command="demos", untrained_reflector=False)
+    plain = argparse.Namespace(config=None, overrides=[], untrained_reflector=False)
+    assert resumable(str(evaluation.path), argparse.Namespace(command="eval", **vars(plain)))[1] is True
+    assert resumable(str(old.path), argparse.Namespace(command="train", method=None, **vars(plain)))[1] is False
+    assert main(["eval", "--resume", str(evaluation.path), "--untrained-reflector"]) == 2
+    assert "drop --config, --set and --untrained-reflector" in capsys.readouterr().err
+    assert main(["eval", "--resume", str(old.path)]) == 2
+    assert f"continue it with: retrorl train --resume {old.path}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(demos.path)]) == 2
+    assert "`retrorl demos` has no --resume: run it again" in capsys.readouterr().err
