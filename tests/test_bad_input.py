@@ -333,4 +333,4 @@ def test_bad_input_found_mid_run_marks_the_run_failed(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     (run,) = tmp_path.iterdir()
     assert err.count("\n") == 1 and "learner.max_sample_tokens" in err and str(run) in err
-    assert [r["event"] for r in read_metrics(run / "metrics.jsonl")] == ["failed"]
+    assert [r["event"] for r in read_metrics(run / "metrics.jsonl")] == ["command", "failed"]
