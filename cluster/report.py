@@ -4,7 +4,8 @@ Reads, per run directory (cluster/run_dir.py), and writes nothing into it unless
   RUN/config.yaml        `name`, `method`, `seed`
   RUN/eval/results.json  rows of cluster.evaluation.evaluate(): the table, and `returns_per_trial` for panel (a)
   RUN/metrics.jsonl      `round` events (`train_return` per training round) for panel (b), `learner` events (its
-                         dtype and CPU) for the run list; bad lines are skipped
+                         dtype and CPU) for the run list, the `command` event (a `retrorl eval` run is listed as
+                         method eval, whatever its config's `method`); bad lines are skipped
 Writes OUT/report.md (also printed) and OUT/report.png, each atomically, and only once every run has been read.
 """
 
@@ -39,7 +40,7 @@ class ReportError(Exception):
 class RunData:
     path: Path
     name: str  # the run directory's name (config name + start stamp), unique per run
-    method: str  # config `method`
+    method: str  # config `method`, or "eval" for a run `retrorl eval` made (it trains nothing)
     seed: Any
     rows: list[dict[str, Any]]
     rounds: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # event method -> (round, return)
@@ -69,7 +70,9 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
     records = read_metrics(root / "metrics.jsonl")
-    return RunData(path=root.resolve(), name=root.resolve().name, method=str(config.get("method", "-")),
+    made_by = next((r.get("command") for r in records if r.get("event") == "command"), "train")
+    method = "eval" if made_by == "eval" else str(config.get("method", "-"))
+    return RunData(path=root.resolve(), name=root.resolve().name, method=method,
                    seed=config.get("seed", "-"), rows=results, rounds=_rounds(records), learners=_learners(records))
 
 

@@ -372,6 +372,20 @@ def test_across_seeds_mean_and_t_interval(tmp_path, capsys):
     assert one.label.endswith("1 run") and (one.low[0], one.high[0]) == bootstrap_ci([1.0, 1.0, 0.0, 0.0])
 
 
+def test_an_eval_run_is_listed_as_eval_not_as_its_configs_method(tmp_path, capsys):
+    """`retrorl eval` keeps the config's `method` (retroact by default) in config.yaml; its `command` record makes
+    the report list it as eval, in the run list and the config-method column."""
+    trained, evaluated = tmp_path / "retroact-1", tmp_path / "eval-1"
+    _write_run(trained, "retroact", 0, EPISODES_B, "RetroAct", [])
+    _write_run(evaluated, "retroact", 0, EPISODES_A, "sft", [])
+    with open(evaluated / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "command", "command": "eval", "untrained_reflector": False}) + "\n")
+    assert cli.main(["report", str(evaluated), str(trained), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    assert "(method eval, seed 0" in md and "(method retroact, seed 0" in md
+    assert {r["config method"] for r in _table(md, 0) if r["run"] == "eval-1"} == {"eval"}
+
+
 def test_reflection_gain_within_one_run(tmp_path, capsys):
     """A 3-trial run against its own first trial: t1 won at trial 1, t2 at trial 3, t3 at trial 2, t4 never.
     Two tasks won only after a reflection and none the other way: McNemar (a sign test) p = 2 * 0.5 ** 2 = 0.5;
