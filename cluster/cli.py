@@ -178,13 +178,12 @@ def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool)
 def resumable(path: str, args: argparse.Namespace):
     """The config of the stopped run in `path` and whether it evaluates with an untrained reflector; a run that
     cannot be continued by `args.command` is a ConfigError."""
-    from cluster.run_dir import read_metrics
+    from cluster.run_dir import made_by, read_metrics
 
     if args.config or args.overrides or getattr(args, "method", None) or getattr(args, "untrained_reflector", False):
-        flags = "--config, --set and --method" if args.command == "train" else "--config, --set and " \
-                                                                               "--untrained-reflector"
+        flag = "--method" if args.command == "train" else "--untrained-reflector"
         raise ConfigError("--resume continues a run with the config it was started with (RUN_DIR/config.yaml): "
-                          f"drop {flags}")
+                          f"drop --config, --set and {flag}")
     folder = Path(path)
     if not (folder / "config.yaml").is_file() or not (folder / "trajectories").is_dir():
         raise ConfigError(f"--resume {path}: not a run directory (no config.yaml / trajectories/); give the folder "
@@ -193,8 +192,7 @@ def resumable(path: str, args: argparse.Namespace):
     if any(r.get("event") == "done" for r in records):
         raise ConfigError(f"--resume {path}: this run finished (its results are in {folder / 'eval'}); nothing "
                           "to continue")
-    # Runs made before the record existed were all resumable by `train` only.
-    started = next((r for r in records if r.get("event") == "command"), {"command": "train"})
+    started = made_by(records)
     if started["command"] != args.command:
         other = f"retrorl {started['command']}"
         how = (f"continue it with: {other} --resume {shlex.quote(path)}" if started["command"] in ("train", "eval")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cluster.run_dir import read_metrics
+from cluster.run_dir import made_by, read_metrics
 
 if TYPE_CHECKING:  # the type only: the functions import cluster.stats where they use it, as before
     from cluster.stats import Paired
@@ -70,8 +70,7 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
     records = read_metrics(root / "metrics.jsonl")
-    made_by = next((r.get("command") for r in records if r.get("event") == "command"), "train")
-    method = "eval" if made_by == "eval" else str(config.get("method", "-"))
+    method = "eval" if made_by(records)["command"] == "eval" else str(config.get("method", "-"))
     return RunData(path=root.resolve(), name=root.resolve().name, method=method,
                    seed=config.get("seed", "-"), rows=results, rounds=_rounds(records), learners=_learners(records))
 

@@ -135,3 +135,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def made_by(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's `command` record (the command and flags that made it, which --resume reads); runs made before the
+    record existed were all `retrorl train` runs."""
+    return next((r for r in records if r.get("event") == "command"), {"command": "train"})

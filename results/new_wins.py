@@ -22,6 +22,7 @@ def main(run: str, greedy_results: str, phase: str = "explore-1") -> None:
     rows = json.loads(Path(greedy_results).read_text())
     first = next(r for r in rows if r["trials"] == 1 and r["split"] == "train")  # the ReAct row: trial 1
     greedy = {o["task"]: o["success"] for o in first["outcomes"]}
+    kind = {o["task"]: o["kind"] for o in first["outcomes"]}
     explored = {e.task_id: e for e in RunDir(run).store.episodes(phase)}
     missing = sorted(set(explored) - set(greedy))
     if missing:
@@ -29,10 +30,9 @@ def main(run: str, greedy_results: str, phase: str = "explore-1") -> None:
     first_won = {t for t, e in explored.items() if e.trials[0].success}
     won = {t for t, e in explored.items() if any(trial.success for trial in e.trials)}
     new = sorted(t for t in won if not greedy[t])
-    kind = lambda task: task.split(":")[1]  # noqa: E731  twx:<game>:<split>:<index>
     print(f"{phase}: {len(explored)} tasks; greedy start won {sum(greedy[t] for t in explored)}")
     print(f"won at trial 1: {len(first_won)} ({len([t for t in first_won if not greedy[t]])} the greedy start "
-          f"fails); at any trial: {len(won)}, of which new: {len(new)} {dict(Counter(map(kind, new)))}")
+          f"fails); at any trial: {len(won)}, of which new: {len(new)} {dict(Counter(kind[t] for t in new))}")
     print(f"greedy wins never won here: {len([t for t in explored if greedy[t] and t not in won])}")
 
 
