@@ -128,8 +128,10 @@ class LearnerCfg(_Strict):
     # ..."); 2 / 4 more reflector epochs: 0.79 / 0.30, and held-out reflections follow it ("I failed because I did
     # 'go north' when I should have done 'go west'. ..."). That alone did not help Reflexion on held-out games (FR
     # 12.5 vs 18.8 on 16 seen games, one game): the template's plan is the expert's, which the reflector cannot
-    # know for a new game (results/README.md).
-    role_epochs: dict[Literal["actor", "reflector"], Annotated[int, Field(ge=1)]] = Field(
+    # know for a new game (results/README.md). 0 leaves a role's adapter as it starts (bit for bit): with
+    # init.checkpoint and method=sft, {actor: 0, reflector: 5} trains a checkpoint's reflector further and keeps its
+    # actor.
+    role_epochs: dict[Literal["actor", "reflector"], Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: {"reflector": 6})
     max_tokens_per_batch: int = Field(2048, ge=64)
     max_sample_tokens: int = Field(4096, ge=64)  # longer samples are dropped (and counted)
@@ -180,6 +182,7 @@ class InitCfg(_Strict):
     # A learner checkpoint (e.g. RUN/checkpoints/sft of an SFT run) to start from instead of running IL. It must
     # come from the same model, LoRA config and adapter layout; the method's own stage then starts from it, with
     # the adapters and optimizer state of the checkpoint and the batch order and dropout of this run's `seed`.
+    # method=sft continues IL from it (learner.role_epochs as for a fresh start).
     checkpoint: str | None = None
 
 
@@ -337,6 +340,14 @@ class Config(_Strict):
         if self.demos.tasks is not None and self.method == "eto":
             raise ValueError("ETO pairs every explored task with its expert trajectory, and demos.tasks leaves the "
                              "explored tasks without one: set demos.tasks=null for method=eto")
+        epochs = self.learner.role_epochs
+        if all(epochs.get(role, self.learner.epochs) == 0 for role in ("actor", "reflector")):
+            raise ValueError("learner.role_epochs gives every role 0 IL epochs, so IL would train nothing: give "
+                             "at least one role 1 or more (or start from init.checkpoint with another method)")
+        if self.learner.shared_adapter and 0 in epochs.values():
+            raise ValueError("learner.role_epochs 0 keeps one role's adapter as it is, but with "
+                             "learner.shared_adapter=true both roles train one adapter: set "
+                             "learner.shared_adapter=false, or give every role at least 1 epoch")
         if self.retroact.replay is not None and (self.method != "retroact" or ro.mode != "sync"):
             raise ValueError("retroact.replay feeds a synchronous RetroAct run's first round: set method=retroact "
                              "and rollout.mode=sync, or retroact.replay=null")

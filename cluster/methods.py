@@ -60,8 +60,11 @@ def _start(session: Session, evaluate_start: bool = True) -> tuple[list[Episode]
 
 
 def sft(session: Session) -> Rows:
-    """IL (SFT) of actor and reflector on the expert demos: every other method's starting point."""
-    _, rows = _start(session, evaluate_start=False)
+    """IL (SFT) of actor and reflector on the expert demos: every other method's starting point. From an
+    init.checkpoint, IL continues from its adapters and optimizer state (learner.role_epochs can keep a role)."""
+    demos, rows = _start(session, evaluate_start=False)
+    if session.cfg.init.checkpoint is not None:
+        session.train_il(demos)
     return rows + session.evaluate("SFT")
 
 

@@ -107,6 +107,17 @@ def test_method_config_errors_name_the_fix(tmp_path):
     assert main(["train", "--method", "eto", "--set", f"init.checkpoint={tmp_path}"]) == 2
 
 
+def test_role_epochs_of_zero_keep_a_role_but_never_every_role_or_a_shared_adapter():
+    assert load_config(None, ["learner.role_epochs={actor: 0, reflector: 5}"]).learner.role_epochs == {
+        "actor": 0, "reflector": 5}
+    with pytest.raises(ConfigError, match="IL would train nothing"):
+        load_config(None, ["learner.epochs=2", "learner.role_epochs={actor: 0, reflector: 0}"])
+    with pytest.raises(ConfigError, match="learner.shared_adapter=false"):
+        load_config(None, ["learner.shared_adapter=true", "learner.role_epochs={actor: 0}"])
+    with pytest.raises(ConfigError, match="role_epochs"):
+        load_config(None, ["learner.role_epochs={actor: -1}"])
+
+
 def test_demos_tasks_that_leave_nothing_to_explore_fail_at_start(tmp_path, capsys):
     """demos.tasks splits the training tasks into IL's and exploration's: ETO, which pairs each explored task with
     its expert, refuses it at load; a split that leaves RetroAct no task to explore fails before any run folder."""

@@ -9,6 +9,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 import ray
+import torch
 import yaml
 
 from cluster.config import load_config
@@ -244,6 +245,29 @@ def test_vllm_backend_runs_a_method(sft_run, tmp_path):
     assert yaml.safe_load((run.path / "config.yaml").read_text())["rollout"]["backend"] == "vllm"
     rollouts = [e for e in run.metrics() if e["event"] == "rollout"]
     assert rollouts and all(r["engines"][0]["tokens_generated"] > 0 for r in rollouts)
+
+
+@pytest.mark.slow
+def test_sft_from_a_checkpoint_continues_il_for_the_roles_given_epochs(sft_run, tmp_path):
+    """method=sft with init.checkpoint and role_epochs {actor: 0}: the reflector's IL continues from the
+    checkpoint, and the actor's adapter is the checkpoint's, bit for bit (a checkpoint's reflector trained further)."""
+    from safetensors.torch import load_file
+
+    sft, _ = sft_run
+    start = sft.path / "checkpoints" / "sft"
+    run, _ = _run(["method=sft", f"run_root={tmp_path}", f"init.checkpoint={start}", "learner.lr=0.01",
+                   "learner.role_epochs={actor: 0, reflector: 2}"])
+    before = load_file(start / "adapters.safetensors")
+    after = load_file(run.path / "checkpoints" / "sft" / "adapters.safetensors")
+    assert before.keys() == after.keys()
+    for role, kept in (("actor", True), ("reflector", False)):
+        keys = [k for k in before if k.startswith(f"{role}/")]
+        assert keys and all(torch.equal(before[k], after[k]) for k in keys) == kept, role
+    events = run.metrics()
+    kinds = [e["event"] for e in events]
+    assert kinds.index("init") < kinds.index("train")
+    (trained,) = [e for e in events if e["event"] == "train"]
+    assert trained["phase"] == "sft" and "loss/actor" not in trained and trained["loss/reflector"] > 0
 
 
 @pytest.mark.slow

@@ -94,6 +94,20 @@ def test_role_epochs_give_a_role_more_passes(tiny_path, tmp_path):
     assert m["loss/actor"] == m["loss_first/actor"]  # the actor's only epoch
 
 
+def test_zero_role_epochs_keep_a_trained_role_bit_for_bit(tiny_path, tmp_path):
+    """{actor: 0}: IL continues for the reflector only, and the actor's adapter does not move, although Adam holds
+    momentum for it from the earlier joint epochs (continuing a checkpoint's reflector IL with its actor kept)."""
+    learner = make(tiny_path, tmp_path)
+    actor, refl = samples(ACTOR, n=3), samples(REFLECTOR, n=3, seed=5)
+    learner.train_il(actor + refl, epochs=2, max_tokens_per_batch=4096)
+    a0, r0 = snapshot(learner, ACTOR), snapshot(learner, REFLECTOR)
+    m = learner.train_il(actor + refl, epochs=1, max_tokens_per_batch=4096, role_epochs={ACTOR: 0, REFLECTOR: 2})
+    assert m["steps"] == 2 and m["tokens"] == 2 * sum(s.n_trained for s in refl)
+    assert "loss/actor" not in m and m["loss/reflector"] < m["loss_first/reflector"]
+    assert same(snapshot(learner, ACTOR), a0)
+    assert not same(snapshot(learner, REFLECTOR), r0)
+
+
 def test_progress_is_readable_while_training(tiny_path, tmp_path, monkeypatch):
     """What the driver polls during a call: the step count moves with each optimizer step, the total and epochs
     are known from the first step, and the end state matches the call's own metrics."""
