@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agents.adapters import LORA
+from agents.trajectory import ROLES
 from rollout.engine import MAX_BATCH_SIZE, SamplingParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -341,7 +342,7 @@ class Config(_Strict):
             raise ValueError("ETO pairs every explored task with its expert trajectory, and demos.tasks leaves the "
                              "explored tasks without one: set demos.tasks=null for method=eto")
         epochs = self.learner.role_epochs
-        if all(epochs.get(role, self.learner.epochs) == 0 for role in ("actor", "reflector")):
+        if all(epochs.get(role, self.learner.epochs) == 0 for role in ROLES):
             raise ValueError("learner.role_epochs gives every role 0 IL epochs, so IL would train nothing: give "
                              "at least one role 1 or more (or start from init.checkpoint with another method)")
         if self.learner.shared_adapter and 0 in epochs.values():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterator
 
+from agents.trajectory import Episode, Trial
 from cluster.run_dir import RunDir
 
 PLAN = "follow this plan:"
@@ -30,14 +32,19 @@ def leading_match(actions: list[str], plan: list[str]) -> int:
     return n
 
 
+def reflected_trials(episode: Episode) -> Iterator[tuple[Trial, Trial]]:
+    """(the trial a reflection was written after, the trial that followed it), for each reflection."""
+    for before, after in zip(episode.trials, episode.trials[1:]):
+        if before.reflection is not None:
+            yield before, after
+
+
 def reflection_use(run: RunDir, prefix: str) -> Counter:
     counts: Counter = Counter()
     for phase, episode in run.store.phased_episodes():
         if not phase.startswith(prefix):
             continue
-        for before, after in zip(episode.trials, episode.trials[1:]):
-            if before.reflection is None:
-                continue
+        for before, after in reflected_trials(episode):
             counts["reflections"] += 1
             old, new = [s.action for s in before.steps], [s.action for s in after.steps]
             counts["next trial changed"] += old != new
