@@ -59,6 +59,10 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float 
 
 # A worker node: joins the head's GCS as Ray's own test cluster does (ray/cluster_utils.py:264-278), then waits to
 # be stopped. SIGTERM shuts its raylet and the processes it started down (Node(shutdown_at_exit=True)).
+# Its runtime-env folder is its own (argv[4]), as on a machine of its own: every node shares the head's session dir
+# here, and a node's agent setting a working_dir up deletes the unpacked package first
+# (ray/_private/runtime_env/working_dir.py:260-266 passes overwrite=True; packaging.py:931-936 rmtree), which took
+# the working directory from under another node's running actors (their imports failed on os.getcwd).
 _NODE = textwrap.dedent("""
     import signal, sys, time
     from ray._private.node import Node
@@ -66,7 +70,7 @@ _NODE = textwrap.dedent("""
 
     params = RayParams(gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=int(sys.argv[2]),
                        num_gpus=0, min_worker_port=0, max_worker_port=0, node_manager_port=0,
-                       include_log_monitor=False, temp_dir=sys.argv[3],
+                       include_log_monitor=False, temp_dir=sys.argv[3], runtime_env_dir_name=sys.argv[4],
                        object_store_memory=200 * 1024 * 1024)
     params.dashboard_agent_listen_port = None
     node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
@@ -142,7 +146,7 @@ class SimCluster:
         `keep`: {real path: alias} bind-mounted before hiding, so it can still reach those at the alias.
         `cores`: run it on these cores only (taskset list, e.g. "0"), as on a smaller machine."""
         name = f"node{len(self.nodes)}"
-        python = [sys.executable, "-c", _NODE, self.gcs_address, str(cpus), self.temp_dir]
+        python = [sys.executable, "-c", _NODE, self.gcs_address, str(cpus), self.temp_dir, f"runtime_resources_{name}"]
         if cores is not None:
             python = ["taskset", "-c", cores, *python]
         if hide:

@@ -26,16 +26,17 @@ JOB = ["retrorl", "train", "--method", "eto", "--set", "model.path=tiny-llama",
        "--set", "eto.epochs=1"]  # two ETO rounds and full-length generations: seconds of work after SFT
 
 
-def _wait_for(folder: Path, pattern: str, job, timeout: float = 600) -> Path:
+def _wait_for(folder: Path, pattern: str, job, sim: SimCluster, timeout: float = 600) -> Path:
+    """The first file under `folder` matching `pattern`; fails with the job's log if the job ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = sorted(folder.glob(pattern))
         if found:
             return found[0]
         if job.poll() is not None:
-            raise AssertionError(f"the job ended before {pattern} appeared")
+            raise AssertionError(f"the job ended before {pattern} appeared:\n{sim.log_tail('job')}")
         time.sleep(0.05)
-    raise AssertionError(f"no {pattern} under {folder} after {timeout}s")
+    raise AssertionError(f"no {pattern} under {folder} after {timeout}s:\n{sim.log_tail('job')}")
 
 
 def _driver(runs: Path, job, timeout: float = 300):
@@ -72,7 +73,7 @@ def test_a_job_on_worker_nodes_with_their_own_disks_lands_on_the_head_and_resume
         driver = _driver(runs, job)
         # Once SFT's checkpoint is on the head, the driver is held and the worker nodes go away (an autoscaler
         # terminating them, a spot loss); then the job dies too. Everything written so far must be on the head.
-        checkpoint = _wait_for(runs, "*/checkpoints/sft/learner.json", job)
+        checkpoint = _wait_for(runs, "*/checkpoints/sft/learner.json", job, sim)
         driver.suspend()
         for node in sim.nodes:
             sim.kill_node(node)
@@ -140,7 +141,7 @@ def test_a_worker_node_lost_mid_run_loses_and_repeats_no_episode(tmp_path, tiny_
         job = sim.submit([*JOB, "--set", f"run_root={runs}", "--set", "agent.max_steps=6",
                           "--set", f"env.kwargs={{n_train: {TRAIN_GAMES}, n_seen: 2, n_unseen: 1}}",
                           "--set", "rollout.envs_per_worker=1"], wait=False)
-        _wait_for(runs, f"*/trajectories/part-{TRAIN_GAMES:06d}.parquet", job)
+        _wait_for(runs, f"*/trajectories/part-{TRAIN_GAMES:06d}.parquet", job, sim)
         (engine,) = sim.actors("HFEngine")
         (lost,) = [p for p in sim.nodes if sim.node_ids[p.pid] == engine["node_id"]]
         sim.kill_node(lost)
