@@ -57,6 +57,7 @@ from agents.trajectory import ACTOR, Episode
 from cluster.config import load_config
 from cluster.pipeline import derive_seed
 from envs import make_env
+from envs.core import balanced_prefix
 from envs.demos import expert_replay, failed_replay
 from learners.batching import (
     TokenSample,
@@ -85,7 +86,7 @@ def build_demos(formatter: ChatFormatter, cfg) -> tuple[list[Episode], list[Epis
     reflector = ReflectorPrompt(formatter)
     experts: list[Episode] = []
     failed: list[Episode] = []
-    for task in env.tasks("train")[: cfg.env.train_tasks]:
+    for task in balanced_prefix(env.tasks("train"), cfg.env.train_tasks):
         expert = expert_replay(env, task.task_id)
         batch = demo_episodes(prompt, reflector, cfg.env.name, "train", expert, None, cfg.agent.memory_size)
         experts += batch

@@ -40,8 +40,8 @@ class ModelCfg(_Strict):
 class EnvCfg(_Strict):
     name: str = "textworld"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the env family's constructor
-    # Cap on tasks used per split (None: all the family lists). At least 1: a slice by a negative cap would count
-    # from the end, and 0 tasks trains or evaluates nothing.
+    # Cap on tasks used per split (None: all the family lists), taken round-robin over the task kinds
+    # (envs/core.py balanced_prefix). At least 1: 0 tasks trains or evaluates nothing.
     train_tasks: int | None = Field(None, ge=1)
     eval_tasks: int | None = Field(None, ge=1)
 
@@ -165,8 +165,9 @@ class DemoCfg(_Strict):
     # actor learns to read it. With both copies (0.0) the SFT actor ignored its memory: held-out FR 12.5 vs IR
     # 14.1. At 0.5: IR 25.0, FR 39.1; at 1.0 (no memory-free play at all): IR 12.5, FR 18.8 (results/README.md).
     memory_only: float = Field(0.5, ge=0.0, le=1.0)
-    # The first N training tasks have expert demos (IL learns from them) and the exploration rounds (Retroformer,
-    # RetroAct) play only the other training tasks, which have none: RL then learns from games IL never saw.
+    # N training tasks, taken round-robin over the kinds (envs/core.py balanced_prefix), have expert demos (IL
+    # learns from them) and the exploration rounds (Retroformer, RetroAct) play only the other training tasks,
+    # which have none: RL then learns from games IL never saw.
     # None: every training task has demos and is explored.
     tasks: int | None = Field(None, ge=1)
 

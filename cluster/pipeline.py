@@ -33,7 +33,8 @@ from cluster.run_dir import RunDir
 from cluster.resume import Resume
 from cluster.runtime import PROGRESS_GROUP, check_address, check_backend, check_resources, init_ray, start_actors
 from cluster.telemetry import Telemetry
-from envs import TextEnv, make_env
+from envs import Task, TextEnv, make_env
+from envs.core import balanced_prefix
 from learners.batching import TokenSample, generation_sample, il_samples
 from rollout.engine import SamplingParams
 from rollout.engine_pool import ACTOR_DIED, EnginePool
@@ -65,15 +66,21 @@ Tasks = list[tuple[str, str]]  # (task_id, split)
 
 
 def split_tasks(env: TextEnv, split: str, limit: int | None) -> Tasks:
-    return [(t.task_id, split) for t in env.tasks(split)[:limit]]
+    return _ids(balanced_prefix(env.tasks(split), limit))
 
 
 def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
     """The training tasks IL learns from (those with expert demos) and those the exploration rounds play: the
-    same list, or with demos.tasks = N the first N and the rest."""
-    tasks = split_tasks(env, "train", cfg.env.train_tasks)
-    n = cfg.demos.tasks
-    return (tasks, tasks) if n is None else (tasks[:n], tasks[n:])
+    same list, or with demos.tasks = N a balanced N of them (`balanced_prefix`) and the rest."""
+    tasks = balanced_prefix(env.tasks("train"), cfg.env.train_tasks)
+    if cfg.demos.tasks is None:
+        return _ids(tasks), _ids(tasks)
+    demos = balanced_prefix(tasks, cfg.demos.tasks)
+    return _ids(demos), _ids([t for t in tasks if t not in set(demos)])
+
+
+def _ids(tasks: list[Task]) -> Tasks:
+    return [(t.task_id, t.split) for t in tasks]
 
 
 @dataclass

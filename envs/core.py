@@ -71,6 +71,26 @@ class Task:
     kind: str  # game kind / task family, for per-kind reporting
 
 
+def balanced_prefix(tasks: Sequence[Task], n: int | None) -> list[Task]:
+    """The first `n` tasks of a round-robin over the kinds (each kind's tasks in list order), kept in list order:
+    what a cap on a split (env.train_tasks, env.eval_tasks) or demos.tasks takes. A family may list its tasks kind
+    by kind (twx: a game's seeds, then the next game's), and a plain prefix would then hold the first kinds only.
+    Stable: a larger `n` takes a superset. None, or `n` past the list: all of it."""
+    if n is None or n >= len(tasks):
+        return list(tasks)
+    by_kind: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_kind.setdefault(task.kind, []).append(i)
+    queues = [iter(indices) for indices in by_kind.values()]
+    chosen: set[int] = set()
+    while len(chosen) < n:
+        for queue in queues:
+            i = next(queue, None)
+            if i is not None and len(chosen) < n:
+                chosen.add(i)
+    return [task for i, task in enumerate(tasks) if i in chosen]
+
+
 @dataclass(frozen=True)
 class StepInfo:
     score: float  # progress in [0, 1]; 1.0 when won

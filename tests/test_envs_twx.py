@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from envs import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost
+from envs import INVALID_ACTION_OBS, SPLITS, EnvError, EnvLost, Task
+from envs.core import balanced_prefix
 from envs.twx_env import DEFAULT_GAMES, GAMES, TwxEnv
 
 HAVE_PACKAGE = importlib.util.find_spec("textworld_express") is not None
@@ -100,6 +101,35 @@ def test_splits_are_the_games_own_folds(env: TwxEnv, cache: Path):
         env.task("twx:coin:test:29999")
     with pytest.raises(EnvError, match="unknown task"):
         env.reset(options={"task": "twx:zork:train:0"})
+
+
+def test_a_balanced_prefix_takes_the_kinds_in_turn_and_keeps_list_order():
+    """A split listed kind by kind (as twx lists a game's seeds, then the next game's): a cap takes each kind's
+    first tasks in turn, a kind that runs out is skipped, and a larger cap takes a superset."""
+    tasks = [Task(f"{kind}-{i}", "train", 5, kind) for kind, n in (("a", 4), ("b", 1), ("c", 3)) for i in range(n)]
+    ids = lambda n: [t.task_id for t in balanced_prefix(tasks, n)]  # noqa: E731
+    assert ids(3) == ["a-0", "b-0", "c-0"]
+    assert ids(6) == ["a-0", "a-1", "a-2", "b-0", "c-0", "c-1"]
+    assert ids(None) == ids(8) == ids(99) == [t.task_id for t in tasks]
+    assert all(set(ids(n)) < set(ids(n + 1)) for n in range(1, 8))
+
+
+@pytest.mark.twx
+@needs_twx
+def test_caps_and_demos_tasks_give_every_game_its_share(env: TwxEnv):
+    """env.train_tasks and demos.tasks on a split listed game by game: demos.tasks=5 gives each of the 5 games
+    one demo task (not cookingworld's two and coin's first), and exploration plays the rest."""
+    from cluster.config import load_config
+    from cluster.pipeline import split_tasks, train_tasks
+
+    demos, explore = train_tasks(load_config(None, ["demos.tasks=5"]), env)
+    assert sorted(task_id.split(":")[1] for task_id, _ in demos) == sorted(DEFAULT_GAMES)
+    assert {task_id.split(":")[3] for task_id, _ in demos} == {"0"}
+    assert len(explore) == 5 and not set(demos) & set(explore)
+    assert set(demos) | set(explore) == {(t.task_id, "train") for t in env.tasks("train")}
+    capped, _ = train_tasks(load_config(None, ["env.train_tasks=7"]), env)
+    assert len(capped) == 7 and {task_id.split(":")[1] for task_id, _ in capped} == set(DEFAULT_GAMES)
+    assert [task_id.split(":")[1] for task_id, _ in split_tasks(env, "seen", 2)] == list(DEFAULT_GAMES[:2])
 
 
 @pytest.mark.twx
