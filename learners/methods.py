@@ -206,7 +206,7 @@ class MethodLearner(Learner):
             opt.step()
         self._reward_model = {"mean": mean, "std": std, "w": w.detach(), "b": b.detach()}
         accuracy = float(((z @ w + b > 0).float() == labels).float().mean())
-        return {"trained": 1, "positives": n_pos, "samples": len(kept), "loss": float(loss),
+        return {"trained": 1, "positives": n_pos, "samples": len(kept), "loss": float(loss.detach()),
                 "train_accuracy": accuracy, **counts}
 
     def score_reflections(self, samples: Sequence[TokenSample]) -> list[float]:
