@@ -55,9 +55,8 @@ from agents.model import load_model, load_tokenizer, resolve_dtype, resolve_mode
 from agents.reflector import ReflectorPrompt
 from agents.trajectory import ACTOR, Episode
 from cluster.config import load_config
-from cluster.pipeline import derive_seed
+from cluster.pipeline import derive_seed, train_tasks
 from envs import make_env
-from envs.core import balanced_prefix
 from envs.demos import expert_replay, failed_replay
 from learners.batching import (
     TokenSample,
@@ -79,20 +78,20 @@ FLOPS_FORMULA = (
 
 # ---------------------------------------------------------------------------------------------------------- data
 def build_demos(formatter: ChatFormatter, cfg) -> tuple[list[Episode], list[Episode]]:
-    """`Session.demos` without Ray: (expert episodes, failed-attempt episodes) of every training task."""
+    """`Session.demos` without Ray: (expert episodes, failed-attempt episodes) of every training task with demos."""
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     env.prepare()
     prompt = ActorPrompt(formatter, show_actions=cfg.agent.show_actions)
     reflector = ReflectorPrompt(formatter)
     experts: list[Episode] = []
     failed: list[Episode] = []
-    for task in balanced_prefix(env.tasks("train"), cfg.env.train_tasks):
-        expert = expert_replay(env, task.task_id)
+    for task_id, _ in train_tasks(cfg, env)[0]:  # the tasks with demos, as Session.demos gets them
+        expert = expert_replay(env, task_id)
         batch = demo_episodes(prompt, reflector, cfg.env.name, "train", expert, None, cfg.agent.memory_size)
         experts += batch
         for j in range(cfg.demos.failed_per_task):
-            seed = derive_seed(cfg.seed, "failed-demo", task.task_id, j)
-            attempt = failed_replay(env, task.task_id, random.Random(seed), cfg.demos.wrong_steps)
+            seed = derive_seed(cfg.seed, "failed-demo", task_id, j)
+            attempt = failed_replay(env, task_id, random.Random(seed), cfg.demos.wrong_steps)
             if attempt is not None:
                 failed += demo_episodes(prompt, reflector, cfg.env.name, "train", expert, attempt,
                                         cfg.agent.memory_size)[1:]

@@ -76,7 +76,8 @@ def train_tasks(cfg: Config, env: TextEnv) -> tuple[Tasks, Tasks]:
     if cfg.demos.tasks is None:
         return _ids(tasks), _ids(tasks)
     demos = balanced_prefix(tasks, cfg.demos.tasks)
-    return _ids(demos), _ids([t for t in tasks if t not in set(demos)])
+    with_demos = set(demos)
+    return _ids(demos), _ids([t for t in tasks if t not in with_demos])
 
 
 def _ids(tasks: list[Task]) -> Tasks:
