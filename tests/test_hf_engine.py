@@ -414,3 +414,29 @@ def test_bf16_attention_matches_fp32_attention_with_padding_and_gqa(q_len: int) 
     assert ours_err <= 2 * torch_err + 1e-3, (ours_err, torch_err)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
     assert torch.equal(_sdpa_gqa(module, *lo, attention_mask=additive)[0], ours)  # the other mask form: same result
+
+
+def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path: str) -> None:
+    """Rows of one batch end at every step from 1 to 9 (their token caps), so finished rows are dropped from the
+    cache at some steps and kept (fed pads) at others: every row's tokens, log-probs and the K/V it leaves in the
+    prefix cache must be what it gets alone."""
+    batched = HFEngine(model_path, dtype="float32", threads=1)
+    alone = HFEngine(model_path, dtype="float32", threads=1)
+    jobs = [(rand_ids(20 + 7 * k, 50 + k), "actor",
+             SamplingParams(temperature=1.0 if k % 2 else 0.0, max_new_tokens=1 + k, seed=k)) for k in range(9)]
+    got, want = run(together(batched, jobs)), run(one_by_one(alone, jobs))
+    assert got[0].stats["batch_size"] == len(jobs)
+    reference = reference_peft(model_path, None)
+    for g, w, (prompt, _, s) in zip(got, want, jobs):
+        assert g.completion_ids == w.completion_ids and len(g.completion_ids) == s.max_new_tokens
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+        assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(reference, prompt, g.completion_ids), abs=1e-4)
+    # The next turn of each row reuses the K/V its batch left in the prefix cache: same continuation as alone.
+    follow = [(p + g.completion_ids + rand_ids(6, 90 + k), "actor", GREEDY) for k, ((p, _, _), g) in
+              enumerate(zip(jobs, got))]
+    got2, want2 = run(together(batched, follow)), run(one_by_one(alone, follow))
+    for (p, _, _), g, w, (before, _, _) in zip(follow, got2, want2, jobs):
+        assert g.stats["prefix_hit_tokens"] == len(p) - 6 - 1  # all but the new ids and the last sampled token
+        assert g.completion_ids == w.completion_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(reference, p, g.completion_ids), abs=1e-4)
