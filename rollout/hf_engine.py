@@ -58,22 +58,18 @@ def _sdpa_gqa(
     with padding or a static cache); on CPU those copies cost more than the attention itself."""
     b, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
-    if kv_heads != heads and query.dtype in _REDUCED and (q_len == 1 or attention_mask is not None):
-        # bf16/fp16: each K/V head's query heads become rows of that head's query (row = head in group x position,
-        # the mask repeated to match), so SDPA runs without enable_gqa: same kernel and arithmetic, but its
-        # enable_gqa path is slow for reduced types on CPU. On a 2-core AVX512-BF16 EPYC (torch 2.13), bf16, a
-        # layer call: decode (16 rows x 1240 positions) 11.7 ms against 1.9 ms this way, one row 0.76 vs 0.15 ms
-        # (bf16 decode was slower than fp32 for this alone); a 700-token prefill 20.2 vs 11.0 ms. fp32 keeps the
-        # enable_gqa call (within 15 % either way there), so fp32 runs stay bit for bit as before.
-        group = heads // kv_heads
-        mask = attention_mask
-        if mask is not None and mask.shape[2] > 1:
-            mask = mask.repeat(1, 1, group, 1)
+    if q_len == 1 and kv_heads != heads and query.dtype in _REDUCED:
+        # A decode step in bf16/fp16: a K/V head's query heads become that head's query rows, so SDPA runs without
+        # enable_gqa: the same kernel and arithmetic, but its enable_gqa path is slow for reduced types on CPU.
+        # On a 2-core AVX512-BF16 EPYC (torch 2.13), bf16, one layer call: 16 rows x 1240 positions 10.1 ms against
+        # 1.5 ms this way, one row 0.69 vs 0.13 ms; that alone made bf16 decode slower than fp32 there. fp32 keeps
+        # enable_gqa (1.70 vs 1.76 ms, one row 0.09 vs 0.12 ms), and so does prefill, where folding gave no
+        # consistent gain (bf16, 700 positions: 9.1 vs 9.4 ms; 8 rows x 130 new positions: 17.0 vs 15.6 ms).
         out = F.scaled_dot_product_attention(
-            query.reshape(b, kv_heads, group * q_len, dim), key, value, attn_mask=mask, dropout_p=dropout,
-            scale=scaling,
+            query.reshape(b, kv_heads, heads // kv_heads, dim), key, value, attn_mask=attention_mask,
+            dropout_p=dropout, scale=scaling,
         )
-        return out.view(b, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4).reshape(b, q_len, heads, dim), None
+        return out.reshape(b, 1, heads, dim), None
     causal = q_len > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
