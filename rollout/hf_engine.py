@@ -58,9 +58,10 @@ def _sdpa_gqa(
     with padding or a static cache); on CPU those copies cost more than the attention itself."""
     b, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
-    if q_len == 1 and kv_heads != heads and query.dtype in _REDUCED:
-        # A decode step in bf16/fp16: a K/V head's query heads become that head's query rows, so SDPA runs without
-        # enable_gqa: the same kernel and arithmetic, but its enable_gqa path is slow for reduced types on CPU.
+    if q_len == 1 and kv_heads != heads and query.dtype in _REDUCED and query.device.type == "cpu":
+        # A decode step in bf16/fp16 on CPU (measured there only): a K/V head's query heads become that head's
+        # query rows, so SDPA runs without enable_gqa: the same kernel and arithmetic, but its enable_gqa path is
+        # slow for reduced types on CPU.
         # On a 2-core AVX512-BF16 EPYC (torch 2.13), bf16, one layer call: 16 rows x 1240 positions 10.1 ms against
         # 1.5 ms this way, one row 0.69 vs 0.13 ms; that alone made bf16 decode slower than fp32 there. fp32 keeps
         # enable_gqa (1.70 vs 1.76 ms, one row 0.09 vs 0.12 ms), and so does prefill, where folding gave no
