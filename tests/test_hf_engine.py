@@ -413,9 +413,9 @@ def test_bf16_decode_attention_matches_fp32_attention_with_padding_and_gqa() -> 
 
 
 def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path: str) -> None:
-    """Rows of one batch end at every step from 1 to 9 (their token caps), so finished rows are dropped from the
-    cache at some steps and kept (fed pads) at others: every row's tokens, log-probs and the K/V it leaves in the
-    prefix cache must be what it gets alone."""
+    """Rows of one batch end at every step from 1 to 9 (their token caps), so a row leaves the cache at every step
+    while the others go on: every row's tokens, log-probs and the K/V it leaves in the prefix cache must be what it
+    gets alone."""
     batched = HFEngine(model_path, dtype="float32", threads=1)
     alone = HFEngine(model_path, dtype="float32", threads=1)
     jobs = [(rand_ids(20 + 7 * k, 50 + k), "actor",
@@ -431,7 +431,7 @@ def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path:
     follow = [(p + g.completion_ids + rand_ids(6, 90 + k), "actor", GREEDY) for k, ((p, _, _), g) in
               enumerate(zip(jobs, got))]
     got2, want2 = run(together(batched, follow)), run(one_by_one(alone, follow))
-    for (p, _, _), g, w, (before, _, _) in zip(follow, got2, want2, jobs):
+    for (p, _, _), g, w in zip(follow, got2, want2):
         assert g.stats["prefix_hit_tokens"] == len(p) - 6 - 1  # all but the new ids and the last sampled token
         assert g.completion_ids == w.completion_ids
         assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
