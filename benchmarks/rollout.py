@@ -37,7 +37,8 @@ from rollout.workers import EnvWorker  # noqa: E402
 
 
 # Engine counters shown per run (their change over the run): where the engine's time went.
-ENGINE_KEYS = ("batches", "requests", "prompt_tokens", "prefilled_tokens", "busy_s", "prefill_s", "decode_s")
+ENGINE_KEYS = ("batches", "requests", "prompt_tokens", "prefilled_tokens", "prefill_positions", "decode_steps",
+               "busy_s", "prefill_s", "decode_s")
 
 
 def main() -> None:

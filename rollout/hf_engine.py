@@ -2,10 +2,11 @@
 
 Concurrent `generate` calls are queued and served in batches by a single background task; the compute runs in a
 worker thread so the event loop keeps accepting requests (and, inside a Ray async actor, keeps answering calls).
-Each batch prefills its prompts (in groups of similar uncached lengths, each left-padded to its own longest row)
-and then decodes all rows in one loop over a preallocated KV cache, so rows can use different roles (PEFT
-mixed-adapter batches), temperatures, top_p, seeds and lengths, and leave the batch as soon as they finish. Adapter
-updates are staged and swapped in between batches, never during one.
+Each batch prefills its prompts packed (each adapter's rows' uncached tokens end to end in one sequence, so no
+padding is computed; the attention runs row by row) and then decodes all rows in one loop over a preallocated KV
+cache, so rows can use different roles (PEFT mixed-adapter batches), temperatures, top_p, seeds and lengths, and
+leave the batch as soon as they finish. Adapter updates are staged and swapped in between batches, never during
+one.
 
 Prefix reuse: a finished row's K/V (prompt + completion, bar the last sampled token, whose K/V was never computed)
 goes into an LRU keyed by role and adapter version. A later request of that role sharing a prefix with an entry
@@ -71,6 +72,9 @@ def _sdpa_gqa(
             dropout_p=dropout, scale=scaling,
         )
         return out.reshape(b, 1, heads, dim), None
+    pack = kwargs.get(_PACK)
+    if pack is not None:
+        return pack.attend(module.layer_idx, query, key, value, scaling), None
     causal = q_len > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
@@ -79,9 +83,105 @@ def _sdpa_gqa(
     return out.transpose(1, 2).contiguous(), None
 
 
+_PACK = "retrorl_pack"  # keyword the engine passes through the model call to _sdpa_gqa
+
+
+@dataclass
+class _Pack:
+    """A packed prefill: some of a batch's rows (one adapter's), their uncached tokens laid end to end as one
+    sequence, so the pass computes no padding. The model gets `_PACK=pack` as a keyword argument, which transformers
+    hands to the attention function (modeling_llama.py:399 and :265, 5.19), and with no cache of its own: each
+    layer's attention writes the rows' new K/V into `cache` ([pad | reused | new | tail] per row, every prompt
+    ending at slot `end`) and attends each row over its own slots there."""
+
+    cache: StaticCache
+    end: int
+    rows: list[tuple[int, int, int, int]]  # (batch row, offset in the packed sequence, reused tokens, new tokens)
+    past: list[torch.Tensor | None]  # per batch row: [layers, 2, kv_heads, reused, dim] or None
+    _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        _, heads, total, dim = query.shape
+        layer = self.cache.layers[layer_idx]
+        if not layer.is_initialized:  # the first layer of the first pack: now the K/V shape is known
+            self.cache.early_initialization(len(self.past), key.shape[1], dim, key.dtype, key.device)
+        gqa = key.shape[1] != heads
+        out = query.new_empty((1, total, heads, dim))
+        for row, offset, reused, new in self.rows:
+            start, mid = self.end - reused - new, self.end - new
+            past = self.past[row]
+            if past is not None:
+                layer.keys[row, :, start:mid] = past[layer_idx, 0]
+                layer.values[row, :, start:mid] = past[layer_idx, 1]
+            layer.keys[row, :, mid : self.end] = key[0, :, offset : offset + new]
+            layer.values[row, :, mid : self.end] = value[0, :, offset : offset + new]
+            q = query[:, :, offset : offset + new]
+            k, v = layer.keys[row : row + 1, :, start : self.end], layer.values[row : row + 1, :, start : self.end]
+            if reused:  # new token j sees the reused K/V and new tokens 0..j
+                if (reused, new) not in self._masks:
+                    self._masks[reused, new] = torch.ones(new, reused + new, dtype=torch.bool).tril(reused)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._masks[reused, new], scale=scaling,
+                                                   enable_gqa=gqa)
+            else:  # plain causal: the kernel skips the blocks above the diagonal
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+            out[0, offset : offset + new] = o[0].transpose(0, 1)
+        return out
+
+
 # transformers' documented extension point for attention functions; it takes the same masks as "sdpa".
 AttentionInterface.register(_ATTN, _sdpa_gqa)
 AttentionMaskInterface.register(_ATTN, sdpa_mask)
+
+
+# The cache helpers below write a StaticCache's layers directly (transformers 5.19, cache_utils.py StaticLayer: `keys`
+# / `values` [batch, kv_heads, max_cache_len, head_dim] allocated by lazy_initialization, :429-465; update() writes
+# new K/V from `cumulative_length` on and advances it, :486-493, and get_seq_length returns it, :509). The engine
+# tests compare the results with plain prefills and rows served alone, so a change there fails them.
+
+
+def _fill_cache(cache: StaticCache, past: Sequence[torch.Tensor | None], where: Sequence[slice], length: int) -> None:
+    """Put past[i] ([layers, 2, kv_heads, c_i, dim], or None) into row i's slots `where[i]` of every layer and make
+    the next update() write from `length` on. One copy per row; update() would need the batch's K/V built first."""
+    first = next(p for p in past if p is not None)
+    _, _, heads, _, dim = first.shape
+    cache.early_initialization(len(past), heads, dim, first.dtype, first.device)
+    for n, layer in enumerate(cache.layers):
+        for i, (p, at) in enumerate(zip(past, where)):
+            if p is not None:
+                layer.keys[i, :, at] = p[n, 0]
+                layer.values[i, :, at] = p[n, 1]
+        layer.cumulative_length.fill_(length)
+
+
+def _gather_row(cache: StaticCache, row: int, slots: torch.Tensor) -> torch.Tensor:
+    """Row `row`'s K/V at `slots`, as a prefix-cache entry holds it: [layers, 2, kv_heads, len(slots), dim]."""
+    k = cache.layers[0].keys
+    out = torch.empty((len(cache.layers), 2, k.shape[1], len(slots), k.shape[3]), dtype=k.dtype, device=k.device)
+    for n, layer in enumerate(cache.layers):
+        torch.index_select(layer.keys[row], 1, slots, out=out[n, 0])
+        torch.index_select(layer.values[row], 1, slots, out=out[n, 1])
+    return out
+
+
+def _drop_rows(cache: StaticCache, keep: list[int]) -> list[int]:
+    """Narrow every layer to the rows `keep` (batch positions, ascending). Each freed position below len(keep) takes
+    a kept row from above it, then the layers become views of their first len(keep) rows: one row's K/V copied per
+    row that leaves. reorder_cache would copy every kept row each time (a 16-row batch's rows leave at up to 16
+    different steps). Returns the old position of the row now at each position."""
+    live, kept = len(keep), set(keep)
+    holes = [j for j in range(live) if j not in kept]
+    movers = [j for j in keep if j >= live]
+    order = list(range(live))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    for layer in cache.layers:
+        for hole, mover in zip(holes, movers):
+            layer.keys[hole] = layer.keys[mover]
+            layer.values[hole] = layer.values[mover]
+        layer.keys, layer.values = layer.keys[:live], layer.values[:live]
+    return order
 
 
 @dataclass
@@ -89,27 +189,6 @@ class _Entry:
     key: tuple[str, int]  # (role, adapter version) the K/V was computed with
     ids: torch.Tensor  # [L] token ids whose K/V this holds
     kv: torch.Tensor  # [layers, 2 (K, V), kv_heads, L, head_dim]: post-RoPE, as the cache holds them; no padding
-
-
-def prefill_groups(new: Sequence[int], overhead: float) -> list[list[int]]:
-    """Split a batch's rows (by their uncached prompt lengths) into prefill groups of least total cost. A group
-    computes rows x its longest row's positions, plus `overhead`: a forward pass's fixed cost in positions (the
-    engine measures it at start). One fresh 1500-token prompt among fifteen 130-token continuations would otherwise
-    cost 16 x 1500 positions; the groups still decode as one batch."""
-    order = sorted(range(len(new)), key=lambda i: new[i])
-    # best[k]: least cost of the k shortest rows, cut[k]: where its last group starts (groups are runs of `order`)
-    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
-    for k in range(1, len(order) + 1):
-        for j in range(k):
-            cost = best[j] + overhead + (k - j) * new[order[k - 1]]
-            if cost < best[k]:
-                best[k], cut[k] = cost, j
-    groups: list[list[int]] = []
-    k = len(order)
-    while k:
-        groups.insert(0, order[cut[k] : k])
-        k = cut[k]
-    return groups
 
 
 class _PrefixCache:
@@ -233,22 +312,28 @@ class HFEngine(EngineShell):
             "shared": 0,
         }
         self._prefix = _PrefixCache(prefix_cache_tokens)
+        # Reuse and the packed prefill write K/V into full-length static layers by slot; a sliding-window layer keeps
+        # other slots, so such models get neither. The packed prefill also needs this module's attention function.
+        static = all(type(layer) is StaticLayer for layer in StaticCache(config=self.config, max_cache_len=2).layers)
+        self._packed = static and self.config._attn_implementation == _ATTN
+        if not static:
+            self._prefix.budget = 0
         self._busy_s = 0.0
         self._phase_s = {"prefill": 0.0, "decode": 0.0}  # forward-pass seconds within busy_s
+        self._prefill_positions = 0  # positions prefill passes computed, padding included
+        self._decode_steps = 0  # decode forward passes (each a step of every live row)
         self.forward_overhead = 0.0  # measured below, once the warm-up has paid the first-call costs
         with torch.inference_mode():  # warm-up: the first StaticCache use imports torch._dynamo (seconds)
             warm = _Request([self.pad_id], self.roles[0], SamplingParams(0.0, max_new_tokens=1), None, 0)
             self._decode([warm], [_BASE], [None], keep_kv=False)
-            # Reuse writes past K/V into full-length static layers; a sliding-window layer would need other slots.
-            probe = StaticCache(config=self.config, max_cache_len=2)
-            if any(type(layer) is not StaticLayer for layer in probe.layers):
-                self._prefix.budget = 0
             self.forward_overhead = self._measure_forward_overhead()
         self._phase_s = dict.fromkeys(self._phase_s, 0.0)  # the warm-up's and the probe's passes are not served work
+        self._prefill_positions = 0
+        self._decode_steps = 0
 
     def _measure_forward_overhead(self, n: int = 64) -> float:
         """A forward pass's fixed cost in prompt positions: about 35 on a CPU without AMX, 150 with it (the matmuls
-        are 4x faster, the per-layer Python and small ops are not). Prefill grouping trades padding against it."""
+        are 4x faster, the per-layer Python and small ops are not). Sharing a prefix in a batch must save more."""
         def seconds(length: int) -> float:
             rows = [_Request([self.pad_id] * length, self.roles[0], SamplingParams(0.0, 1), None, 0)]
             start = time.perf_counter()
@@ -323,6 +408,8 @@ class HFEngine(EngineShell):
             "prefix_cache_entries": len(self._prefix.entries),
             "prefill_s": self._phase_s["prefill"],  # prompt forward passes
             "decode_s": self._phase_s["decode"],  # one-token forward passes (the rest of busy_s: sampling, copies)
+            "prefill_positions": self._prefill_positions,  # prefilled_tokens plus the padding the passes computed
+            "decode_steps": self._decode_steps,  # decode passes; tokens_generated - requests of them were rows' steps
         }
 
     # ---- batching ----------------------------------------------------------------------------------------------
@@ -461,7 +548,56 @@ class HFEngine(EngineShell):
     ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
         """Run `batch`'s prompts through the model into a new cache with `tail` free slots after them. past[i]: K/V
         of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or None. Returns the last position's
-        logits [n, V], the cache, its attention mask [n, width + tail] and each row's prompt slots in the cache."""
+        logits [n, V], the cache, its attention mask [n, width + tail] and each row's prompt slots in the cache.
+        Packed: one pass per adapter over the rows' uncached tokens end to end (see _Pack), no padding computed; the
+        cache holds each row's prompt right-aligned: [pad | prompt_i | tail]."""
+        if not self._packed:
+            return self._prefill_padded(batch, names, past, tail)
+        cached = [0 if p is None else p.shape[3] for p in past]
+        lens = [len(r.prompt_ids) for r in batch]
+        end = max(lens)
+        cache = StaticCache(config=self.config, max_cache_len=end + tail)
+        logits: torch.Tensor | None = None
+        start = time.perf_counter()
+        for name in dict.fromkeys(names):  # PEFT picks adapters per batch row, so a pack holds one adapter's rows
+            rows, ids, positions, last = [], [], [], []
+            for i, r in enumerate(batch):
+                if names[i] == name:
+                    rows.append((i, len(ids), cached[i], lens[i] - cached[i]))
+                    ids += r.prompt_ids[cached[i] :]
+                    positions += range(cached[i], lens[i])  # each row's own positions (RoPE)
+                    last.append(len(ids) - 1)
+            out = self.model(
+                input_ids=torch.tensor([ids]),
+                # All ones: transformers then builds no mask (masking_utils.py:273); None would make it look for
+                # packed sequences in position_ids (:854-862). _Pack.attend masks each row itself.
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                position_ids=torch.tensor([positions]),
+                use_cache=False,
+                # An index tensor (not an int) hands lm_head a contiguous [1, n, H]: torch's linear on a strided
+                # slice is ~250x slower in bf16 (it expands the weight per row).
+                logits_to_keep=torch.tensor(last),
+                adapter_names=[name],
+                **{_PACK: _Pack(cache, end, rows, past)},
+            ).logits[0]
+            if logits is None:
+                logits = out.new_empty((len(batch), out.shape[-1]))
+            logits[[row for row, *_ in rows]] = out
+            self._prefill_positions += len(ids)
+        self._phase_s["prefill"] += time.perf_counter() - start
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(end)  # decode steps write from `end` on (see _fill_cache)
+        mask = torch.ones((len(batch), end + tail), dtype=torch.long)
+        for i, n in enumerate(lens):
+            mask[i, : end - n] = 0
+        assert logits is not None
+        return logits, cache, mask, [torch.arange(end - n, end) for n in lens]
+
+    def _prefill_padded(
+        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
+    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
+        """_prefill for a model whose attention or cache the packed pass cannot use (an attention implementation
+        other than SDPA, sliding-window layers): one left-padded pass through transformers' own cache and masks."""
         cached = [0 if p is None else p.shape[3] for p in past]
         new = [len(r.prompt_ids) - c for r, c in zip(batch, cached)]
         C, N = max(cached), max(new)
@@ -480,13 +616,7 @@ class HFEngine(EngineShell):
         # A preallocated cache: DynamicCache's per-step torch.cat of every layer's K/V cost more than the matmuls.
         cache = StaticCache(config=self.config, max_cache_len=mask.shape[1])
         if C:  # the reused K/V fills slots [0, C); the prefill below then writes from C on
-            _, _, heads, _, dim = next(p for p in past if p is not None).shape
-            for layer in range(len(cache.layers)):
-                kv = torch.zeros((2, len(batch), heads, C, dim), dtype=self.dtype)
-                for i, p in enumerate(past):
-                    if p is not None:
-                        kv[:, i, :, C - cached[i] :] = p[layer]
-                cache.update(kv[0], kv[1], layer)
+            _fill_cache(cache, past, [slice(C - c, C) for c in cached], C)
         start = time.perf_counter()
         logits = self.model(
             input_ids=ids,
@@ -494,54 +624,13 @@ class HFEngine(EngineShell):
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            # Only the last position's logits; an index tensor (not the int 1) hands lm_head a contiguous [B,1,H]:
-            # torch's linear on the strided slice is ~250x slower in bf16 (it expands the weight per row).
-            logits_to_keep=torch.tensor([N - 1]),
+            logits_to_keep=torch.tensor([N - 1]),  # see _prefill
             adapter_names=names,
         ).logits[:, -1]
         self._phase_s["prefill"] += time.perf_counter() - start
+        self._prefill_positions += len(batch) * N
         slots = [torch.cat([torch.arange(C - c, C), torch.arange(C + N - n, C + N)]) for c, n in zip(cached, new)]
         return logits, cache, mask, slots
-
-    def _prefill_groups(
-        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
-    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
-        """_prefill for a batch whose uncached prompt lengths differ widely: each group of similar lengths is
-        prefilled on its own (padding only to its own longest row), then the rows' K/V are gathered into one cache
-        laid out [pad | prompt_i | tail], so the whole batch decodes together."""
-        new = [len(r.prompt_ids) - (0 if p is None else p.shape[3]) for r, p in zip(batch, past)]
-        groups = prefill_groups(new, self.forward_overhead)
-        if len(groups) == 1:
-            return self._prefill(batch, names, past, tail)
-        lens = [len(r.prompt_ids) for r in batch]
-        P = max(lens)
-        logits: torch.Tensor | None = None
-        keys: list[torch.Tensor] = []  # per layer [B, heads, P, dim]
-        values: list[torch.Tensor] = []
-        for group in groups:
-            g_logits, g_cache, _, g_slots = self._prefill(
-                [batch[i] for i in group], [names[i] for i in group], [past[i] for i in group], tail=0
-            )
-            if logits is None:
-                logits = g_logits.new_empty((len(batch), g_logits.shape[1]))
-                _, heads, _, dim = g_cache.layers[0].keys.shape
-                keys = [torch.zeros((len(batch), heads, P, dim), dtype=self.dtype) for _ in g_cache.layers]
-                values = [torch.zeros_like(k) for k in keys]
-            logits[group] = g_logits
-            for layer, (k, v) in enumerate(zip(keys, values)):
-                src = g_cache.layers[layer]
-                for j, i in enumerate(group):
-                    k[i, :, P - lens[i] :] = src.keys[j].index_select(1, g_slots[j])
-                    v[i, :, P - lens[i] :] = src.values[j].index_select(1, g_slots[j])
-            del g_cache
-        cache = StaticCache(config=self.config, max_cache_len=P + tail)
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            cache.update(k, v, layer)
-        mask = torch.ones((len(batch), P + tail), dtype=torch.long)
-        for i, n in enumerate(lens):
-            mask[i, : P - n] = 0
-        assert logits is not None
-        return logits, cache, mask, [torch.arange(P - n, P) for n in lens]
 
     def _decode(
         self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], keep_kv: bool
@@ -550,7 +639,7 @@ class HFEngine(EngineShell):
         None. Returns per row ids, log-probs, finish reason and, if keep_kv, the row's K/V for the prefix cache."""
         lens = [len(r.prompt_ids) for r in batch]
         limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
-        logits, cache, mask, slots = self._prefill_groups(batch, names, past, tail=max(limits))
+        logits, cache, mask, slots = self._prefill(batch, names, past, tail=max(limits))
         width = mask.shape[1] - max(limits)  # generated tokens go to slots width, width + 1, ...
 
         rows = list(range(len(batch)))  # batch index of each live row
@@ -574,18 +663,13 @@ class HFEngine(EngineShell):
                     continue
                 if keep_kv:  # before the row leaves the cache: its slots hold prompt + all but the last token
                     row_slots = torch.cat([slots[i], torch.arange(width, width + len(out_ids[i]) - 1)])
-                    out_kv[i] = torch.stack([
-                        torch.stack([layer.keys[j].index_select(1, row_slots),
-                                     layer.values[j].index_select(1, row_slots)])
-                        for layer in cache.layers
-                    ])
+                    out_kv[i] = _gather_row(cache, j, row_slots)
             if not keep:
                 break
             if len(keep) < len(rows):  # finished rows leave the batch: less compute for the rest
-                idx = torch.tensor(keep)
-                cache.reorder_cache(idx)  # index_select on the batch dim of every layer
+                idx = torch.tensor(_drop_rows(cache, keep))
                 mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
-                rows = [rows[j] for j in keep]
+                rows = [rows[j] for j in idx.tolist()]
             start = time.perf_counter()
             logits = self.model(
                 input_ids=tokens[:, None],
@@ -596,6 +680,7 @@ class HFEngine(EngineShell):
                 adapter_names=[names[i] for i in rows],
             ).logits[:, -1]
             self._phase_s["decode"] += time.perf_counter() - start
+            self._decode_steps += 1
             next_pos = next_pos + 1
         return list(zip(out_ids, out_lps, reasons, out_kv))
 

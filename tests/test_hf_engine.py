@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from agents.model import load_model
 from agents.adapters import AdapterUpdate
 from rollout.engine import GenerateResult, SamplingParams
-from rollout.hf_engine import HFEngine, _sdpa_gqa, prefill_groups
+from rollout.hf_engine import HFEngine, _sdpa_gqa
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 # Different lengths, so batches need left padding; the tiny model tends to repeat the last token under greedy.
@@ -324,47 +324,64 @@ def test_prefix_cache_evicts_least_recently_used(model_path: str) -> None:
     assert engine.stats()["prefix_cache_tokens"] <= 100
 
 
-def test_prefill_groups_trade_padding_against_a_forward_pass() -> None:
-    assert prefill_groups([130] * 15, overhead=40) == [list(range(15))]
-    # the fresh long prompt prefills on its own: 15 x 130 + 1500 + 2 x 40 positions instead of 16 x 1500 + 40
-    assert prefill_groups([130] * 15 + [1500], overhead=40) == [list(range(15)), [15]]
-    assert sorted(i for g in prefill_groups([5, 900, 40, 1200, 33, 1000], overhead=40) for i in g) == list(range(6))
-    # a 30-position saving is worth a pass that costs 20, not one that costs 150
-    assert prefill_groups([100, 120, 90], overhead=20) == [[2, 0], [1]]
-    assert prefill_groups([100, 120, 90], overhead=150) == [[2, 0, 1]]
-    # the least total cost, checked against every way to cut the sorted rows
-    lengths, overhead = [3, 50, 52, 200, 210, 900], 60
-    best = min(
-        sum(overhead + (b - a) * lengths[b - 1] for a, b in zip((0, *cuts), (*cuts, len(lengths))))
-        for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k)
-    )
-    got = prefill_groups(lengths, overhead)
-    assert sum(overhead + len(g) * max(lengths[i] for i in g) for g in got) == best
-
-
-def test_a_batch_prefilled_in_groups_decodes_as_one_and_matches_rows_served_alone(model_path: str) -> None:
-    """Rows of very different uncached lengths prefill in separate groups, then decode together: each row's
-    greedy tokens and log-probs equal those it gets alone, and the batch takes one decode loop, not one per group."""
-    engine = HFEngine(model_path, dtype="float32", threads=1, prefix_cache_tokens=0)
-    engine.forward_overhead = 1.0  # any padding is worth a pass: the short and the long rows prefill apart
-    prompts = [rand_ids(3, 1), rand_ids(5, 2), rand_ids(90, 3), rand_ids(97, 4)]
-    jobs = [(p, "actor", GREEDY) for p in prompts[:2]]
-    jobs += [(p, "actor", SamplingParams(temperature=1.0, max_new_tokens=8, seed=i)) for i, p in enumerate(prompts[2:])]
-    assert len(prefill_groups([len(p) for p in prompts], engine.forward_overhead)) > 1
-    single = run(one_by_one(engine, jobs))
-    forwards = []
+def test_a_packed_prefill_computes_no_padding_and_matches_rows_served_alone(model_path: str) -> None:
+    """Rows of very different lengths, two of them continuing cached conversations, under two adapters: the prefill
+    is one packed pass per adapter over exactly the uncached tokens (no padding), then the batch decodes as one;
+    each row gets the tokens and log-probs it gets alone, and its adapter's teacher-forced log-probs."""
+    engine = HFEngine(model_path, dtype="float32", threads=1)
+    engine.update_adapter(AdapterUpdate("reflector", 1, random_lora(engine, "reflector", 3)))
+    history = [rand_ids(60, 7), rand_ids(45, 8)]
+    first = run(together(engine, [(h, "actor", GREEDY) for h in history]))  # cached: prompt + completion - 1
+    prompts = [h + f.completion_ids + rand_ids(9, 20 + k) for k, (h, f) in enumerate(zip(history, first))]
+    prompts += [rand_ids(3, 1), rand_ids(90, 3), rand_ids(5, 2)]
+    roles = ["actor", "reflector", "actor", "reflector", "reflector"]
+    jobs = [(p, role, SamplingParams(temperature=1.0, max_new_tokens=8, seed=k) if k % 2 else GREEDY)
+            for k, (p, role) in enumerate(zip(prompts, roles))]
+    before = engine.stats()
+    forwards: list[int] = []
     hook = engine.model.register_forward_hook(lambda *_: forwards.append(1))
     try:
         batched = run(together(engine, jobs))
     finally:
         hook.remove()
+    stats = engine.stats()
     assert batched[0].stats["batch_size"] == len(jobs)
-    for s, b in zip(single, batched):
+    hits = [b.stats["prefix_hit_tokens"] for b in batched]
+    assert hits[0] == 60 + len(first[0].completion_ids) - 1 and hits[2:] == [0, 0, 0]
+    assert hits[1] == 0  # the reflector has other weights: the actor's K/V is no use to it
+    computed = stats["prefill_positions"] - before["prefill_positions"]
+    assert computed == sum(len(p) for p in prompts) - sum(hits)  # no padding
+    longest = max(len(b.completion_ids) for b in batched)
+    assert len(forwards) == 2 + longest - 1  # a pass per adapter, then one shared decode loop
+    assert stats["decode_steps"] - before["decode_steps"] == longest - 1
+
+    alone = HFEngine(model_path, dtype="float32", threads=1)
+    alone.update_adapter(AdapterUpdate("reflector", 1, random_lora(alone, "reflector", 3)))
+    run(together(alone, [(h, "actor", GREEDY) for h in history]))
+    single = run(one_by_one(alone, jobs))
+    references = {"actor": reference_peft(model_path, None),
+                  "reflector": reference_peft(model_path, random_lora(engine, "reflector", 3))}
+    for (prompt, role, _), s, b in zip(jobs, single, batched):
         assert s.completion_ids == b.completion_ids
         assert s.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-    groups = len(prefill_groups([len(p) for p in prompts], engine.forward_overhead))
-    longest = max(len(b.completion_ids) for b in batched)
-    assert len(forwards) == groups + longest - 1  # a prefill per group, then one shared decode loop
+        expected = teacher_forced(references[role], prompt, b.completion_ids)
+        assert torch.tensor(b.logprobs) == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_padded_prefill_for_other_attention_matches_the_packed_one(model_path: str) -> None:
+    """A model whose attention the packed pass cannot use (not SDPA; sliding-window layers) prefills padded through
+    transformers' own cache and masks: same tokens and log-probs, more positions computed."""
+    packed = HFEngine(model_path, dtype="float32", threads=1)
+    padded = HFEngine(model_path, dtype="float32", threads=1)
+    padded._packed = False  # what the engine picks for such a model (tested here on the tiny Llama)
+    starts = [rand_ids(n, n) for n in (40, 23, 61)]
+    got, want = run(conversations(padded, starts)), run(conversations(packed, starts))
+    for episode, expected in zip(got, want):
+        for (_, res), (_, exp) in zip(episode, expected):
+            assert res.completion_ids == exp.completion_ids
+            assert res.logprobs == pytest.approx(exp.logprobs, abs=1e-4)
+    assert packed.stats()["prefill_positions"] == packed.stats()["prefilled_tokens"]
+    assert padded.stats()["prefill_positions"] > padded.stats()["prefilled_tokens"]
 
 
 def test_a_prefix_shared_within_a_batch_is_computed_once(model_path: str) -> None:
