@@ -57,6 +57,9 @@ def _sdpa_gqa(
 ) -> tuple[torch.Tensor, None]:
     """SDPA with native GQA. transformers' "sdpa" copies K/V once per query head whenever a mask is passed (always,
     with padding or a static cache); on CPU those copies cost more than the attention itself."""
+    pack = kwargs.get(_PACK)
+    if pack is not None:  # whatever its length: a one-token pack still attends over its rows' reused K/V
+        return pack.attend(module.layer_idx, query, key, value, scaling), None
     b, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len == 1 and kv_heads != heads and query.dtype in _REDUCED and query.device.type == "cpu":
@@ -72,9 +75,6 @@ def _sdpa_gqa(
             dropout_p=dropout, scale=scaling,
         )
         return out.reshape(b, 1, heads, dim), None
-    pack = kwargs.get(_PACK)
-    if pack is not None:
-        return pack.attend(module.layer_idx, query, key, value, scaling), None
     causal = q_len > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,

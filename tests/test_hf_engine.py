@@ -368,6 +368,21 @@ def test_a_packed_prefill_computes_no_padding_and_matches_rows_served_alone(mode
         assert torch.tensor(b.logprobs) == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_prompt_cached_but_its_last_token_prefills_one_token_over_its_cache(model_path: str) -> None:
+    """The same prompt again (a retry, another reflection candidate): all but its last token come from the prefix
+    cache, so the packed pass is a single token, which must still attend over the reused K/V. In bf16, where a
+    one-token query takes the decode step's attention path otherwise."""
+    engine = HFEngine(model_path, dtype="bfloat16", threads=1)
+    plain = HFEngine(model_path, dtype="bfloat16", threads=1, prefix_cache_tokens=0)
+    prompt = rand_ids(50, 11)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=6, seed=4)
+    run(one_by_one(engine, [(prompt, "actor", GREEDY)]))
+    (again,), (want,) = (run(one_by_one(e, [(prompt, "actor", sampled)])) for e in (engine, plain))
+    assert again.stats["prefix_hit_tokens"] == len(prompt) - 1
+    assert again.completion_ids == want.completion_ids
+    assert again.logprobs == pytest.approx(want.logprobs, abs=2e-2)  # bf16: the two passes round differently
+
+
 def test_the_padded_prefill_for_other_attention_matches_the_packed_one(model_path: str) -> None:
     """A model whose attention the packed pass cannot use (not SDPA; sliding-window layers) prefills padded through
     transformers' own cache and masks: same tokens and log-probs, more positions computed."""
