@@ -90,14 +90,14 @@ _PACK = "retrorl_pack"  # keyword the engine passes through the model call to _s
 class _Pack:
     """A packed prefill: some of a batch's rows (one adapter's), their uncached tokens laid end to end as one
     sequence, so the pass computes no padding. The model gets `_PACK=pack` as a keyword argument, which transformers
-    hands to the attention function (modeling_llama.py:399 and :265, 5.19), and with no cache of its own: each
-    layer's attention writes the rows' new K/V into `cache` ([pad | reused | new | tail] per row, every prompt
-    ending at slot `end`) and attends each row over its own slots there."""
+    hands to the attention function (modeling_llama.py:399 and :265, 5.19), and with no cache of its own: `cache`
+    holds [pad | reused | new | tail] per row, every prompt ending at slot `end`, with the reused K/V already in
+    place; each layer's attention writes the rows' new K/V after it and attends each row over its own slots."""
 
     cache: StaticCache
     end: int
     rows: list[tuple[int, int, int, int]]  # (batch row, offset in the packed sequence, reused tokens, new tokens)
-    past: list[torch.Tensor | None]  # per batch row: [layers, 2, kv_heads, reused, dim] or None
+    batch: int  # rows in the cache (all packs' rows)
     _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def attend(
@@ -105,16 +105,12 @@ class _Pack:
     ) -> torch.Tensor:
         _, heads, total, dim = query.shape
         layer = self.cache.layers[layer_idx]
-        if not layer.is_initialized:  # the first layer of the first pack: now the K/V shape is known
-            self.cache.early_initialization(len(self.past), key.shape[1], dim, key.dtype, key.device)
+        if not layer.is_initialized:  # nothing reused, first pack: now the K/V shape is known
+            self.cache.early_initialization(self.batch, key.shape[1], dim, key.dtype, key.device)
         gqa = key.shape[1] != heads
         out = query.new_empty((1, total, heads, dim))
         for row, offset, reused, new in self.rows:
             start, mid = self.end - reused - new, self.end - new
-            past = self.past[row]
-            if past is not None:
-                layer.keys[row, :, start:mid] = past[layer_idx, 0]
-                layer.values[row, :, start:mid] = past[layer_idx, 1]
             layer.keys[row, :, mid : self.end] = key[0, :, offset : offset + new]
             layer.values[row, :, mid : self.end] = value[0, :, offset : offset + new]
             q = query[:, :, offset : offset + new]
@@ -557,6 +553,8 @@ class HFEngine(EngineShell):
         lens = [len(r.prompt_ids) for r in batch]
         end = max(lens)
         cache = StaticCache(config=self.config, max_cache_len=end + tail)
+        if any(c for c in cached):  # reused K/V right before each row's new tokens
+            _fill_cache(cache, past, [slice(end - n, end - n + c) for n, c in zip(lens, cached)], end)
         logits: torch.Tensor | None = None
         start = time.perf_counter()
         for name in dict.fromkeys(names):  # PEFT picks adapters per batch row, so a pack holds one adapter's rows
@@ -578,7 +576,7 @@ class HFEngine(EngineShell):
                 # slice is ~250x slower in bf16 (it expands the weight per row).
                 logits_to_keep=torch.tensor(last),
                 adapter_names=[name],
-                **{_PACK: _Pack(cache, end, rows, past)},
+                **{_PACK: _Pack(cache, end, rows, len(batch))},
             ).logits[0]
             if logits is None:
                 logits = out.new_empty((len(batch), out.shape[-1]))
@@ -586,7 +584,7 @@ class HFEngine(EngineShell):
             self._prefill_positions += len(ids)
         self._phase_s["prefill"] += time.perf_counter() - start
         for layer in cache.layers:
-            layer.cumulative_length.fill_(end)  # decode steps write from `end` on (see _fill_cache)
+            layer.cumulative_length.fill_(end)  # decode steps write from `end` on (as _fill_cache sets it)
         mask = torch.ones((len(batch), end + tail), dtype=torch.long)
         for i, n in enumerate(lens):
             mask[i, : end - n] = 0
