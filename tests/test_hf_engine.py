@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from agents.model import load_model
 from agents.adapters import AdapterUpdate
 from rollout.engine import GenerateResult, SamplingParams
-from rollout.hf_engine import HFEngine, _sdpa_gqa
+from rollout.hf_engine import _STEP, HFEngine, _chunks, _sdpa_gqa, _Step
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 # Different lengths, so batches need left padding; the tiny model tends to repeat the last token under greedy.
@@ -443,10 +443,14 @@ def test_bf16_decode_attention_matches_fp32_attention_with_padding_and_gqa() -> 
     assert torch.equal(_sdpa_gqa(module, *lo, attention_mask=additive)[0], ours)  # the other mask form: same result
 
 
-def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path: str) -> None:
+@pytest.mark.parametrize("chunk_cost", [None, 0], ids=["one-chunk", "chunk-per-row"])
+def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path: str, chunk_cost, monkeypatch) -> None:
     """Rows of one batch end at every step from 1 to 9 (their token caps), so a row leaves the cache at every step
     while the others go on: every row's tokens, log-probs and the K/V it leaves in the prefix cache must be what it
-    gets alone."""
+    gets alone. Decode steps read the batch's slots in one call, and (chunk_cost 0) row by row from each row's
+    prompt on."""
+    if chunk_cost is not None:
+        monkeypatch.setattr("rollout.hf_engine._CHUNK_COST", chunk_cost)
     batched = HFEngine(model_path, dtype="float32", threads=1)
     alone = HFEngine(model_path, dtype="float32", threads=1)
     jobs = [(rand_ids(20 + 7 * k, 50 + k), "actor",
@@ -467,3 +471,36 @@ def test_rows_that_finish_at_different_steps_match_rows_served_alone(model_path:
         assert g.completion_ids == w.completion_ids
         assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
         assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(reference, p, g.completion_ids), abs=1e-4)
+
+
+def test_a_decode_step_reads_each_chunk_of_rows_from_its_first_used_slot_to_the_written_length(monkeypatch) -> None:
+    """Rows of a decode step are cut into runs of consecutive rows, each read from the first slot its rows use to
+    the slots written so far (neither the pads left of shorter prompts nor the unwritten tail): the same result as
+    one masked call over the written slots, in fp32 and bf16, whatever the unwritten slots hold."""
+    g = torch.Generator().manual_seed(1)
+    b, heads, kv_heads, size, dim, length = 5, 6, 2, 60, 16, 47
+    starts = [0, 3, 20, 24, 31]  # sorted longest prompt first, as the engine orders a batch
+    q = torch.randn(b, heads, 1, dim, generator=g)
+    k, v = (torch.randn(b, kv_heads, size, dim, generator=g) for _ in range(2))
+    mask = torch.ones(b, 1, 1, size, dtype=torch.bool)
+    for i, s0 in enumerate(starts):
+        mask[i, ..., :s0] = False
+        k[i, :, :s0] = 1e3  # finite garbage in the pads (a chunk may read them, masked)
+    mask[..., length:] = False
+    k[:, :, length:] = float("nan")  # never written: a read would make the output NaN
+    v[:, :, length:] = float("nan")
+    engine_mask = mask.clone()
+    engine_mask[..., length:] = True  # the engine's mask leaves the tail to causality, which a decode step lacks
+    reference = F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], attn_mask=mask[..., :length],
+                                               enable_gqa=True).transpose(1, 2)
+    assert _chunks(starts) == [(0, b, 0)]  # a few slots of padding cost less than another call
+    monkeypatch.setattr("rollout.hf_engine._CHUNK_COST", 12)
+    chunks = _chunks(starts)
+    assert chunks == [(0, 2, 0), (2, 5, 20)]  # the two long rows apart from the three short ones
+    module = torch.nn.Module()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        for step in (_Step(chunks, length), _Step([(0, b, 0)], length),
+                     _Step([(i, i + 1, s0) for i, s0 in enumerate(starts)], length)):
+            out = _sdpa_gqa(module, *(t.to(dtype) for t in (q, k, v)), attention_mask=engine_mask, **{_STEP: step})[0]
+            assert out.shape == (b, 1, heads, dim) and not out.isnan().any()
+            assert out.float() == pytest.approx(reference, abs=tol)
