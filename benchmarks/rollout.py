@@ -27,6 +27,7 @@ import ray  # noqa: E402
 
 from agents.chat import ChatFormatter  # noqa: E402
 from agents.model import load_tokenizer, resolve_model  # noqa: E402
+from agents.trajectory import Episode  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from cluster.pipeline import rollout_settings  # noqa: E402
 from rollout.engine import SamplingParams  # noqa: E402
@@ -39,6 +40,13 @@ from rollout.workers import EnvWorker  # noqa: E402
 # Engine counters shown per run (their change over the run): where the engine's time went.
 ENGINE_KEYS = ("batches", "requests", "prompt_tokens", "prefilled_tokens", "prefill_positions", "decode_steps",
                "busy_s", "prefill_s", "decode_s")
+
+
+def own_decode_steps(episode: Episode) -> int:
+    """Decode steps the episode's generate calls take one after another: n tokens are a prefill and n - 1 steps."""
+    gens = [step.generation for trial in episode.trials for step in trial.steps]
+    gens += [trial.reflection for trial in episode.trials if trial.reflection is not None]
+    return sum(len(g.completion_ids) - 1 for g in gens)
 
 
 def main() -> None:
@@ -81,10 +89,13 @@ def main() -> None:
         for name, runner in (("full", full), ("naive", naive)):
             ray.get(engine.release_memory.remote())  # every run starts cold: no prefix K/V from the one before
             before = ray.get(engine.stats.remote())
-            _, stats = asyncio.run(runner.run(tasks))
+            episodes, stats = asyncio.run(runner.run(tasks))
             s = stats.as_dict()
             after = ray.get(engine.stats.remote())
             eng = {k: after[k] - before[k] for k in ENGINE_KEYS}
+            # An episode's generate calls run one after another, so the full run can take no fewer decode steps than
+            # its longest episode's own: how close decode_steps comes to it shows what batching left on the table.
+            eng["longest_episode_steps"] = max(own_decode_steps(e) for e in episodes)
             rows.append({"pair": i, "mode": name, **{k: s[k] for k in
                          ("episodes", "env_steps", "tokens", "seconds", "tokens_per_s", "env_steps_per_s")},
                          "engine": eng})
