@@ -743,7 +743,9 @@ class HFEngine(EngineShell):
                 past_key_values=cache,
                 use_cache=True,
                 adapter_names=[names[i] for i in rows],
-                **{_STEP: step},
+                # Slots are cache positions only in full-length static layers (a sliding-window layer's are not),
+                # the layers the packed prefill also needs.
+                **({_STEP: step} if self._packed else {}),
             ).logits[:, -1]
             self._phase_s["decode"] += time.perf_counter() - start
             self._decode_steps += 1

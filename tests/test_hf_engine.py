@@ -504,3 +504,33 @@ def test_a_decode_step_reads_each_chunk_of_rows_from_its_first_used_slot_to_the_
             out = _sdpa_gqa(module, *(t.to(dtype) for t in (q, k, v)), attention_mask=engine_mask, **{_STEP: step})[0]
             assert out.shape == (b, 1, heads, dim) and not out.isnan().any()
             assert out.float() == pytest.approx(reference, abs=tol)
+
+
+def test_a_sliding_window_model_decodes_through_transformers_own_cache(model_path: str, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """A model with sliding-window layers (a tiny Qwen2, window 12, the real tokenizer): its cache layers keep a
+    rolling window, not one slot per position, so the engine neither packs its prefill nor reuses K/V nor cuts a
+    decode step's reads by slot (chunk per row here, which would cut the windows). Prompts longer than the window,
+    batched: tokens and log-probs as the model's own forward gives them."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    monkeypatch.setattr("rollout.hf_engine._CHUNK_COST", 0)
+    for f in Path(model_path).iterdir():  # the tokenizer's files
+        if f.name not in ("config.json", "generation_config.json") and not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    llama = json.loads((Path(model_path) / "config.json").read_text())
+    config = Qwen2Config(vocab_size=llama["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         use_sliding_window=True, sliding_window=12, max_window_layers=0,
+                         bos_token_id=llama.get("bos_token_id"), eos_token_id=llama.get("eos_token_id"))
+    assert config.layer_types == ["sliding_attention"] * 2
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    engine = HFEngine(str(tmp_path), dtype="float32", threads=1)
+    assert not engine._packed and engine.stats()["prefix_cache_tokens"] == 0
+    prompts = [rand_ids(n, n) for n in (30, 17, 41)]
+    got = run(together(engine, [(p, "actor", GREEDY) for p in prompts]))
+    assert got[0].stats["batch_size"] == 3
+    for prompt, g in zip(prompts, got):
+        assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(model, prompt, g.completion_ids), abs=1e-4)
