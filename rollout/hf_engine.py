@@ -5,8 +5,9 @@ worker thread so the event loop keeps accepting requests (and, inside a Ray asyn
 Each batch prefills its prompts packed (each adapter's rows' uncached tokens end to end in one sequence, so no
 padding is computed; the attention runs row by row) and then decodes all rows in one loop over a preallocated KV
 cache, so rows can use different roles (PEFT mixed-adapter batches), temperatures, top_p, seeds and lengths, and
-leave the batch as soon as they finish. Adapter updates are staged and swapped in between batches, never during
-one.
+leave the batch as soon as they finish; each is answered then, and its caller's next request can join the running
+batch if it ends within the batch's longest row's steps (see _join). Adapter updates are staged and swapped in
+between batches, never during one.
 
 Prefix reuse: a finished row's K/V (prompt + completion, bar the last sampled token, whose K/V was never computed)
 goes into an LRU keyed by role and adapter version. A later request of that role sharing a prefix with an entry
@@ -27,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,7 @@ class _Pack:
         return out
 
 
+_GROWTH = 2  # a joinable batch's cache has this many times its longest token cap free before its longest prompt
 _STEP = "retrorl_step"  # keyword the engine passes through a decode step's model call to _sdpa_gqa
 _CHUNK_COST = 384  # an extra attention call's cost in row-slots read (see _chunks)
 
@@ -192,17 +194,29 @@ AttentionMaskInterface.register(_ATTN, sdpa_mask)
 
 
 def _fill_cache(cache: StaticCache, past: Sequence[torch.Tensor | None], where: Sequence[slice], length: int) -> None:
-    """Put past[i] ([layers, 2, kv_heads, c_i, dim], or None) into row i's slots `where[i]` of every layer and make
-    the next update() write from `length` on. One copy per row; update() would need the batch's K/V built first."""
+    """A new cache with past[i] ([layers, 2, kv_heads, c_i, dim], or None) in row i's slots `where[i]`; the next
+    update() writes from `length` on. One copy per row; update() would need the batch's K/V built first."""
     first = next(p for p in past if p is not None)
     _, _, heads, _, dim = first.shape
     cache.early_initialization(len(past), heads, dim, first.dtype, first.device)
-    for n, layer in enumerate(cache.layers):
-        for i, (p, at) in enumerate(zip(past, where)):
-            if p is not None:
-                layer.keys[i, :, at] = p[n, 0]
-                layer.values[i, :, at] = p[n, 1]
+    _put_rows(cache, [(i, p, at) for i, (p, at) in enumerate(zip(past, where)) if p is not None])
+    for layer in cache.layers:
         layer.cumulative_length.fill_(length)
+
+
+def _put_rows(cache: StaticCache, rows: Sequence[tuple[int, torch.Tensor, slice]]) -> None:
+    """Write each (row, past, slots): past's K/V ([layers, 2, kv_heads, len(slots), dim]) into that row's slots."""
+    for n, layer in enumerate(cache.layers):
+        for i, p, at in rows:
+            layer.keys[i, :, at] = p[n, 0]
+            layer.values[i, :, at] = p[n, 1]
+
+
+def _grown(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A [rows, ...] copy of t ([b, ...], b < rows) whose extra rows are zeros."""
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
 
 
 def _gather_row(cache: StaticCache, row: int, slots: torch.Tensor) -> torch.Tensor:
@@ -303,6 +317,43 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(eq=False)
+class _Row:
+    """A request in a decode loop: what it reads and what it has produced."""
+
+    req: _Request
+    name: str  # PEFT adapter name: the role's, or _BASE while the role's adapter is all-zero
+    key: tuple[str, int]  # (role, adapter version): its prefix-cache key
+    past: torch.Tensor | None  # reused K/V of its prompt's first tokens
+    batch_size: int  # rows in the batch when it entered
+    limit: int = 0  # token cap (set by _start, as are stops, gen and entered)
+    stops: frozenset[int] | set[int] = frozenset()
+    gen: torch.Generator | None = None
+    entered: float = 0.0
+    slots: torch.Tensor | None = None  # its prompt's slots in the cache
+    at: int = 0  # the slot of its first generated token
+    ids: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    reason: str = "length"
+    kv: torch.Tensor | None = None  # with keep_kv: prompt + ids[:-1], for the prefix cache
+
+
+def _waiting(r: _Request) -> bool:
+    return r.future is not None and not r.future.done()
+
+
+def _resolve(future: asyncio.Future | None, result: GenerateResult) -> None:
+    if future is not None and not future.done():  # a caller that gave up
+        future.set_result(result)
+
+
+async def _drain(queue: asyncio.Queue) -> list[_Request]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
 class HFEngine(EngineShell):
     """Serves `roles` (LoRA adapters on one base model) to many concurrent callers; see the module docstring."""
 
@@ -358,10 +409,11 @@ class HFEngine(EngineShell):
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
         self._n = {
-            "requests": 0, "batches": 0, "rows": 0, "tokens": 0, "prompt_tokens": 0, "hit_tokens": 0, "prefilled": 0,
+            "requests": 0, "batches": 0, "tokens": 0, "prompt_tokens": 0, "hit_tokens": 0, "prefilled": 0,
             "shared": 0,
         }
         self._prefix = _PrefixCache(prefix_cache_tokens)
+        self._held: list[_Request] = []  # taken from the queue, did not fit the running batch: the next one's first
         # Reuse and the packed prefill write K/V into full-length static layers by slot; a sliding-window layer keeps
         # other slots, so such models get neither. The packed prefill also needs this module's attention function.
         static = all(type(layer) is StaticLayer for layer in StaticCache(config=self.config, max_cache_len=2).layers)
@@ -375,7 +427,7 @@ class HFEngine(EngineShell):
         self.forward_overhead = 0.0  # measured below, once the warm-up has paid the first-call costs
         with torch.inference_mode():  # warm-up: the first StaticCache use imports torch._dynamo (seconds)
             warm = _Request([self.pad_id], self.roles[0], SamplingParams(0.0, max_new_tokens=1), None, 0)
-            self._decode([warm], [_BASE], [None], keep_kv=False)
+            self._decode([_Row(warm, _BASE, (self.roles[0], 0), None, 1)], keep_kv=False)
             self.forward_overhead = self._measure_forward_overhead()
         self._phase_s = dict.fromkeys(self._phase_s, 0.0)  # the warm-up's and the probe's passes are not served work
         self._prefill_positions = 0
@@ -385,9 +437,9 @@ class HFEngine(EngineShell):
         """A forward pass's fixed cost in prompt positions: about 35 on a CPU without AMX, 150 with it (the matmuls
         are 4x faster, the per-layer Python and small ops are not). Sharing a prefix in a batch must save more."""
         def seconds(length: int) -> float:
-            rows = [_Request([self.pad_id] * length, self.roles[0], SamplingParams(0.0, 1), None, 0)]
+            req = _Request([self.pad_id] * length, self.roles[0], SamplingParams(0.0, 1), None, 0)
             start = time.perf_counter()
-            self._prefill(rows, [_BASE], [None], tail=0)
+            self._prefill([_Row(req, _BASE, (self.roles[0], 0), None, 1)], tail=0)
             return time.perf_counter() - start
 
         one = min(seconds(1) for _ in range(2))
@@ -446,7 +498,7 @@ class HFEngine(EngineShell):
             "batches": n["batches"],
             "tokens_generated": n["tokens"],
             "prompt_tokens": n["prompt_tokens"],
-            "mean_batch_size": n["rows"] / n["batches"] if n["batches"] else 0.0,
+            "mean_batch_size": n["requests"] / n["batches"] if n["batches"] else 0.0,  # joined rows included
             "queue_depth": self._queue.qsize() if self._queue is not None else 0,
             "busy_s": self._busy_s,
             "tokens_per_busy_s": n["tokens"] / self._busy_s if self._busy_s else 0.0,
@@ -472,15 +524,17 @@ class HFEngine(EngineShell):
             self._task = loop.create_task(self._serve())
 
     async def _serve(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+        assert self._queue is not None and self._loop is not None
+        queue, loop = self._queue, self._loop
         while True:
-            batch = [await queue.get()]
+            # Requests the last batch took but could not fit come first.
+            batch, self._held = self._held[: self.max_batch_size], self._held[self.max_batch_size :]
+            batch = batch or [await queue.get()]
             # Collect until no request has arrived for batch_wait_s (capped at 10x that): a burst of calls (Ray
             # delivers them a few ms apart) shares one batch, and so do the callers the previous batch just
             # answered, who come back after one env step. Without the second part concurrent episodes split into
-            # two half-size groups that alternate, halving throughput. Polling, since wait_for(queue.get()) can
-            # drop an item on Python 3.11.
+            # two half-size groups that alternate, halving throughput. Polling, since wait_for(queue.get()) can drop
+            # an item on Python 3.11.
             start = time.perf_counter()
             deadline = start + self.batch_wait_s
             while len(batch) < self.max_batch_size:
@@ -491,63 +545,95 @@ class HFEngine(EngineShell):
                     await asyncio.sleep(0.001)
                 else:
                     break
-            batch = [r for r in batch if r.future is not None and not r.future.done()]  # callers that gave up
+            batch = [r for r in batch if _waiting(r)]  # callers that gave up
             if not batch:
                 continue
-            try:
-                results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, batch)
-            except Exception as exc:  # noqa: BLE001 - the callers get it; the server keeps serving
-                for r in batch:
-                    if r.future is not None and not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            for r, res in zip(batch, results):
-                if r.future is not None and not r.future.done():
-                    r.future.set_result(res)
+            taken = list(batch)  # the batch's requests and those that join it while it runs
 
-    def _run_batch(self, batch: list[_Request]) -> list[GenerateResult]:
+            def answer(r: _Request, result: GenerateResult) -> None:  # from the compute thread, as rows finish
+                loop.call_soon_threadsafe(_resolve, r.future, result)
+
+            def take() -> list[_Request]:  # from the compute thread, between decode steps
+                if queue.empty():  # a deque's len(): safe to read from another thread
+                    return []
+                got = asyncio.run_coroutine_threadsafe(_drain(queue), loop).result()
+                taken.extend(got)
+                return got
+
+            try:
+                await loop.run_in_executor(self._compute, self._run_batch, batch, answer, take)
+            except Exception as exc:  # noqa: BLE001 - the callers get it; the server keeps serving
+                held = set(map(id, self._held))
+                for r in taken:
+                    if id(r) not in held and _waiting(r):
+                        r.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Request], answer: Callable[[_Request, GenerateResult], None],
+                   take: Callable[[], list[_Request]] | None = None) -> None:
+        """Serve `batch`, answering each row as it finishes; requests from `take` join the batch while it decodes."""
         with self._weights_lock:
             start = time.perf_counter()
             self._apply_pending()
             versions = dict(self._applied)
-            names = [_BASE if self._is_base[r.role] else r.role for r in batch]
-            keys = [(r.role, versions[r.role]) for r in batch]
             keep_kv = self._prefix.budget > 0
-            shared = 0
+            batch = sorted(batch, key=lambda r: -len(r.prompt_ids))  # longest first: see _Step
+
+            def row(r: _Request, size: int) -> _Row:
+                key = (r.role, versions[r.role])
+                return _Row(r, _BASE if self._is_base[r.role] else r.role, key,
+                            self._lookup(key, r.prompt_ids, keep_kv), size)
+
+            def join(fits: Callable[[_Request], bool]) -> list[_Row]:  # the rows that fit; the others wait
+                assert take is not None
+                held, self._held, rows = self._held, [], []
+                for r in held + take():
+                    if not _waiting(r):  # a caller that gave up
+                        continue
+                    if fits(r):
+                        rows.append(row(r, 0))
+                    else:
+                        self._held.append(r)
+                return rows
+
+            last: list[tuple[_Request, GenerateResult]] = []
+
+            def done(ended: list[_Row], more: bool) -> None:
+                for r in ended:
+                    if r.kv is not None:  # ids minus the last sampled token: its K/V was never computed
+                        self._prefix.put(_Entry(r.key, torch.tensor(r.req.prompt_ids + r.ids[:-1]), r.kv))
+                    hit = 0 if r.past is None else r.past.shape[3]
+                    n = self._n
+                    n["requests"] += 1
+                    n["tokens"] += len(r.ids)
+                    n["prompt_tokens"] += len(r.req.prompt_ids)
+                    n["hit_tokens"] += hit
+                    n["prefilled"] += len(r.req.prompt_ids) - hit
+                    result = GenerateResult(
+                        completion_ids=r.ids, logprobs=r.lps, version=r.key[1], finish_reason=r.reason,
+                        stats={"batch_size": r.batch_size, "queue_wait_s": r.entered - r.req.enqueued,
+                               "batch_s": time.perf_counter() - r.entered, "prefix_hit_tokens": hit},
+                    )
+                    # Answered now while other rows go on; the batch's last ones once it is over, so a caller
+                    # holding every answer knows the batch ended (an adapter update then lands at once).
+                    if more:
+                        answer(r.req, result)
+                    else:
+                        last.append((r.req, result))
+
             with torch.inference_mode():
+                shared = 0
                 if keep_kv:
-                    shared = self._share_prefixes(batch, names, keys)
-                past = [self._lookup(key, r.prompt_ids, keep_kv) for r, key in zip(batch, keys)]
-                outs = self._decode(batch, names, past, keep_kv)
-            for r, key, (ids, _, _, kv) in zip(batch, keys, outs):
-                if kv is not None:  # ids minus the last sampled token: its K/V was never computed
-                    self._prefix.put(_Entry(key, torch.tensor(r.prompt_ids + ids[:-1]), kv))
-            elapsed = time.perf_counter() - start
+                    shared = self._share_prefixes(batch, [_BASE if self._is_base[r.role] else r.role for r in batch],
+                                                  [(r.role, versions[r.role]) for r in batch])
+                rows = [row(r, len(batch)) for r in batch]
+                self._decode(rows, keep_kv, done, join if take is not None else None)
+            self._n["prefilled"] += shared
+            self._n["shared"] += shared
+            self._n["batches"] += 1
+            self._busy_s += time.perf_counter() - start
+        for req, result in last:
+            answer(req, result)
         trim_heap()
-        self._busy_s += elapsed
-        hits = [0 if p is None else p.shape[3] for p in past]
-        n = self._n
-        n["requests"] += len(batch)
-        n["batches"] += 1
-        n["rows"] += len(batch)
-        n["tokens"] += sum(len(o[0]) for o in outs)
-        n["prompt_tokens"] += sum(len(r.prompt_ids) for r in batch)
-        n["hit_tokens"] += sum(hits)
-        n["prefilled"] += sum(len(r.prompt_ids) for r in batch) - sum(hits) + shared
-        n["shared"] += shared
-        return [
-            GenerateResult(
-                completion_ids=ids,
-                logprobs=lps,
-                version=versions[r.role],
-                finish_reason=reason,
-                stats={
-                    "batch_size": len(batch), "queue_wait_s": start - r.enqueued, "batch_s": elapsed,
-                    "prefix_hit_tokens": hit,
-                },
-            )
-            for r, (ids, lps, reason, _), hit in zip(batch, outs, hits)
-        ]
 
     def _lookup(self, key: tuple[str, int], prompt_ids: list[int], enabled: bool) -> torch.Tensor | None:
         entry, hit = self._prefix.lookup(key, torch.tensor(prompt_ids)) if enabled else (None, 0)
@@ -584,41 +670,54 @@ class HFEngine(EngineShell):
 
     def _prefill_into_cache(self, prefixes: list[tuple[tuple[str, int], list[int], str]]) -> int:
         """Compute the K/V of each (key, ids, adapter name) into the prefix cache; returns the tokens computed."""
-        requests = [_Request(ids, key[0], SamplingParams(0.0, 1), None, 0) for key, ids, _ in prefixes]
-        past = [self._lookup(key, ids, True) for key, ids, _ in prefixes]
-        outs = self._decode(requests, [name for _, _, name in prefixes], past, keep_kv=True)
-        for (key, ids, _), (_, _, _, kv) in zip(prefixes, outs):  # kv: the prefix's own (the new token's is not kept)
-            self._prefix.put(_Entry(key, torch.tensor(ids), kv))
-        return sum(len(ids) - (0 if p is None else p.shape[3]) for (_, ids, _), p in zip(prefixes, past))
+        rows = [_Row(_Request(ids, key[0], SamplingParams(0.0, 1), None, 0), name, key, self._lookup(key, ids, True), 0)
+                for key, ids, name in prefixes]
+        self._decode(rows, keep_kv=True)
+        for r in rows:  # kv: the prefix's own (the new token's is not kept)
+            self._prefix.put(_Entry(r.key, torch.tensor(r.req.prompt_ids), r.kv))
+        return sum(len(r.req.prompt_ids) - (0 if r.past is None else r.past.shape[3]) for r in rows)
 
     # ---- decoding ----------------------------------------------------------------------------------------------
 
-    def _prefill(
-        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
-    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
-        """Run `batch`'s prompts through the model into a new cache with `tail` free slots after them. past[i]: K/V
-        of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or None. Returns the last position's
-        logits [n, V], the cache, its attention mask [n, width + tail] and each row's prompt slots in the cache.
-        Packed: one pass per adapter over the rows' uncached tokens end to end (see _Pack), no padding computed; the
-        cache holds each row's prompt right-aligned: [pad | prompt_i | tail]."""
+    def _prefill(self, rows: list[_Row], tail: int, slack: int = 0) -> tuple[torch.Tensor, StaticCache, torch.Tensor]:
+        """Run `rows`' prompts through the model into a new cache with `tail` free slots after them and `slack` more
+        before the longest prompt (for longer prompts joining later), setting each row's `slots` (its prompt's slots
+        in the cache). Returns the last position's logits [n, V], the cache and its
+        attention mask [n, width + tail]. Packed: one pass per adapter over the rows' uncached tokens end to end (see
+        _Pack), no padding computed; the cache holds each row's prompt right-aligned: [pad | prompt_i | tail]."""
         if not self._packed:
-            return self._prefill_padded(batch, names, past, tail)
-        cached = [0 if p is None else p.shape[3] for p in past]
-        lens = [len(r.prompt_ids) for r in batch]
-        end = max(lens)
+            return self._prefill_padded(rows, tail)
+        cached = [0 if r.past is None else r.past.shape[3] for r in rows]
+        lens = [len(r.req.prompt_ids) for r in rows]
+        end = max(lens) + slack
         cache = StaticCache(config=self.config, max_cache_len=end + tail)
         if any(c for c in cached):  # reused K/V right before each row's new tokens
-            _fill_cache(cache, past, [slice(end - n, end - n + c) for n, c in zip(lens, cached)], end)
+            _fill_cache(cache, [r.past for r in rows], [slice(end - n, end - n + c) for n, c in zip(lens, cached)],
+                        end)
+        logits = self._pack_pass(cache, end, list(enumerate(rows)), len(rows))
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(end)  # decode steps write from `end` on (as _fill_cache sets it)
+        mask = torch.ones((len(rows), end + tail), dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, lens)):
+            mask[i, : end - n] = 0
+            r.slots = torch.arange(end - n, end)
+        return logits, cache, mask
+
+    def _pack_pass(self, cache: StaticCache, end: int, rows: list[tuple[int, _Row]], batch: int) -> torch.Tensor:
+        """Prefill `rows` (cache row, row), whose prompts end at slot `end` and whose reused K/V is in place: one
+        packed pass per adapter (PEFT picks adapters per batch row). Returns the rows' last-position logits [n, V]."""
         logits: torch.Tensor | None = None
         start = time.perf_counter()
-        for name in dict.fromkeys(names):  # PEFT picks adapters per batch row, so a pack holds one adapter's rows
-            rows, ids, positions, last = [], [], [], []
-            for i, r in enumerate(batch):
-                if names[i] == name:
-                    rows.append((i, len(ids), cached[i], lens[i] - cached[i]))
-                    ids += r.prompt_ids[cached[i] :]
-                    positions += range(cached[i], lens[i])  # each row's own positions (RoPE)
+        for name in dict.fromkeys(r.name for _, r in rows):
+            packed, ids, positions, last, picked = [], [], [], [], []
+            for k, (at, r) in enumerate(rows):
+                if r.name == name:
+                    c, n = (0 if r.past is None else r.past.shape[3]), len(r.req.prompt_ids)
+                    packed.append((at, len(ids), c, n - c))
+                    ids += r.req.prompt_ids[c:]
+                    positions += range(c, n)  # each row's own positions (RoPE)
                     last.append(len(ids) - 1)
+                    picked.append(k)
             out = self.model(
                 input_ids=torch.tensor([ids]),
                 # All ones: transformers then builds no mask (masking_utils.py:273); None would make it look for
@@ -630,36 +729,29 @@ class HFEngine(EngineShell):
                 # slice is ~250x slower in bf16 (it expands the weight per row).
                 logits_to_keep=torch.tensor(last),
                 adapter_names=[name],
-                **{_PACK: _Pack(cache, end, rows, len(batch))},
+                **{_PACK: _Pack(cache, end, packed, batch)},
             ).logits[0]
             if logits is None:
-                logits = out.new_empty((len(batch), out.shape[-1]))
-            logits[[row for row, *_ in rows]] = out
+                logits = out.new_empty((len(rows), out.shape[-1]))
+            logits[picked] = out
             self._prefill_positions += len(ids)
         self._phase_s["prefill"] += time.perf_counter() - start
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(end)  # decode steps write from `end` on (as _fill_cache sets it)
-        mask = torch.ones((len(batch), end + tail), dtype=torch.long)
-        for i, n in enumerate(lens):
-            mask[i, : end - n] = 0
         assert logits is not None
-        return logits, cache, mask, [torch.arange(end - n, end) for n in lens]
+        return logits
 
-    def _prefill_padded(
-        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], tail: int
-    ) -> tuple[torch.Tensor, StaticCache, torch.Tensor, list[torch.Tensor]]:
+    def _prefill_padded(self, rows: list[_Row], tail: int) -> tuple[torch.Tensor, StaticCache, torch.Tensor]:
         """_prefill for a model whose attention or cache the packed pass cannot use (an attention implementation
         other than SDPA, sliding-window layers): one left-padded pass through transformers' own cache and masks."""
-        cached = [0 if p is None else p.shape[3] for p in past]
-        new = [len(r.prompt_ids) - c for r, c in zip(batch, cached)]
+        cached = [0 if r.past is None else r.past.shape[3] for r in rows]
+        new = [len(r.req.prompt_ids) - c for r, c in zip(rows, cached)]
         C, N = max(cached), max(new)
         # Each row's slots: [pad | cached_i | pad | new_i | tail]. Cached and new segments are each left-padded, so
         # all rows' next tokens land in the same column; the pads in between are masked out.
-        ids = torch.full((len(batch), N), self.pad_id, dtype=torch.long)
-        for i, (r, c) in enumerate(zip(batch, cached)):
-            ids[i, N - new[i] :] = torch.tensor(r.prompt_ids[c:])
+        ids = torch.full((len(rows), N), self.pad_id, dtype=torch.long)
+        for i, (r, c) in enumerate(zip(rows, cached)):
+            ids[i, N - new[i] :] = torch.tensor(r.req.prompt_ids[c:])
         # The mask covers the whole cache up front: pads are 0, every later slot 1 (causality hides unwritten ones).
-        mask = torch.ones((len(batch), C + N + tail), dtype=torch.long)
+        mask = torch.ones((len(rows), C + N + tail), dtype=torch.long)
         for i, (c, n) in enumerate(zip(cached, new)):
             mask[i, : C - c] = 0
             mask[i, C : C + N - n] = 0
@@ -668,7 +760,7 @@ class HFEngine(EngineShell):
         # A preallocated cache: DynamicCache's per-step torch.cat of every layer's K/V cost more than the matmuls.
         cache = StaticCache(config=self.config, max_cache_len=mask.shape[1])
         if C:  # the reused K/V fills slots [0, C); the prefill below then writes from C on
-            _fill_cache(cache, past, [slice(C - c, C) for c in cached], C)
+            _fill_cache(cache, [r.past for r in rows], [slice(C - c, C) for c in cached], C)
         start = time.perf_counter()
         logits = self.model(
             input_ids=ids,
@@ -676,81 +768,144 @@ class HFEngine(EngineShell):
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=torch.tensor([N - 1]),  # see _prefill
-            adapter_names=names,
+            logits_to_keep=torch.tensor([N - 1]),  # see _pack_pass
+            adapter_names=[r.name for r in rows],
         ).logits[:, -1]
         self._phase_s["prefill"] += time.perf_counter() - start
-        self._prefill_positions += len(batch) * N
-        slots = [torch.cat([torch.arange(C - c, C), torch.arange(C + N - n, C + N)]) for c, n in zip(cached, new)]
-        return logits, cache, mask, slots
+        self._prefill_positions += len(rows) * N
+        for r, c, n in zip(rows, cached, new):
+            r.slots = torch.cat([torch.arange(C - c, C), torch.arange(C + N - n, C + N)])
+        return logits, cache, mask
 
-    def _decode(
-        self, batch: list[_Request], names: list[str], past: list[torch.Tensor | None], keep_kv: bool
-    ) -> list[tuple[list[int], list[float], str, torch.Tensor | None]]:
-        """Generate for `batch`. past[i]: K/V of the first tokens of row i's prompt ([layers, 2, heads, c_i, dim]) or
-        None. Returns per row ids, log-probs, finish reason and, if keep_kv, the row's K/V for the prefix cache."""
-        # Longest prompts first, so rows of similar lengths sit together and each decode step's chunks (see _Step)
-        # leave little padding to read; results go back in the callers' order.
-        order = sorted(range(len(batch)), key=lambda i: -len(batch[i].prompt_ids))
-        if order != list(range(len(batch))):
-            outs = self._decode([batch[i] for i in order], [names[i] for i in order], [past[i] for i in order],
-                                keep_kv)
-            result: list[Any] = [None] * len(batch)
-            for j, i in enumerate(order):
-                result[i] = outs[j]
-            return result
-        lens = [len(r.prompt_ids) for r in batch]
-        limits = [min(r.sampling.max_new_tokens, self.max_positions - n) for r, n in zip(batch, lens)]
-        logits, cache, mask, slots = self._prefill(batch, names, past, tail=max(limits))
-        width = mask.shape[1] - max(limits)  # generated tokens go to slots width, width + 1, ...
-        step = _Step(_chunks([int(s[0]) for s in slots]), width)
-
-        rows = list(range(len(batch)))  # batch index of each live row
-        next_pos = torch.tensor(lens)
-        stops = [self.eos_ids | set(r.sampling.stop_token_ids) for r in batch]
-        gens = [torch.Generator().manual_seed(r.seed) for r in batch]
-        out_ids: list[list[int]] = [[] for _ in batch]
-        out_lps: list[list[float]] = [[] for _ in batch]
-        out_kv: list[torch.Tensor | None] = [None] * len(batch)
-        reasons = ["length"] * len(batch)
+    def _decode(self, rows: list[_Row], keep_kv: bool, done: Callable[[list[_Row], bool], None] | None = None,
+                join: Callable[[Callable[[_Request], bool]], list[_Row]] | None = None) -> None:
+        """Generate for `rows`, filling in each row's ids, log-probs, finish reason and, if keep_kv, its K/V for the
+        prefix cache; done(rows, more) after each step with the rows that finished and whether others go on.
+        Between decode steps, rows from join(fits) enter the running batch (see _join): a batch's short turns then
+        need not wait for its long ones (32-token actor turns beside a 96-token reflection), since their callers,
+        answered at once, come back into the same batch. A joining row's prompt ends at the current write slot, so
+        it needs that many slots to its left: the cache has _GROWTH times the batch's longest cap free before its
+        longest prompt (later turns of its callers are longer)."""
+        join = join if self._packed else None  # the padded layout has no room for late rows
+        for r in rows:
+            self._start(r)
+        room = max(r.limit for r in rows)
+        logits, cache, mask = self._prefill(rows, tail=room, slack=room * _GROWTH if join else 0)
+        width = mask.shape[1] - room
+        for r in rows:
+            r.at = width
+        bases = [(layer.keys, layer.values) for layer in cache.layers]  # full-size: joining rows reuse freed ones
+        step = _Step([], width)
+        live = rows  # the row at each cache position
+        keep, ended = self._advance(live, logits, 0, cache, keep_kv)
         while True:
-            tokens, lps = self._sample(logits.float(), [batch[i].sampling for i in rows], [gens[i] for i in rows])
-            keep: list[int] = []
-            for j, (i, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps.tolist())):
-                out_ids[i].append(tok)
-                out_lps[i].append(lp)
-                if tok in stops[i]:
-                    reasons[i] = "stop"
-                elif len(out_ids[i]) < limits[i]:
-                    keep.append(j)
-                    continue
-                if keep_kv:  # before the row leaves the cache: its slots hold prompt + all but the last token
-                    row_slots = torch.cat([slots[i], torch.arange(width, width + len(out_ids[i]) - 1)])
-                    out_kv[i] = _gather_row(cache, j, row_slots)
-            if not keep:
+            if len(keep) < len(live):  # finished rows leave the batch: less compute for the rest
+                idx = torch.tensor(_drop_rows(cache, keep)) if keep else torch.tensor([], dtype=torch.long)
+                mask, live = mask[idx], [live[j] for j in idx.tolist()]
+            # An update waits for the batch: no joins then.
+            if join is not None and live and not self._pending:
+                added, logits = self._join(join, live, cache, bases, step.length)
+                if added:
+                    first = len(live)
+                    extra = torch.zeros((len(added), mask.shape[1]), dtype=mask.dtype)
+                    for k, r in enumerate(added):
+                        extra[k, int(r.slots[0]) :] = 1
+                    mask, live = torch.cat([mask, extra]), live + added
+                    kept, late = self._advance(added, logits, first, cache, keep_kv)
+                    ended += late
+                    if len(kept) < len(added):
+                        idx = torch.tensor(_drop_rows(cache, list(range(first)) + [first + j for j in kept]))
+                        mask, live = mask[idx], [live[j] for j in idx.tolist()]
+            if done is not None:
+                done(ended, bool(live))
+            if not live:
                 break
-            if len(keep) < len(rows):  # finished rows leave the batch: less compute for the rest
-                idx = torch.tensor(_drop_rows(cache, keep))
-                mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
-                rows = [rows[j] for j in idx.tolist()]
-                step.chunks = _chunks([int(slots[i][0]) for i in rows])
+            step.chunks = _chunks([int(r.slots[0]) for r in live])
             step.length += 1  # this step's token: written at slot length - 1, read with the rest
             start = time.perf_counter()
             logits = self.model(
-                input_ids=tokens[:, None],
+                input_ids=torch.tensor([[r.ids[-1]] for r in live]),
                 attention_mask=mask,
-                position_ids=next_pos[:, None],
+                position_ids=torch.tensor([[len(r.req.prompt_ids) + len(r.ids) - 1] for r in live]),
                 past_key_values=cache,
                 use_cache=True,
-                adapter_names=[names[i] for i in rows],
+                adapter_names=[r.name for r in live],
                 # Slots are cache positions only in full-length static layers (a sliding-window layer's are not),
                 # the layers the packed prefill also needs.
                 **({_STEP: step} if self._packed else {}),
             ).logits[:, -1]
             self._phase_s["decode"] += time.perf_counter() - start
             self._decode_steps += 1
-            next_pos = next_pos + 1
-        return list(zip(out_ids, out_lps, reasons, out_kv))
+            keep, ended = self._advance(live, logits, 0, cache, keep_kv)
+
+    def _limit(self, req: _Request) -> int:
+        return min(req.sampling.max_new_tokens, self.max_positions - len(req.prompt_ids))
+
+    def _start(self, r: _Row) -> None:
+        r.limit = self._limit(r.req)
+        r.stops = self.eos_ids | set(r.req.sampling.stop_token_ids)
+        r.gen = torch.Generator().manual_seed(r.req.seed)
+        r.entered = time.perf_counter()
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, first: int, cache: StaticCache, keep_kv: bool
+                 ) -> tuple[list[int], list[_Row]]:
+        """Sample each row's next token (rows at cache positions first, first + 1, ...); finish the rows that stop or
+        reach their cap (their K/V gathered first, while they are in the cache). Returns the positions that go on
+        and the rows that finished."""
+        tokens, lps = self._sample(logits.float(), [r.req.sampling for r in rows], [r.gen for r in rows])
+        keep: list[int] = []
+        ended: list[_Row] = []
+        for j, (r, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps.tolist())):
+            r.ids.append(tok)
+            r.lps.append(lp)
+            if tok in r.stops:
+                r.reason = "stop"
+            elif len(r.ids) < r.limit:
+                keep.append(first + j)
+                continue
+            if keep_kv:  # its slots hold prompt + all but the last token
+                r.kv = _gather_row(cache, first + j, torch.cat([r.slots, torch.arange(r.at, r.at + len(r.ids) - 1)]))
+            ended.append(r)
+        return keep, ended
+
+    def _join(self, join: Callable[[Callable[[_Request], bool]], list[_Row]], live: list[_Row], cache: StaticCache,
+              bases: list[tuple[torch.Tensor, torch.Tensor]], at: int) -> tuple[list[_Row], torch.Tensor | None]:
+        """Prefill the rows join(fits) gives into the running batch at cache positions len(live), ...: each
+        prompt ends at slot `at` (the next write slot), and its steps end before the longest live row's would. So
+        a row joins only to fill steps the batch takes anyway: a turn that ends early (a stop token) never makes
+        its batch longer, and the batch's rows, whose callers come back from their env steps together, stay one
+        round (a CPU decode step costs about as much for a few rows as for many). Others, and rows over
+        max_batch_size, wait for the next batch. Returns the joined rows and their last-position logits."""
+        horizon = max(r.limit - len(r.ids) for r in live)  # steps the longest live row may still take
+        free = self.max_batch_size - len(live)
+
+        def fits(req: _Request) -> bool:
+            nonlocal free
+            if free and len(req.prompt_ids) <= at and self._limit(req) - 1 <= horizon:
+                free -= 1
+                return True
+            return False
+
+        added = join(fits)
+        if not added:
+            return [], None
+        for k, r in enumerate(added):
+            self._start(r)
+            r.batch_size, r.at = len(live) + k + 1, at
+            r.slots = torch.arange(at - len(r.req.prompt_ids), at)
+        first = len(live)
+        for n, layer in enumerate(cache.layers):  # room for the new rows: freed rows of the batch, else grow
+            k, v = bases[n]
+            if k.shape[0] < first + len(added):
+                k, v = _grown(layer.keys, first + len(added)), _grown(layer.values, first + len(added))
+                bases[n] = (k, v)
+            layer.keys, layer.values = k[: first + len(added)], v[: first + len(added)]
+        reused = [(first + k, r) for k, r in enumerate(added) if r.past is not None]
+        if reused:
+            _put_rows(cache, [(at_, r.past, slice(int(r.slots[0]), int(r.slots[0]) + r.past.shape[3]))
+                              for at_, r in reused])
+        logits = self._pack_pass(cache, at, [(first + k, r) for k, r in enumerate(added)], first + len(added))
+        return added, logits
 
     @staticmethod
     def _sample(

@@ -534,3 +534,60 @@ def test_a_sliding_window_model_decodes_through_transformers_own_cache(model_pat
     assert got[0].stats["batch_size"] == 3
     for prompt, g in zip(prompts, got):
         assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(model, prompt, g.completion_ids), abs=1e-4)
+
+
+def test_next_turns_join_a_running_batch_only_within_its_longest_rows_steps(model_path: str) -> None:
+    """A long reflection (40 tokens, its own adapter) decodes while short actor turns finish: each short turn is
+    answered at once, and its caller's next turn (prompt + completion + new ids, longer than any prompt the batch
+    started with) joins the running batch, its cached part from the prefix cache, instead of waiting for the
+    reflection. A next turn whose cap would run past the reflection's last step waits for the next batch. Every
+    row's tokens and log-probs are what it gets alone and under teacher forcing."""
+    def make() -> HFEngine:
+        e = HFEngine(model_path, dtype="float32", threads=1)
+        e.update_adapter(AdapterUpdate("reflector", 1, random_lora(e, "reflector", 3)))
+        return e
+
+    engine, alone = make(), make()
+    long_job = (rand_ids(30, 5), "reflector", SamplingParams(temperature=1.0, max_new_tokens=40, seed=1))
+    shorts = [(rand_ids(50 + 10 * k, 10 + k), "actor",
+               SamplingParams(temperature=1.0 if k % 2 else 0.0, max_new_tokens=4, seed=k)) for k in range(3)]
+    next_caps = [4, 4, 60]  # the third would outlast the reflection
+    finished: list[str] = []
+
+    async def episode(k: int, job: tuple[list[int], str, SamplingParams]):
+        first = await engine.generate(*job)
+        follow = (job[0] + first.completion_ids + rand_ids(5, 40 + k), "actor",
+                  SamplingParams(temperature=1.0, max_new_tokens=next_caps[k], seed=20 + k))
+        second = await engine.generate(*follow)
+        finished.append(f"short {k}")
+        return first, follow, second
+
+    async def main():
+        long_task = asyncio.ensure_future(engine.generate(*long_job))
+        long_task.add_done_callback(lambda _: finished.append("long"))
+        episodes = await asyncio.gather(*(episode(k, j) for k, j in enumerate(shorts)))
+        return await long_task, episodes
+
+    before = engine.stats()
+    long_res, episodes = run(main())
+    stats = engine.stats()
+    assert len(long_res.completion_ids) == 40
+    assert finished.index("short 0") < finished.index("long") and finished.index("short 1") < finished.index("long")
+    assert finished[-1] == "short 2"  # its own batch, after the reflection's
+    assert stats["batches"] - before["batches"] == 2 and stats["requests"] - before["requests"] == 7
+    last = episodes[2][2]
+    # The reflection's steps, then the long next turn's alone: the two short next turns took no step of their own.
+    assert stats["decode_steps"] - before["decode_steps"] == 39 + len(last.completion_ids) - 1
+    jobs = [long_job]
+    got = [long_res]
+    for job, (first, follow, second) in zip(shorts, episodes):
+        assert second.stats["prefix_hit_tokens"] == len(follow[0]) - 5 - 1  # the first turn's K/V, bar its last token
+        jobs += [job, follow]
+        got += [first, second]
+    references = {"actor": reference_peft(model_path, None),
+                  "reflector": reference_peft(model_path, random_lora(engine, "reflector", 3))}
+    for (prompt, role, _), g, w in zip(jobs, got, run(one_by_one(alone, jobs))):
+        assert g.completion_ids == w.completion_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert torch.tensor(g.logprobs) == pytest.approx(teacher_forced(references[role], prompt, g.completion_ids),
+                                                         abs=1e-4)
