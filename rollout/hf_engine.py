@@ -337,6 +337,11 @@ class _Row:
     reason: str = "length"
     kv: torch.Tensor | None = None  # with keep_kv: prompt + ids[:-1], for the prefix cache
 
+    @property
+    def reused(self) -> int:
+        """Prompt tokens whose K/V comes from the prefix cache."""
+        return 0 if self.past is None else self.past.shape[3]
+
 
 def _waiting(r: _Request) -> bool:
     return r.future is not None and not r.future.done()
@@ -578,10 +583,12 @@ class HFEngine(EngineShell):
             keep_kv = self._prefix.budget > 0
             batch = sorted(batch, key=lambda r: -len(r.prompt_ids))  # longest first: see _Step
 
+            def name(r: _Request) -> str:  # PEFT's adapter for the row
+                return _BASE if self._is_base[r.role] else r.role
+
             def row(r: _Request, size: int) -> _Row:
                 key = (r.role, versions[r.role])
-                return _Row(r, _BASE if self._is_base[r.role] else r.role, key,
-                            self._lookup(key, r.prompt_ids, keep_kv), size)
+                return _Row(r, name(r), key, self._lookup(key, r.prompt_ids, keep_kv), size)
 
             def join(fits: Callable[[_Request], bool]) -> list[_Row]:  # the rows that fit; the others wait
                 assert take is not None
@@ -601,7 +608,7 @@ class HFEngine(EngineShell):
                 for r in ended:
                     if r.kv is not None:  # ids minus the last sampled token: its K/V was never computed
                         self._prefix.put(_Entry(r.key, torch.tensor(r.req.prompt_ids + r.ids[:-1]), r.kv))
-                    hit = 0 if r.past is None else r.past.shape[3]
+                    hit = r.reused
                     n = self._n
                     n["requests"] += 1
                     n["tokens"] += len(r.ids)
@@ -623,7 +630,7 @@ class HFEngine(EngineShell):
             with torch.inference_mode():
                 shared = 0
                 if keep_kv:
-                    shared = self._share_prefixes(batch, [_BASE if self._is_base[r.role] else r.role for r in batch],
+                    shared = self._share_prefixes(batch, [name(r) for r in batch],
                                                   [(r.role, versions[r.role]) for r in batch])
                 rows = [row(r, len(batch)) for r in batch]
                 self._decode(rows, keep_kv, done, join if take is not None else None)
@@ -675,7 +682,7 @@ class HFEngine(EngineShell):
         self._decode(rows, keep_kv=True)
         for r in rows:  # kv: the prefix's own (the new token's is not kept)
             self._prefix.put(_Entry(r.key, torch.tensor(r.req.prompt_ids), r.kv))
-        return sum(len(r.req.prompt_ids) - (0 if r.past is None else r.past.shape[3]) for r in rows)
+        return sum(len(r.req.prompt_ids) - r.reused for r in rows)
 
     # ---- decoding ----------------------------------------------------------------------------------------------
 
@@ -687,7 +694,7 @@ class HFEngine(EngineShell):
         _Pack), no padding computed; the cache holds each row's prompt right-aligned: [pad | prompt_i | tail]."""
         if not self._packed:
             return self._prefill_padded(rows, tail)
-        cached = [0 if r.past is None else r.past.shape[3] for r in rows]
+        cached = [r.reused for r in rows]
         lens = [len(r.req.prompt_ids) for r in rows]
         end = max(lens) + slack
         cache = StaticCache(config=self.config, max_cache_len=end + tail)
@@ -712,7 +719,7 @@ class HFEngine(EngineShell):
             packed, ids, positions, last, picked = [], [], [], [], []
             for k, (at, r) in enumerate(rows):
                 if r.name == name:
-                    c, n = (0 if r.past is None else r.past.shape[3]), len(r.req.prompt_ids)
+                    c, n = r.reused, len(r.req.prompt_ids)
                     packed.append((at, len(ids), c, n - c))
                     ids += r.req.prompt_ids[c:]
                     positions += range(c, n)  # each row's own positions (RoPE)
@@ -742,7 +749,7 @@ class HFEngine(EngineShell):
     def _prefill_padded(self, rows: list[_Row], tail: int) -> tuple[torch.Tensor, StaticCache, torch.Tensor]:
         """_prefill for a model whose attention or cache the packed pass cannot use (an attention implementation
         other than SDPA, sliding-window layers): one left-padded pass through transformers' own cache and masks."""
-        cached = [0 if r.past is None else r.past.shape[3] for r in rows]
+        cached = [r.reused for r in rows]
         new = [len(r.req.prompt_ids) - c for r, c in zip(rows, cached)]
         C, N = max(cached), max(new)
         # Each row's slots: [pad | cached_i | pad | new_i | tail]. Cached and new segments are each left-padded, so
@@ -902,7 +909,7 @@ class HFEngine(EngineShell):
             layer.keys, layer.values = k[: first + len(added)], v[: first + len(added)]
         reused = [(first + k, r) for k, r in enumerate(added) if r.past is not None]
         if reused:
-            _put_rows(cache, [(at_, r.past, slice(int(r.slots[0]), int(r.slots[0]) + r.past.shape[3]))
+            _put_rows(cache, [(at_, r.past, slice(int(r.slots[0]), int(r.slots[0]) + r.reused))
                               for at_, r in reused])
         logits = self._pack_pass(cache, at, [(first + k, r) for k, r in enumerate(added)], first + len(added))
         return added, logits
