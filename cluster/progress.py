@@ -76,12 +76,29 @@ class Progress(_LiveLine):
 
 class TrainingProgress(_LiveLine):
     """A learner call, from the learner's `progress()` snapshots (learners/progress.py):
-    `[sft] 12/84 steps  epoch 1/3  loss 2.314  412 tok/s  ETA 9m12s  1m44s`."""
+    `[sft] 12/84 steps  epoch 1/3  loss 2.314  412 tok/s  ETA 9m12s  1m44s`; before the steps of a call that scores
+    a reference first (DPO: 312 samples took 12 minutes on 2 cores), `[dpo-1] reference 96/312 samples  ETA 8m12s  3m30s`."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self._series = ""  # "reference" or "steps": each counts its own tenths
+
+    def _switch(self, series: str) -> None:
+        if series != self._series:
+            self._series, self._last_logged, self._ended = series, -1, False
 
     def update(self, snap: dict[str, Any]) -> bool:
-        """Show a snapshot; True when the line was logged (a new tenth of the steps, or the last step)."""
+        """Show a snapshot; True when the line was logged (a new tenth of the scoring or of the steps, or its end)."""
         total, step = snap["total"], snap["step"]
-        if not total:  # planning, or scoring a reference before the first step: only a terminal shows it
+        if not total and snap.get("to_score"):  # scoring a reference before the first step
+            self._switch("reference")
+            scored, to_score = snap["scored"], snap["to_score"]
+            parts = [f"reference {scored}/{to_score} samples"]
+            if scored < to_score and snap.get("score_eta_s") is not None:
+                parts.append(f"ETA {duration(snap['score_eta_s'])}")
+            parts.append(self.elapsed())
+            return self.show("  ".join(parts), scored, to_score)
+        if not total:  # planning before the first step: only a terminal shows it
             if self.tty and snap["running"]:
                 line = f"[{self.phase}] preparing  {self.elapsed()}"
                 self.stream.write("\r" + line.ljust(self._width))
@@ -91,6 +108,7 @@ class TrainingProgress(_LiveLine):
                 self._width = 0
             self.stream.flush()
             return False
+        self._switch("steps")
         parts = [f"{step}/{total} steps", f"epoch {snap['epoch']}/{snap['epochs']}"]
         if snap["loss"] is not None:
             parts.append(f"loss {snap['loss']:.4g}")

@@ -598,6 +598,7 @@ class Learner:
         under the sample's role adapter (eval mode, no dropout) where mask[t] == 1, else 0. `base=True` scores
         with all adapters disabled (the untrained policy); `reference=True` with the role's `set_reference` copy."""
         self._check_roles(samples)
+        self._progress.plan_scoring(len(samples))
         out: list[torch.Tensor | None] = [None] * len(samples)
         was_training = self.engine.training
         self.engine.eval()
@@ -617,6 +618,7 @@ class Learner:
                         for row, i in enumerate(batch.index):
                             n = len(samples[i])
                             out[i] = torch.cat([torch.zeros(1), lp[row, : n - 1]])
+                        self._progress.scored_batch(len(batch.index))
         finally:
             self.engine.train(was_training)
         return [t if t is not None else torch.zeros(len(s)) for t, s in zip(out, samples)]

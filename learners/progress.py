@@ -45,6 +45,10 @@ class TrainProgress:
         self.epoch_loss = [0.0, 0]  # token-weighted loss sum and tokens of the current epoch so far
         self.started = time.perf_counter()
         self.first_step: float | None = None  # when the first step began (scoring before it is not training speed)
+        # Samples scored before the first step (a reference's log-probs: DPO, the KL penalty), which can take minutes.
+        self.to_score = 0
+        self.scored = 0
+        self.score_started: float | None = None
         self.running = bool(method)
 
     def begin(self, method: str) -> None:
@@ -57,6 +61,17 @@ class TrainProgress:
         with self._lock:
             self.bounds = list(itertools.accumulate(steps_per_epoch))
             self.step = self.start = start
+
+    def plan_scoring(self, samples: int) -> None:
+        """`samples` more will be scored (forward only) before the call's steps."""
+        with self._lock:
+            self.to_score += samples
+            if self.score_started is None:
+                self.score_started = time.perf_counter()
+
+    def scored_batch(self, samples: int) -> None:
+        with self._lock:
+            self.scored += samples
 
     def begin_step(self) -> None:
         with self._lock:
@@ -80,7 +95,8 @@ class TrainProgress:
 
     def snapshot(self) -> dict[str, Any]:
         """step / total, epoch / epochs, the current epoch's mean loss so far, tokens/s since the first step, and the
-        ETA at that pace (both None until this call has done a step: a continued IL phase starts past step 0)."""
+        ETA at that pace (both None until this call has done a step: a continued IL phase starts past step 0); before
+        the steps, samples scored / to score and the ETA of that."""
         with self._lock:
             now = time.perf_counter()
             total = self.bounds[-1] if self.bounds else 0
@@ -88,6 +104,7 @@ class TrainProgress:
             training = now - self.first_step if self.first_step is not None else 0.0
             stepped = self.step > self.start and training > 0
             loss_sum, tokens = self.epoch_loss
+            scoring = now - self.score_started if self.score_started is not None else 0.0
             return {
                 "method": self.method, "running": self.running,
                 "step": self.step, "total": total, "epoch": max(epoch, 1 if total else 0), "epochs": len(self.bounds),
@@ -95,4 +112,6 @@ class TrainProgress:
                 "tokens_per_s": self.seq_tokens / training if stepped else None,
                 "eta_s": training / (self.step - self.start) * (total - self.step) if stepped else None,
                 "elapsed_s": now - self.started,
+                "scored": self.scored, "to_score": self.to_score,
+                "score_eta_s": scoring / self.scored * (self.to_score - self.scored) if self.scored else None,
             }

@@ -218,3 +218,24 @@ def test_reward_model_ranks_helpful_reflections_and_checkpoints(tiny_path, tmp_p
     fresh = make(tiny_path, tmp_path / "fresh")
     fresh.load_checkpoint(learner.save_checkpoint(tmp_path / "ck"))
     assert fresh.score_reflections(held_out) == pytest.approx(scores, abs=1e-6)
+
+
+def test_dpo_reports_its_reference_scoring_before_its_first_step(tiny_path, tmp_path, monkeypatch):
+    """What the driver's live line reads while DPO scores its pairs under the reference: every sample of every pair
+    counted, all of them before the first optimizer step."""
+    learner = make(tiny_path, tmp_path)
+    rng = random.Random(1)
+    pairs = [(sample(ACTOR, p, [rng.randint(100, 4000) for _ in range(5)]),
+              sample(ACTOR, p, [rng.randint(100, 4000) for _ in range(6)]))
+             for p in ([rng.randint(100, 4000) for _ in range(8 + i)] for i in range(3))]
+    at_first_step = []
+    step = learner.optimizer_step
+
+    def watched(parts):
+        at_first_step.append(learner.progress())
+        return step(parts)
+
+    monkeypatch.setattr(learner, "optimizer_step", watched)
+    learner.train_dpo(pairs, beta=0.5, epochs=1, lr=1e-3, max_tokens_per_batch=64)
+    first = at_first_step[0]
+    assert (first["scored"], first["to_score"], first["step"], first["method"]) == (6, 6, 0, "dpo")

@@ -131,3 +131,28 @@ def test_closing_lines_name_the_run_and_the_report_command(tmp_path):
 @pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (59.6, "1m00s"), (552, "9m12s"), (3900, "1h05m")])
 def test_duration(seconds, text):
     assert duration(seconds) == text
+
+
+def test_a_reference_pass_before_the_steps_gets_lines_of_its_own(monkeypatch):
+    """DPO scores its pairs under the reference before its first step (12 minutes for 312 samples on 2 cores, with no
+    line in the log before this): the log shows that scoring per tenth, then the steps per tenth, from their start."""
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    progress = TrainProgress()
+    progress.begin("dpo")
+    progress.plan_scoring(30)
+    line = TrainingProgress("dpo-1")
+    for _ in range(10):  # batches of 3 samples
+        progress.scored_batch(3)
+        line.update(progress.snapshot())
+    progress.plan([4])
+    for _ in range(4):
+        progress.begin_step()
+        progress.end_step([(0.69, 10)], seq_tokens=100)
+        line.update(progress.snapshot())
+    lines = out.getvalue().splitlines()
+    assert [x.split("  ")[0] for x in lines] == [f"[dpo-1] reference {n}/30 samples" for n in range(3, 31, 3)] + [
+        f"[dpo-1] {n}/4 steps" for n in range(1, 5)]
+    assert " ETA " in lines[0] and "ETA" not in lines[9]  # the scoring's time left, none once it is done
+    end = progress.snapshot()
+    assert (end["scored"], end["to_score"], end["score_eta_s"], end["step"]) == (30, 30, 0.0, 4)
