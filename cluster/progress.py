@@ -77,7 +77,8 @@ class Progress(_LiveLine):
 class TrainingProgress(_LiveLine):
     """A learner call, from the learner's `progress()` snapshots (learners/progress.py):
     `[sft] 12/84 steps  epoch 1/3  loss 2.314  412 tok/s  ETA 9m12s  1m44s`; before the steps of a call that scores
-    a reference first (DPO: 312 samples took 12 minutes on 2 cores), `[dpo-1] reference 96/312 samples  ETA 8m12s  3m30s`."""
+    a reference first (DPO: 312 samples took 12 minutes on 2 cores),
+    `[dpo-1] reference 96/312 samples  ETA 8m12s  3m30s`."""
 
     def __init__(self, phase: str) -> None:
         super().__init__(phase)
