@@ -19,8 +19,12 @@ class _LiveLine:
         self.stream = terminal()  # a TTY's rewritten line bypasses the transcript
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
-        self._last_logged = -1
         self._width = 0  # of the line on screen, to blank what a shorter line leaves
+        self.restart()
+
+    def restart(self) -> None:
+        """Count tenths from zero again: a new series of counts on the same line."""
+        self._last_logged = -1
         self._ended = False
 
     def show(self, text: str, done: int, total: int) -> bool:
@@ -86,7 +90,8 @@ class TrainingProgress(_LiveLine):
 
     def _switch(self, series: str) -> None:
         if series != self._series:
-            self._series, self._last_logged, self._ended = series, -1, False
+            self._series = series
+            self.restart()
 
     def update(self, snap: dict[str, Any]) -> bool:
         """Show a snapshot; True when the line was logged (a new tenth of the scoring or of the steps, or its end)."""
