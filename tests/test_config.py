@@ -78,6 +78,19 @@ def test_shipped_configs_load_for_every_method(path, method):
     assert cfg.env.name in families()  # and the env each names exists
 
 
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_fit_their_model(path):
+    """The start-up model checks (context length against the model's positions, LoRA targets) pass for every
+    shipped config: configs/sciworld.yaml once asked for 8192 context tokens plus the reflector's 128 of a model
+    with 8192 positions and so failed before its first step."""
+    from agents.model import resolve_model
+    from cluster.checks import check_model, meta_model
+
+    cfg = load_config(path)
+    model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
+    check_model(cfg, meta_model(cfg, model_path))  # raises ConfigError naming the setting
+
+
 def test_extends_merges_sections_and_replaces_lists(tmp_path):
     (tmp_path / "base.yaml").write_text("seed: 3\nagent: {memory_size: 2, max_context_tokens: 1024}\n"
                                         "eval: {splits: [seen, unseen]}\n")
