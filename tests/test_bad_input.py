@@ -58,7 +58,8 @@ def test_env_kwargs_of_the_wrong_type_name_key_and_type(family, kwargs, key, wan
 
 def test_env_kwargs_of_the_right_type_still_build():
     assert make_env("textworld", kinds="treasure", n_train=1, n_seen=1, n_unseen=1).kinds == ("treasure",)
-    assert make_env("textworld", kinds=["treasure"], n_train=1, n_seen=1, n_unseen=1, n_valid=None)
+    env = make_env("textworld", kinds=["treasure"], n_train=2, n_seen=3, n_unseen=1, n_valid=None)
+    assert env.split_sizes() == {"train": 2, "valid": 3, "seen": 3, "unseen": 1}  # None: valid as large as seen
 
 
 def test_cli_env_kwargs_type_error(capsys, tmp_path):

@@ -139,6 +139,10 @@ def test_sft_job_shows_its_training_and_ends_with_where_the_run_is(sft_run):
     assert any(re.search(r"/\d+ steps  epoch \d/6  loss [\d.]+  \d+ tok/s  ETA \d+s", line) for line in il[:-1])
     records = [m for m in run.metrics() if m["event"] == "train_progress"]
     assert len(records) == len(il) and records[-1]["step"] == records[-1]["total"] == total
+    # It ends with the evaluation table, the time taken and where the run is.
+    table = (run.path / "eval" / "table.md").read_text().strip()
+    assert table.count("\n") >= 2 and log.split("\nfinished in ")[0].rstrip().endswith(table)
+    assert lines[-4].startswith("finished in ")
     assert lines[-3:] == [f"run directory: {run.path}",
                           f"log: {run.path / 'logs' / 'driver.log'} (this output; metrics.jsonl has every number)",
                           f"report: retrorl report {run.path}"]

@@ -116,6 +116,7 @@ def test_retroact_update_trains_both_roles_toward_their_rewards(retroact_run, co
     assert 0 < round_["success"] < 1 and round_["rl_samples"] > 0  # wins and losses: the filters kept some
     (update,) = [e for e in events if e["event"] == "train" and e["phase"] == "retroact-1"]
     assert update["steps"] == 2 and {"loss/rl/actor", "loss/rl/reflector", "loss/il/actor"} <= update.keys()
+    _assert_live_progress(events, "retroact-1", steps=2)
 
     episodes = [e for e in run.store.episodes() if e.source == "rollout"]
     explored = [e for e in episodes if e.split == "train"]
@@ -143,7 +144,9 @@ def test_retroact_update_trains_both_roles_toward_their_rewards(retroact_run, co
 def test_retroformer_trains_the_reflector_only_and_ranks_best_of_n(retroact_run, coin, tmp_path):
     """From the RetroAct run's IL checkpoint; the actor samples at temperature 1 so first trials sometimes fail
     and later ones win: reflections are rated +1 and 0, the reflector's policy gradient and the reward model train,
-    and best-of-n ranks with it. The frozen actor's adapter stays bit-identical."""
+    and best-of-n ranks with it. The frozen actor's adapter stays bit-identical. (Which way the reflector moves is
+    test_methods.py's test_reflector_pg_follows_ratings_with_kl_and_checkpoints_it: here the rated reflections
+    share their text, the coin being independent of them, so their advantages cancel.)"""
     run = _run(coin + ["method=retroformer", f"run_root={tmp_path}", "agent.actor.temperature=1.0",
                        f"init.checkpoint={retroact_run.path / 'checkpoints' / 'sft'}", "retroformer.rounds=1",
                        "retroformer.trials=3", "retroformer.lr=0.01", "retroformer.reward_model=true",
@@ -153,6 +156,8 @@ def test_retroformer_trains_the_reflector_only_and_ranks_best_of_n(retroact_run,
     assert round_["improved"] > 0 and round_["reflections"] > round_["improved"]  # ratings of +1 and of 0
     phases = [e["phase"] for e in events if e["event"] == "train"]
     assert phases == ["reflector-pg-1", "reward-model-1"]
+    (pg,) = [e for e in events if e["event"] == "train" and e["phase"] == "reflector-pg-1"]
+    _assert_live_progress(events, "reflector-pg-1", steps=pg["steps"])
     (reward_model,) = [e for e in events if e["event"] == "train" and e["phase"] == "reward-model-1"]
     assert reward_model["trained"] == 1
     start, after = _adapters(retroact_run, "sft"), _adapters(run, "retroformer-1")
@@ -163,6 +168,13 @@ def test_retroformer_trains_the_reflector_only_and_ranks_best_of_n(retroact_run,
     assert [e["versions"] for e in events if e["event"] == "broadcast"][-1] == {"reflector": 2}  # actor not resent
     rows = json.loads((run.path / "eval" / "results.json").read_text())
     assert {r["method"] for r in rows} >= {"Retroformer + reflection", "Retroformer best-of-2 + reflection"}
+
+
+def _assert_live_progress(events: list[dict], phase: str, steps: int) -> None:
+    """The update showed its live line: the driver recorded its progress up to the last step (cluster/progress.py
+    writes these records beside the lines it prints)."""
+    seen = [e for e in events if e["event"] == "train_progress" and e["phase"] == phase]
+    assert seen and seen[-1]["step"] == seen[-1]["total"] == steps
 
 
 class _Crash(Exception):
