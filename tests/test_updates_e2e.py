@@ -171,8 +171,8 @@ def test_retroformer_trains_the_reflector_only_and_ranks_best_of_n(retroact_run,
 
 
 def _assert_live_progress(events: list[dict], phase: str, steps: int) -> None:
-    """The update showed its live line: the driver recorded its progress up to the last step (cluster/progress.py
-    writes these records beside the lines it prints)."""
+    """The update showed its live line: the driver recorded its progress up to the last step (`_wait` in
+    cluster/pipeline.py writes these records beside the lines it prints)."""
     seen = [e for e in events if e["event"] == "train_progress" and e["phase"] == phase]
     assert seen and seen[-1]["step"] == seen[-1]["total"] == steps
 
