@@ -26,22 +26,23 @@ def test_committed_report_is_rendered_from_committed_runs(set_dir: Path, monkeyp
         f"results/{set_dir.name}/report.md differs from what its runs render: run results/render.sh {set_dir.name}")
 
 
-STARTS = {  # each family's committed SFT start, by the config that names it
-    "twx-short.yaml": RESULTS / "twxs-valid" / "twxs-sft-n25-20261205-013807" / "checkpoints" / "sft",
-    "sciworld-short.yaml": RESULTS / "sws-valid" / "sws-sft-b2k-20261206-152034" / "checkpoints" / "sft",
-}
+STARTS = [  # (the config that names it, the committed checkpoint)
+    ("twx-short.yaml", RESULTS / "twxs-valid" / "twxs-sft-n25-20261205-013807" / "checkpoints" / "sft"),
+    ("twx-short.yaml", RESULTS / "twxs-retroformer" / "twxs-sft-refl6-20261205-185635" / "checkpoints" / "sft"),
+    ("sciworld-short.yaml", RESULTS / "sws-valid" / "sws-sft-b2k-20261206-152034" / "checkpoints" / "sft"),
+]
 
 
-@pytest.mark.parametrize("config_name", sorted(STARTS))
-def test_committed_starting_checkpoint_fits_the_config_it_is_named_in(config_name):
-    """The SFT checkpoints issue 22's method runs start from are committed whole, and still pass the start check
-    (same base model by its weights, LoRA shape, adapter layout) for the config that names them: a changed LoRA
-    default would strand them."""
+@pytest.mark.parametrize("config_name, start", STARTS, ids=[s.parent.parent.name for _, s in STARTS])
+def test_committed_starting_checkpoint_fits_the_config_it_is_named_in(config_name, start):
+    """The checkpoints issue 22's method runs start from are committed whole, and still pass the start check (same
+    base model by its weights, LoRA shape, adapter layout) for the config that names them: a changed LoRA default
+    would strand them."""
     from agents.model import resolve_model
     from cluster.checks import check_checkpoint, meta_model
     from cluster.config import load_config
 
-    start, config = STARTS[config_name], RESULTS.parent / "configs" / config_name
+    config = RESULTS.parent / "configs" / config_name
     assert str(start.relative_to(RESULTS.parent)) in config.read_text()
     cfg = load_config(config, [f"init.checkpoint={start}"])
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
