@@ -111,8 +111,11 @@ class MethodLearner(Learner):
             ref = masked_sum(batch.ref_logprobs[:, 1:], mask)
             k = policy.shape[0] // 2  # rows: chosen first, then rejected (make_pair_batches)
             loss, chosen, rejected = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta)
+            # The implicit rewards per side, as TRL logs them: a margin won by lowering the winner too (both
+            # negative) is likelihood displacement, which broke ScienceWorld's actor (results/README.md, sws-eto).
             stats = {"reward_accuracy": float((chosen > rejected).float().mean()),
-                     "reward_margin": float((chosen - rejected).mean())}
+                     "reward_margin": float((chosen - rejected).mean()),
+                     "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean())}
             if nll_coef:
                 nll = -policy[:k].sum() / mask[:k].sum().clamp(min=1)
                 loss = loss + nll_coef * nll

@@ -76,6 +76,11 @@ def test_dpo_nll_term_keeps_the_chosen_trajectories_likely(tiny_path, tmp_path):
         after.append(seqlp(learner, chosen))
     assert sum(after[1]) > sum(after[0])
     assert "nll_chosen/actor" not in metrics[0] and metrics[1]["nll_chosen/actor"] > 0
+    # The per-side implicit rewards show it while training: the anchor keeps the winners' log-ratio higher.
+    assert metrics[1]["reward_chosen/actor"] > metrics[0]["reward_chosen/actor"]
+    for m in metrics:
+        assert m["reward_chosen/actor"] - m["reward_rejected/actor"] == pytest.approx(m["reward_margin/actor"],
+                                                                                     abs=1e-5)
     assert (metrics[0]["nll_coef"], metrics[1]["nll_coef"]) == (0.0, 1.0)
 
 
