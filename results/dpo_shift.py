@@ -41,7 +41,9 @@ def main() -> None:
         raise SystemExit("this run started from its own IL; score it from a run started with init.checkpoint")
     demos = list(run.store.episodes("demos"))
     experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
-    pairs, counts = dpo_pairs(run.store.episodes(f"explore-{i}"), experts, cfg.eto.extra_turns)
+    # In task order, so that runs replaying one exploration (eto.replay, stored in another order) sample alike.
+    explored = sorted(run.store.episodes(f"explore-{i}"), key=lambda e: e.task_id)
+    pairs, counts = dpo_pairs(explored, experts, cfg.eto.extra_turns)
     if args.pairs and args.pairs < len(pairs):
         pairs = random.Random(0).sample(pairs, args.pairs)
     print(f"{counts}; scoring {len(pairs)} pairs under {start} and {run.path}/checkpoints/eto-{i}")
