@@ -36,9 +36,9 @@ def main() -> None:
     run = RunDir(args.run)
     cfg = load_config(run.path / "config.yaml")
     i = args.iteration
-    start = cfg.init.checkpoint if i == 1 else run.path / "checkpoints" / f"eto-{i - 1}"
-    if start is None:
-        raise SystemExit("this run started from its own IL; score it from a run started with init.checkpoint")
+    # Iteration 1 starts from init.checkpoint, or from the run's own IL (checkpoints/sft) without one.
+    checkpoints = run.path / "checkpoints"
+    start = (cfg.init.checkpoint or checkpoints / "sft") if i == 1 else checkpoints / f"eto-{i - 1}"
     demos = list(run.store.episodes("demos"))
     experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
     # In task order, so that runs replaying one exploration (eto.replay, stored in another order) sample alike.
@@ -46,12 +46,12 @@ def main() -> None:
     pairs, counts = dpo_pairs(explored, experts, cfg.eto.extra_turns)
     if args.pairs and args.pairs < len(pairs):
         pairs = random.Random(0).sample(pairs, args.pairs)
-    print(f"{counts}; scoring {len(pairs)} pairs under {start} and {run.path}/checkpoints/eto-{i}")
+    print(f"{counts}; scoring {len(pairs)} pairs under {start} and {checkpoints}/eto-{i}")
     flat = [s for p in pairs for s in p]
     with tempfile.TemporaryDirectory() as tmp:
         learner = MethodLearner(**{**learner_kwargs(cfg), "output_dir": tmp})
         scores = []
-        for checkpoint in (start, run.path / "checkpoints" / f"eto-{i}"):
+        for checkpoint in (start, checkpoints / f"eto-{i}"):
             learner.load_checkpoint(checkpoint)
             scores.append(per_token(learner, flat))
     (before, after) = scores
