@@ -23,7 +23,7 @@ from cluster.replay import explored_tasks
 from cluster.console import closing_lines, transcript
 from cluster.progress import duration, say
 from cluster.run_dir import RunDir
-from learners.batching import bound_policy_lag, dpo_pairs, reflection_replay, retroact_samples
+from learners.batching import bound_policy_lag, dpo_pairs, expert_wins, reflection_replay, retroact_samples
 
 Rows = list[dict[str, Any]]
 
@@ -72,7 +72,7 @@ def eto(session: Session) -> Rows:
     """SFT, then N x [explore each training task (eto.samples times), (win, lose) pairs against the expert, DPO]."""
     cfg, e = session.cfg, session.cfg.eto
     demos, rows = _start(session)
-    experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
+    experts = expert_wins(demos)
     tasks = explored_tasks(cfg, session.explore_tasks())
     for i in range(e.iterations):
         settings = session.settings(1, actor_temperature=e.temperature, seed=derive_seed(cfg.seed, "eto", i))

@@ -268,6 +268,11 @@ def il_samples(episodes: Iterable[Episode], memory_only: float = 0.0, seed: int 
 
 
 # ---------------------------------------------------------------------------------------------------- methods' data
+def expert_wins(demos: Iterable[Episode]) -> dict[str, Episode]:
+    """Each task's winning one-trial expert demo, by task id: the trajectories ETO pairs its explorations with."""
+    return {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
+
+
 def dpo_pairs(
     explored: Iterable[Episode], experts: dict[str, Episode], extra_turns: int = 5
 ) -> tuple[list[tuple[TokenSample, TokenSample]], dict[str, int]]:

@@ -14,12 +14,11 @@ import argparse
 import random
 import statistics
 import tempfile
-from pathlib import Path
 
 from cluster.config import load_config
 from cluster.run_dir import RunDir
 from cluster.runtime import learner_kwargs
-from learners.batching import dpo_pairs
+from learners.batching import dpo_pairs, expert_wins
 from learners.methods import MethodLearner
 
 
@@ -39,8 +38,7 @@ def main() -> None:
     # Iteration 1 starts from init.checkpoint, or from the run's own IL (checkpoints/sft) without one.
     checkpoints = run.path / "checkpoints"
     start = (cfg.init.checkpoint or checkpoints / "sft") if i == 1 else checkpoints / f"eto-{i - 1}"
-    demos = list(run.store.episodes("demos"))
-    experts = {d.task_id: d for d in demos if d.source == "expert" and len(d.trials) == 1 and d.success}
+    experts = expert_wins(run.store.episodes("demos"))
     # In task order, so that runs replaying one exploration (eto.replay, stored in another order) sample alike.
     explored = sorted(run.store.episodes(f"explore-{i}"), key=lambda e: e.task_id)
     pairs, counts = dpo_pairs(explored, experts, cfg.eto.extra_turns)

@@ -14,6 +14,7 @@ from collections import Counter
 
 from agents.trajectory import Trial
 from cluster.run_dir import RunDir
+from learners.batching import expert_wins
 from reflection_use import reflected_trials
 
 
@@ -26,8 +27,7 @@ def recalls(reflection: str, failed: Trial, expert: list[str]) -> bool:
 
 def main(run: str, phase: str = "collect-1") -> None:
     store = RunDir(run).store
-    experts = {e.task_id: [s.action for s in e.trials[0].steps] for e in store.episodes("demos")
-               if e.source == "expert" and len(e.trials) == 1 and e.success}
+    experts = {task: [s.action for s in e.trials[0].steps] for task, e in expert_wins(store.episodes("demos")).items()}
     counts: Counter = Counter()
     lengths = []
     for episode in store.episodes(phase):
