@@ -70,8 +70,9 @@ def eval_phase(label: str) -> str:
 
 
 def evaluate(episodes: Iterable[Episode], label: str, trials: int) -> list[dict[str, Any]]:
-    """Two rows per split from one K-trial run with reflections: its first trial alone is the ReAct agent
-    (greedy retries without memory would repeat it), and all K trials are the agent with its reflector."""
+    """Per split: the first trial alone is the ReAct agent (greedy retries without memory would repeat it), and,
+    when K > 1, all K trials are the agent with its reflector (at K = 1 no reflection is written: that row would
+    repeat the ReAct row)."""
     by_split: dict[str, list[Episode]] = defaultdict(list)
     for e in episodes:
         by_split[e.split].append(e)
@@ -79,7 +80,8 @@ def evaluate(episodes: Iterable[Episode], label: str, trials: int) -> list[dict[
     for split in sorted(by_split):
         react = summarise(by_split[split], 1)
         rows.append({"method": f"{label} ReAct", "split": split, **react})
-        rows.append({"method": f"{label} + reflection", "split": split, **summarise(by_split[split], trials)})
+        if trials > 1:
+            rows.append({"method": f"{label} + reflection", "split": split, **summarise(by_split[split], trials)})
     return rows
 
 

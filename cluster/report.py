@@ -258,8 +258,8 @@ def paired(runs: Sequence[RunData]) -> list[str]:
     for run, name in zip(runs[1:], names[1:]):
         for row in run.rows:
             key = (row.get("split"), row.get("trials"))
-            # The same label when the baseline has it (SFT ReAct vs SFT ReAct), else the same kind of row (ReAct
-            # vs ReAct: at one trial a run's ReAct and reflection rows share a shape), else any row of that shape.
+            # The same label when the baseline has it (SFT ReAct vs SFT ReAct), else the same kind of row (an eval
+            # labelled "sft ReAct" vs the SFT run's "SFT ReAct"), else any row of that shape.
             ref = (base.get((*key, row.get("method"))) or base_kind.get((*key, _kind(row.get("method"))))
                    or base_any.get(key))
             if ref is None:

@@ -291,19 +291,21 @@ def test_rows_stored_before_per_task_outcomes_get_counts_and_mcnemar(tmp_path, c
     assert react["success 95% CI"] == f"[{100 * low:+.1f}, {100 * high:+.1f}]" and 0 < low < high < 1
 
 
-def test_one_trial_rows_pair_with_the_baselines_row_of_the_same_kind(tmp_path, capsys):
-    """At one trial a run's ReAct and reflection rows have the same split and trials; with labels that differ
-    (an eval of RUN/checkpoints/sft is labelled "sft", the SFT run "SFT") each still pairs with its own kind."""
-    base = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5)])]
+def test_one_trial_runs_have_one_row_per_split_and_pair_by_kind(tmp_path, capsys):
+    """At one trial no reflection is written, so a run has only its ReAct row per split (a "+ reflection" row would
+    repeat it); with labels that differ (an eval of RUN/checkpoints/sft is labelled "sft", the SFT run "SFT") it
+    still pairs with the baseline's ReAct row, not with its K-trial row."""
+    base = [_episode("t1", "seen", [(1.0, 3)]), _episode("t2", "seen", [(0.0, 5), (1.0, 2)])]
     other = [_episode("t1", "seen", [(0.0, 5)]), _episode("t2", "seen", [(1.0, 4)])]
     run_a, run_b = tmp_path / "sft-1", tmp_path / "sft-eval-1"
-    _write_run(run_a, "sft", 0, base, "SFT", [], trials=1)
-    _write_run(run_b, "sft", 0, other, "sft", [], trials=1)
+    assert [r["method"] for r in _write_run(run_a, "sft", 0, base, "SFT", [], trials=2)] == [
+        "SFT ReAct", "SFT + reflection"]
+    assert [r["method"] for r in _write_run(run_b, "sft", 0, other, "sft", [], trials=1)] == ["sft ReAct"]
     assert cli.main(["report", str(run_a), str(run_b), "--out", str(tmp_path / "out")]) == 0
     rows = {r["method"]: r for r in _table(capsys.readouterr().out, 1)}
-    assert {m: r["baseline"] for m, r in rows.items()} == {"sft ReAct": "SFT ReAct",
-                                                          "sft + reflection": "SFT + reflection"}
-    assert all((r["only run"], r["only baseline"]) == ("1", "1") for r in rows.values())
+    assert {m: r["baseline"] for m, r in rows.items()} == {"sft ReAct": "SFT ReAct"}
+    # the baseline's first trial: t1 won only by it, t2 only by the run (the baseline won t2 at its trial 2)
+    assert (rows["sft ReAct"]["only run"], rows["sft ReAct"]["only baseline"]) == ("1", "1")
 
 
 def test_success_per_kind_where_outcomes_name_their_kind(tmp_path, capsys):
@@ -325,10 +327,10 @@ def test_success_per_kind_where_outcomes_name_their_kind(tmp_path, capsys):
     md = capsys.readouterr().out
     assert "Success per kind on `valid` (tasks won / tasks):" in md
     rows = _table(md, 1)
-    assert [r["method"] for r in rows] == ["SFT ReAct", "SFT + reflection", "ETO ReAct", "ETO + reflection"]
+    assert [r["method"] for r in rows] == ["SFT ReAct", "ETO ReAct"]
     assert {k: rows[0][k] for k in ("coin", "arithmetic", "sorting")} == {"coin": "1/2", "arithmetic": "1/1",
                                                                         "sorting": "-"}
-    assert {k: rows[2][k] for k in ("coin", "arithmetic", "sorting")} == {"coin": "1/2", "arithmetic": "0/1",
+    assert {k: rows[1][k] for k in ("coin", "arithmetic", "sorting")} == {"coin": "1/2", "arithmetic": "0/1",
                                                                         "sorting": "1/1"}
 
 
