@@ -32,7 +32,8 @@ _THOUGHTS = {
     "dice": "The recipe says to dice it; I will dice {rest}.",
     "examine": "I should look at the {rest} more closely.",
     "read": "The {rest} may tell me what to do; I will read it.",
-    "focus": "This is what the task is about, so I will focus on {rest}.",
+    "focus": "This is what the task is about, so I will focus {rest}.",  # rest: "on <thing>"
+    "teleport": "I will teleport {rest}, where the task needs me.",  # rest: "to <room>"
 }
 
 

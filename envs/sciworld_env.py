@@ -21,7 +21,11 @@
 * Expert actions: `get_gold_action_sequence()`, cut after the action that wins (they often end with a spare
   `wait1`). The simulator builds gold paths with randomness (lengths differ between runs), so each is generated
   once (on the task's first expert_actions call; a few seconds for boil-like tasks) and cached: demos are stable
-  on a machine.
+  on a machine. `expert_path="teleport"` hands out `teleported(gold)` instead (door walks become one `teleport
+  to <room>`, then `look around`), checked once to still win (else the gold path) and cached beside it: the
+  gold path's walks are a map the 135M SFT start did not learn (results/expert_agreement.py: under teacher
+  forcing it chose the expert's door on 32 of 65 `open door` turns, and the expert's object on 1 of 27 `focus`
+  turns that followed a walk it was never shown the end of).
 * Task ids: `sciworld:<task-name>:<variation>` (a valid-split task's variation is one of ScienceWorld's train
   ones). The step info `valid` is False when the parser rejects the action ("No known action matches that
   input."). `with_admissible=True` adds `admissible` (the valid action-object combinations, often hundreds) to
@@ -88,6 +92,32 @@ STEP_LIMITS: dict[str, tuple[int, int]] = {
     "mendelian-genetics-unknown-plant": (180, 180),
 }
 ETO_TASKS: tuple[str, ...] = tuple(list(STEP_LIMITS)[:24])
+EXPERT_PATHS = ("gold", "teleport")
+_NAVIGATION = ("open door to ", "go to ")
+_LOOK = "look around"
+
+
+def teleported(actions: Sequence[str]) -> list[str]:
+    """The gold path with each run of door navigation (`open door to X`, `go to X`: every door is open in
+    "easy") replaced by `teleport to <the run's last room>`, then `look around` unless the path looks next: the
+    gold path acts on what it was never shown; a policy has to see the room first. A run with no `go to` is
+    dropped."""
+    out: list[str] = []
+    room: str | None = None
+    for i, action in enumerate(actions):
+        if action.startswith(_NAVIGATION):
+            if action.startswith("go to "):
+                room = action[len("go to "):]
+            if i + 1 < len(actions) and actions[i + 1].startswith(_NAVIGATION):
+                continue
+            if room is not None:
+                out.append(f"teleport to {room}")
+                if i + 1 < len(actions) and actions[i + 1] != _LOOK:
+                    out.append(_LOOK)
+            room = None
+        else:
+            out.append(action)
+    return out
 
 
 def _normalize(action: str) -> str:
@@ -109,6 +139,7 @@ class SciWorldEnv(TextEnv):
         with_admissible: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         jvm_heap: str = "512m",
+        expert_path: str = "gold",
     ) -> None:
         super().__init__()
         try:
@@ -128,6 +159,9 @@ class SciWorldEnv(TextEnv):
         unknown_splits = sorted(set(self.per_task) - set(SPLITS))
         if unknown_splits:
             raise EnvError(f"sciworld per_task has unknown splits {unknown_splits}; splits: {', '.join(SPLITS)}")
+        if expert_path not in EXPERT_PATHS:
+            raise EnvError(f"sciworld expert_path must be one of {', '.join(EXPERT_PATHS)}, not {expert_path!r}")
+        self.expert_path = expert_path
         self.eto_step_limits = eto_step_limits
         self.with_admissible = with_admissible
         self.jvm_heap = jvm_heap
@@ -235,42 +269,65 @@ class SciWorldEnv(TextEnv):
         _, name, var = task.task_id.split(":")
         return self.cache / "gold" / f"{name}-{var}.json"
 
+    def _teleport_file(self, task: Task) -> Path:
+        return self._gold_file(task).with_suffix(".teleport.json")
+
+    def _expert_file(self, task: Task) -> Path:
+        return self._teleport_file(task) if self.expert_path == "teleport" else self._gold_file(task)
+
     def _load(self, task: Task, gold: bool = False) -> None:
         _, name, var = task.task_id.split(":")
         self._jvm().load(name, int(var), SIMPLIFICATION, generateGoldPath=gold)
+
+    def _winning_prefix(self, actions: list[str]) -> tuple[bool, int]:
+        """Replay `actions` from the loaded task's reset: whether they win, and how many it takes."""
+        sw = self._jvm()
+        sw.reset()
+        for i, action in enumerate(actions):
+            sw.server.step(action)
+            if round(100 * sw.server.getScore()) >= 100:
+                return True, i + 1
+            if sw.server.getCompleted():
+                break
+        return False, len(actions)
 
     def _gold(self, task: Task) -> dict[str, Any]:
         """The task's gold path, generated once and cached; may leave the simulator in another task's state."""
         data = read_json(self._gold_file(task))
         if data is None:
             self._load(task, gold=True)
-            sw = self._jvm()
-            actions = list(sw.get_gold_action_sequence())
+            actions = list(self._jvm().get_gold_action_sequence())
             # Replay it to cut what follows the win (gold paths often end with a spare `wait1`) and to record
             # whether it wins at all (ScienceWorld's gold paths win ~270 times in 271).
-            sw.reset()
-            won, n = False, len(actions)
-            for i, action in enumerate(actions):
-                sw.server.step(action)
-                if round(100 * sw.server.getScore()) >= 100:
-                    won, n = True, i + 1
-                    break
-                if sw.server.getCompleted():
-                    break
+            won, n = self._winning_prefix(actions)
             data = {"actions": actions[:n], "won": won, "generated_length": len(actions)}
             write_json_atomic(self._gold_file(task), data)
         return data
 
+    def _teleport(self, task: Task) -> dict[str, Any]:
+        """`teleported(gold path)`, replayed once to check that it still wins, and cached beside the gold path."""
+        path = self._teleport_file(task)
+        data = read_json(path)
+        if data is None:
+            actions = teleported(self._gold(task)["actions"])
+            self._load(task)
+            won, n = self._winning_prefix(actions)
+            data = {"actions": actions[:n], "won": won}
+            write_json_atomic(path, data)
+        return data
+
     def expert_actions(self, task_id: str) -> list[str]:
         task = self.task(task_id)
-        data = read_json(self._gold_file(task))
+        data = read_json(self._expert_file(task))
         if data is None:
-            data = self._gold(task)
-            if self._task is not None and not self._over:  # generating replaced the episode in flight: restore it
+            data = self._teleport(task) if self.expert_path == "teleport" else self._gold(task)
+            if self._task is not None and not self._over:  # replaying replaced the episode in flight: restore it
                 self._load(self._task)
                 self._sw.reset()
                 for action in self._history:
                     self._sw.server.step(action)
+        if self.expert_path == "teleport" and not data["won"]:  # the rare path teleporting breaks: the gold one
+            data = self._gold(task)
         return list(data["actions"])
 
     # -- playing --------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ def test_memory_keeps_last_three_before_the_task(formatter, tokenizer):
 def test_template_thoughts_have_react_format():
     assert template_thought("take red key") == "I need the red key, so I will take it."
     assert template_thought("xyzzy") == "Next I will xyzzy."
+    # ScienceWorld's two-word verbs: the thought names the action once ("focus on on dove" was IL data once)
+    assert template_thought("focus on dove").endswith("so I will focus on dove.")
+    assert template_thought("teleport to kitchen") == "I will teleport to kitchen, where the task needs me."
     parsed = parse_react(expert_completion("open door"))
     assert parsed.ok and parsed.action == "open door"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from envs import SPLITS, EnvError, SciWorldEnv, make_env
-from envs.sciworld_env import ETO_TASKS, STEP_LIMITS
+from envs.sciworld_env import ETO_TASKS, STEP_LIMITS, teleported
 
 HAVE_PACKAGE = importlib.util.find_spec("scienceworld") is not None
 HAVE_JAVA = shutil.which("java") is not None
@@ -120,6 +120,40 @@ def test_gold_actions_replay_to_full_score(env: SciWorldEnv, task_id: str, split
         assert terminated == (i == len(gold) - 1) and not truncated
     assert step_info["won"] and step_info["score"] == 1.0 and reward == 1.0
     assert env.expert_actions(task_id) == gold  # cached: the same demo every time
+
+
+def test_teleported_paths_replace_door_walks_and_look_before_acting():
+    gold = ["open door to hallway", "go to hallway", "open door to greenhouse", "go to greenhouse",
+            "open door to outside", "go to outside", "focus on dove", "pick up dove",
+            "open door to kitchen", "go to kitchen", "look around", "move dove to green box"]
+    assert teleported(gold) == ["teleport to outside", "look around", "focus on dove", "pick up dove",
+                                "teleport to kitchen", "look around", "move dove to green box"]
+    assert teleported(["open door to outside", "focus on frog"]) == ["focus on frog"]  # a door opened, no move
+    assert teleported(["go to kitchen"]) == ["teleport to kitchen"]  # nothing follows: nothing to look at
+    assert teleported(["open freezer", "focus on ice"]) == ["open freezer", "focus on ice"]  # containers stay
+
+
+def test_unknown_expert_path_is_refused(cache: Path):
+    with pytest.raises(EnvError, match="expert_path must be one of gold, teleport"):
+        SciWorldEnv(cache_dir=cache, expert_path="shortest")
+
+
+@pytest.mark.sciworld
+@needs_sciworld
+def test_teleport_expert_path_wins_in_fewer_steps(cache: Path):
+    task_id = "sciworld:find-animal:225"  # its gold path walks through two rooms
+    env = SciWorldEnv(cache_dir=cache, expert_path="teleport")
+    try:
+        gold = env._gold(env.task(task_id))["actions"]
+        path = env.expert_actions(task_id)
+        assert path[0].startswith("teleport to ") and not any(a.startswith(("go to ", "open door")) for a in path)
+        assert len(path) < len(gold)
+        env.reset(options={"task": task_id})
+        for action in path:
+            _, reward, terminated, _, info = env.step(action)
+        assert terminated and info["won"] and reward == 1.0
+    finally:
+        env.close()
 
 
 @pytest.mark.sciworld
