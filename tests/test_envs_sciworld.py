@@ -133,6 +133,7 @@ def test_teleported_paths_replace_door_walks_and_look_before_acting():
     assert teleported(["open freezer", "focus on ice"]) == ["open freezer", "focus on ice"]  # containers stay
 
 
+@needs_sciworld  # the constructor checks the package and Java first
 def test_unknown_expert_path_is_refused(cache: Path):
     with pytest.raises(EnvError, match="expert_path must be one of gold, teleport"):
         SciWorldEnv(cache_dir=cache, expert_path="shortest")
