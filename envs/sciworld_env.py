@@ -24,8 +24,8 @@
   on a machine. `expert_path="teleport"` hands out `teleported(gold)` instead (door walks become one `teleport
   to <room>`, then `look around`), checked once to still win (else the gold path) and cached beside it: the
   gold path's walks are a map the 135M SFT start did not learn (results/expert_agreement.py: under teacher
-  forcing it chose the expert's door on 32 of 65 `open door` turns, and the expert's object on 1 of 27 `focus`
-  turns that followed a walk it was never shown the end of).
+  forcing it chose the expert's door on 32 of 65 `open door` turns). Measured on valid, not the default: it wins
+  tasks the gold start does not but scores lower on average (results/README.md, sws-valid).
 * Task ids: `sciworld:<task-name>:<variation>` (a valid-split task's variation is one of ScienceWorld's train
   ones). The step info `valid` is False when the parser rejects the action ("No known action matches that
   input."). `with_admissible=True` adds `admissible` (the valid action-object combinations, often hundreds) to
