@@ -214,7 +214,7 @@ def resolve_dtype(name: str):
 
 def hardware() -> dict:
     """What this process computes on, for the run's record: the same config and seed give other numbers on
-    another CPU (its kernels, and `dtype: auto` resolving to bf16 or fp32; results/README.md)."""
+    another CPU (its kernels, and `dtype: auto` resolving to bf16 or fp32; results/twxs-retroformer-bf16/README.md)."""
     import torch
 
     info = {**_cpu_info(), "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

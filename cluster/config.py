@@ -129,7 +129,7 @@ class LearnerCfg(_Strict):
     # ..."); 2 / 4 more reflector epochs: 0.79 / 0.30, and held-out reflections follow it ("I failed because I did
     # 'go north' when I should have done 'go west'. ..."). That alone did not help Reflexion on held-out games (FR
     # 12.5 vs 18.8 on 16 seen games, one game): the template's plan is the expert's, which the reflector cannot
-    # know for a new game (results/README.md). 0 leaves a role's adapter as it starts (bit for bit): with
+    # know for a new game (results/fp32-16games/README.md). 0 leaves a role's adapter as it starts (bit for bit): with
     # init.checkpoint and method=sft, {actor: 0, reflector: 5} trains a checkpoint's reflector further and keeps its
     # actor.
     role_epochs: dict[Literal["actor", "reflector"], Annotated[int, Field(ge=0)]] = Field(
@@ -163,7 +163,7 @@ class DemoCfg(_Strict):
     # Fraction of the training tasks whose actor IL keeps only the expert play that follows a reflection, not the
     # memory-free copy of the same play: on those tasks the plan in memory is what predicts the actions, so the
     # actor learns to read it. With both copies (0.0) the SFT actor ignored its memory: held-out FR 12.5 vs IR
-    # 14.1. At 0.5: IR 25.0, FR 39.1; at 1.0 (no memory-free play at all): IR 12.5, FR 18.8 (results/README.md).
+    # 14.1. At 0.5: IR 25.0, FR 39.1; at 1.0 (no memory-free play at all): IR 12.5, FR 18.8 (results/fp32-memory/README.md).
     memory_only: float = Field(0.5, ge=0.0, le=1.0)
     # N training tasks, taken round-robin over the kinds (envs/core.py balanced_prefix), have expert demos (IL
     # learns from them) and the exploration rounds (Retroformer, RetroAct) play only the other training tasks,
@@ -189,7 +189,7 @@ class InitCfg(_Strict):
 
 
 class EtoCfg(_Strict):
-    # Paper: 3 epochs at lr 1e-6, then 5e-7 (full 7B fine-tune), 1-3 iterations. Measured here (results/README.md,
+    # Paper: 3 epochs at lr 1e-6, then 5e-7 (full 7B fine-tune), 1-3 iterations. Measured here (results/fp32-16games/README.md,
     # 48 training games, 16 seen held-out games, fp32 engines): lr 1e-4 x 3 epochs collapsed the actor (train wins
     # 14/24 -> 1/24); 2e-5 x 3 epochs tied SFT, and a second iteration on top fell below it; 1e-5 x 1 epoch beat
     # SFT by one game in every column (tied on the 8 unseen games). Hence one gentle iteration by default.
@@ -203,7 +203,7 @@ class EtoCfg(_Strict):
     epochs: int = Field(1, ge=1)
     extra_turns: int = Field(5, ge=0)  # the loser is cut to at most len(expert) + extra_turns turns
     # DPO + nll_coef x the chosen trajectories' mean token NLL (RPO); 0 is ETO's pure DPO. Measured here
-    # (results/README.md, twxs-methods): pure DPO at lr 5e-5 lost training tasks that gave no pair; 1.0 did not
+    # (results/twxs-methods/README.md): pure DPO at lr 5e-5 lost training tasks that gave no pair; 1.0 did not
     # change that on valid (16 of 50 either way), the chosen being the demos SFT already fits (0.03 nats/token).
     nll_coef: float = Field(0.0, ge=0.0)
     # An ETO run directory started from the same init.checkpoint: iteration 1 pairs its stored exploration instead
@@ -240,10 +240,10 @@ class RetroActCfg(_Strict):
     rounds: int = Field(1, ge=1)
     trials: int = Field(3, ge=2)
     temperature: float = Field(1.0, ge=0.0)  # exploration sampling of both roles
-    # Paper: lr 1e-4, 3 RL epochs (7B). Measured here (results/README.md, 16 seen held-out games): 1e-4 x 3 epochs
+    # Paper: lr 1e-4, 3 RL epochs (7B). Measured here (results/fp32-16games/README.md, 16 seen held-out games): 1e-4 x 3 epochs
     # on 24 games' rollouts (21 samples) fell below SFT (IR 9.4 vs 14.1); 2e-5 x 1 epoch on 48 games' (75 samples)
     # rose above it (IR 18.8). Exploring games IL never saw (demos.tasks=48 of n_train=96), 2e-5 tied SFT on all 24
-    # held-out games; 1e-4 gained 2 of them with seed 0, lost 1 with seeds 1 and 2 (results/README.md, new-games).
+    # held-out games; 1e-4 gained 2 of them with seed 0, lost 1 with seeds 1 and 2 (results/new-games/README.md).
     # With rounds: 2, seed 1 went from -1 to +2 seen games (unseen tied) and seed 0 was +1 seen, -1 unseen: no
     # robust gain over two seeds, so the defaults stay.
     epochs: int = Field(1, ge=1)
@@ -256,7 +256,7 @@ class RetroActCfg(_Strict):
     # return gives). `return` also rewards TextWorld trials with only a partial score: in the 48-game exploration
     # those were 14 cooking trials, 45% invalid actions, more tokens than the 20 won trials, and the round fell
     # below the memory_only SFT (seen IR 14.1 vs 25.0; at lr 1e-5 one unseen game lost). With `success` it ties
-    # that SFT on all 24 held-out games (results/README.md, fp32-replay).
+    # that SFT on all 24 held-out games (results/fp32-replay/README.md).
     actor_reward: Literal["return", "success"] = "success"
     # A RetroAct run directory started from the same init.checkpoint: round 1 learns from its stored round-1
     # exploration instead of playing it again (the loss is off-policy: each token's behaviour log-prob is

