@@ -205,7 +205,8 @@ def _outcomes(row: dict[str, Any]) -> dict[str, tuple[bool, float]] | None:
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
-    return "-" if value is None else f"{100 * value:{'+' if signed else ''}.1f}"
+    # + 0.0 turns a -0.0 (a difference that is zero up to float error) into +0.0
+    return "-" if value is None else f"{round(100 * value, 1) + 0.0:{'+' if signed else ''}.1f}"
 
 
 def _ci(interval: tuple[float, float] | None) -> str:

@@ -407,3 +407,17 @@ def test_reflection_gain_within_one_run(tmp_path, capsys):
     assert (row["McNemar p"], row["success diff"], row["FR - IR"], row["paired t p"]) == ("0.500", "+50.0", "+50.0", f"{p:.3f}")
     low, high = success_diff(1, 2, 0, 4)[1]
     assert row["success 95% CI"] == f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def test_a_difference_zero_up_to_float_error_prints_as_plus_zero(tmp_path, capsys):
+    """FR - IR per task -0.1, -0.2, +0.3: in floats their mean is -1.9e-17, which a bare format prints as -0.0."""
+    episodes = [_episode("a", "valid", [(0.1, 5), (0.0, 5)]), _episode("b", "valid", [(0.2, 5), (0.0, 5)]),
+                _episode("c", "valid", [(0.0, 5), (0.3, 5)])]
+    run = tmp_path / "sft"
+    _write_run(run, "sft", 0, episodes, "SFT", [])
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    tables = sum(line.startswith("|---") for line in md.splitlines())
+    (table,) = [i for i in range(tables) if "won after trial 1" in _table(md, i)[0]]
+    (row,) = _table(md, table)
+    assert row["FR - IR"] == "+0.0"
