@@ -163,7 +163,8 @@ class DemoCfg(_Strict):
     # Fraction of the training tasks whose actor IL keeps only the expert play that follows a reflection, not the
     # memory-free copy of the same play: on those tasks the plan in memory is what predicts the actions, so the
     # actor learns to read it. With both copies (0.0) the SFT actor ignored its memory: held-out FR 12.5 vs IR
-    # 14.1. At 0.5: IR 25.0, FR 39.1; at 1.0 (no memory-free play at all): IR 12.5, FR 18.8 (results/fp32-memory/README.md).
+    # 14.1. At 0.5: IR 25.0, FR 39.1; at 1.0 (no memory-free play at all): IR 12.5, FR 18.8
+    # (results/fp32-memory/README.md).
     memory_only: float = Field(0.5, ge=0.0, le=1.0)
     # N training tasks, taken round-robin over the kinds (envs/core.py balanced_prefix), have expert demos (IL
     # learns from them) and the exploration rounds (Retroformer, RetroAct) play only the other training tasks,
@@ -189,10 +190,11 @@ class InitCfg(_Strict):
 
 
 class EtoCfg(_Strict):
-    # Paper: 3 epochs at lr 1e-6, then 5e-7 (full 7B fine-tune), 1-3 iterations. Measured here (results/fp32-16games/README.md,
-    # 48 training games, 16 seen held-out games, fp32 engines): lr 1e-4 x 3 epochs collapsed the actor (train wins
-    # 14/24 -> 1/24); 2e-5 x 3 epochs tied SFT, and a second iteration on top fell below it; 1e-5 x 1 epoch beat
-    # SFT by one game in every column (tied on the 8 unseen games). Hence one gentle iteration by default.
+    # Paper: 3 epochs at lr 1e-6, then 5e-7 (full 7B fine-tune), 1-3 iterations. Measured here
+    # (results/fp32-16games/README.md, 48 training games, 16 seen held-out games, fp32 engines): lr 1e-4 x 3 epochs
+    # collapsed the actor (train wins 14/24 -> 1/24); 2e-5 x 3 epochs tied SFT, and a second iteration on top fell below
+    # it; 1e-5 x 1 epoch beat SFT by one game in every column (tied on the 8 unseen games). Hence one gentle iteration
+    # by default.
     iterations: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0.0)  # exploration sampling (paper: greedy)
     # Explorations per training task and iteration (paper: 1). More than 1 needs temperature > 0 (greedy ones are
@@ -240,12 +242,12 @@ class RetroActCfg(_Strict):
     rounds: int = Field(1, ge=1)
     trials: int = Field(3, ge=2)
     temperature: float = Field(1.0, ge=0.0)  # exploration sampling of both roles
-    # Paper: lr 1e-4, 3 RL epochs (7B). Measured here (results/fp32-16games/README.md, 16 seen held-out games): 1e-4 x 3 epochs
-    # on 24 games' rollouts (21 samples) fell below SFT (IR 9.4 vs 14.1); 2e-5 x 1 epoch on 48 games' (75 samples)
-    # rose above it (IR 18.8). Exploring games IL never saw (demos.tasks=48 of n_train=96), 2e-5 tied SFT on all 24
-    # held-out games; 1e-4 gained 2 of them with seed 0, lost 1 with seeds 1 and 2 (results/new-games/README.md).
-    # With rounds: 2, seed 1 went from -1 to +2 seen games (unseen tied) and seed 0 was +1 seen, -1 unseen: no
-    # robust gain over two seeds, so the defaults stay.
+    # Paper: lr 1e-4, 3 RL epochs (7B). Measured here (results/fp32-16games/README.md, 16 seen held-out games): 1e-4 x 3
+    # epochs on 24 games' rollouts (21 samples) fell below SFT (IR 9.4 vs 14.1); 2e-5 x 1 epoch on 48 games' (75
+    # samples) rose above it (IR 18.8). Exploring games IL never saw (demos.tasks=48 of n_train=96), 2e-5 tied SFT on
+    # all 24 held-out games; 1e-4 gained 2 of them with seed 0, lost 1 with seeds 1 and 2 (results/new-games/README.md).
+    # With rounds: 2, seed 1 went from -1 to +2 seen games (unseen tied) and seed 0 was +1 seen, -1 unseen: no robust
+    # gain over two seeds, so the defaults stay.
     epochs: int = Field(1, ge=1)
     lr: float = Field(2e-5, gt=0)
     eps: float = Field(0.3, gt=0.0, lt=1.0)  # importance weights clipped to [1 - eps, 1 + eps]
