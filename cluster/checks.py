@@ -84,19 +84,21 @@ def check_model(cfg: Config, model: Any) -> None:
                               "rollout.backend=hf") from exc
 
 
-def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
-    """init.checkpoint fits this run: its files are all there, and it was trained on this base model with this
-    adapter layout (shared or per role) and LoRA shape, checked from learner.json and the adapters' tensor shapes
-    (safetensors headers only) before the learner tries to load it mid-run."""
+def check_checkpoint(cfg: Config, model_path: str, model: Any, checkpoint: str | None = None,
+                     option: str = "init.checkpoint") -> None:
+    """The learner checkpoint `checkpoint` (init.checkpoint by default; named `option` in errors) fits this run: its
+    files are all there, and it was trained on this base model with this adapter layout (shared or per role) and
+    LoRA shape, checked from learner.json and the adapters' tensor shapes (safetensors headers only) before the
+    learner tries to load it mid-run."""
     from safetensors import SafetensorError, safe_open
 
     from learners.learner import CHECKPOINT_FILES, REFERENCE_PREFIX, SHARED_ADAPTER
 
-    folder = Path(cfg.init.checkpoint or "")
-    fix = "point init.checkpoint at a checkpoint trained with the same settings, or change them to the checkpoint's"
+    folder = Path(checkpoint or cfg.init.checkpoint or "")
+    fix = f"point {option} at a checkpoint trained with the same settings, or change them to the checkpoint's"
     missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
     if missing:
-        raise ConfigError(f"init.checkpoint {folder}: missing {', '.join(missing)} (an incomplete copy?); point it "
+        raise ConfigError(f"{option} {folder}: missing {', '.join(missing)} (an incomplete copy?); point it "
                           "at a whole RUN/checkpoints/<name> folder")
     try:
         meta = json.loads((folder / "learner.json").read_text())
@@ -112,7 +114,7 @@ def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
                            else Path(meta["model_path"]).name),
         }
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"init.checkpoint {folder}: learner.json is unreadable or from another version ({exc}); "
+        raise ConfigError(f"{option} {folder}: learner.json is unreadable or from another version ({exc}); "
                           "point it at a RUN/checkpoints/<name> folder written by this retrorl") from exc
     ours = {
         "learner.shared_adapter": cfg.learner.shared_adapter,
@@ -124,7 +126,7 @@ def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
     }
     differ = [f"{key}={theirs[key]!r} there, {ours[key]!r} here" for key in ours if theirs[key] != ours[key]]
     if differ:
-        raise ConfigError(f"init.checkpoint {folder} does not fit this config: {'; '.join(differ)}; {fix}")
+        raise ConfigError(f"{option} {folder} does not fit this config: {'; '.join(differ)}; {fix}")
     adapters = [SHARED_ADAPTER] if cfg.learner.shared_adapter else list(ROLES)
     modules = dict(model.named_modules())
     try:
@@ -132,15 +134,15 @@ def check_checkpoint(cfg: Config, model_path: str, model: Any) -> None:
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()
                       if not k.startswith(REFERENCE_PREFIX)}
     except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"init.checkpoint {folder}: adapters.safetensors is corrupt or truncated ({exc}); "
+        raise ConfigError(f"{option} {folder}: adapters.safetensors is corrupt or truncated ({exc}); "
                           "restore the folder or train it again") from exc
     if sorted({k.split("/", 1)[0] for k in shapes}) != sorted(adapters):
-        raise ConfigError(f"init.checkpoint {folder}: its adapters.safetensors holds adapters "
+        raise ConfigError(f"{option} {folder}: its adapters.safetensors holds adapters "
                           f"{sorted({k.split('/', 1)[0] for k in shapes})}, this config needs {adapters}; {fix}")
     for key, shape in shapes.items():
         wrong = _lora_shape_problem(key.split("/", 1)[1], shape, cfg.learner.lora.r, modules)
         if wrong:
-            raise ConfigError(f"init.checkpoint {folder}: {wrong}, so it was trained on another model.path or "
+            raise ConfigError(f"{option} {folder}: {wrong}, so it was trained on another model.path or "
                               f"LoRA shape; {fix}")
 
 

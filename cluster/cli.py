@@ -31,9 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate the base model (zero-shot ReAct and Reflexion), or the learner "
                                            "checkpoint in init.checkpoint (e.g. a trained run's checkpoints/eto-1)")
     common(evaluate)
-    evaluate.add_argument("--untrained-reflector", action="store_true",
-                          help="serve only the checkpoint's actor; the reflector is the base model (the Reflexion "
-                               "baseline: the same actor with an untrained reflector)")
+    reflector = evaluate.add_mutually_exclusive_group()
+    reflector.add_argument("--untrained-reflector", action="store_true",
+                           help="serve only the checkpoint's actor; the reflector is the base model (the Reflexion "
+                                "baseline: the same actor with an untrained reflector)")
+    reflector.add_argument("--reflector-checkpoint", metavar="CHECKPOINT",
+                           help="serve the checkpoint's actor with the reflector of another learner checkpoint "
+                                "(RUN/checkpoints/NAME): which role's update moved a method's score")
     evaluate.add_argument("--resume", metavar="RUN_DIR",
                           help="continue a stopped evaluation in RUN_DIR with its own config: stored episodes are "
                                "reused, only the missing tasks are played")
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
         resume = getattr(args, "resume", None)
         untrained_reflector = getattr(args, "untrained_reflector", False)
+        reflector_checkpoint = getattr(args, "reflector_checkpoint", None)
         if resume:
-            cfg, untrained_reflector = resumable(resume, args)
+            cfg, untrained_reflector, reflector_checkpoint = resumable(resume, args)
         else:
             overrides = args.overrides + ([f"method={args.method}"] if getattr(args, "method", None) else [])
             cfg = load_config(args.config, overrides)
@@ -97,21 +102,26 @@ def main(argv: list[str] | None = None) -> int:
         if untrained_reflector and cfg.init.checkpoint is None:
             raise ConfigError("--untrained-reflector evaluates a checkpoint's actor: add --set "
                               "init.checkpoint=RUN/checkpoints/NAME (without one, both roles are the base model)")
+        if reflector_checkpoint is not None and cfg.init.checkpoint is None:
+            raise ConfigError("--reflector-checkpoint pairs a checkpoint's actor with another's reflector: add --set "
+                              "init.checkpoint=RUN/checkpoints/NAME for the actor")
         # `eval` of a checkpoint needs the learner: it loads the checkpoint and publishes its adapters to the engines.
         with_learner = args.command == "train" or (args.command == "eval" and cfg.init.checkpoint is not None)
         resumed = RunDir(resume) if resume else None
-        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed)
+        prepared = preflight(cfg, with_learner=with_learner, needs_demos=args.command != "eval", run=resumed,
+                             reflector_checkpoint=reflector_checkpoint)
         if resumed is None:
             run = RunDir.create(cfg)
             # What the config does not hold, for --resume: which command made the run, with which flags.
-            run.log("command", command=args.command, untrained_reflector=untrained_reflector)
+            run.log("command", command=args.command, untrained_reflector=untrained_reflector,
+                    reflector_checkpoint=reflector_checkpoint)
         else:
             run = resumed
         if args.command == "train":
             run_method(cfg, run, prepared)
         elif args.command == "eval":
             with transcript(run.path):
-                _evaluate(cfg, run, prepared, with_learner, untrained_reflector)
+                _evaluate(cfg, run, prepared, with_learner, untrained_reflector, reflector_checkpoint)
         elif args.command == "demos":
             with transcript(run.path):
                 session = Session(cfg, run, prepared, with_learner=False)
@@ -148,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool) -> None:
-    """`retrorl eval`: the protocol for the base model or init.checkpoint, its table, and the closing lines."""
+def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool,
+              reflector_checkpoint: str | None) -> None:
+    """`retrorl eval`: the protocol for the base model or init.checkpoint (its reflector untrained, or another
+    checkpoint's), its table, and the closing lines."""
     from agents.trajectory import ACTOR
     from cluster.console import closing_lines
     from cluster.evaluation import markdown_table
@@ -163,6 +175,9 @@ def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool)
             if untrained_reflector:
                 session.start_policy([], roles=[ACTOR])
                 label = f"Reflexion ({label} actor)"
+            elif reflector_checkpoint is not None:
+                session.start_policy([], reflector_from=reflector_checkpoint)
+                label = f"{label} actor with {Path(reflector_checkpoint).name} reflector"
             else:
                 session.start_policy([])
         rows = session.evaluate(label)
@@ -176,14 +191,17 @@ def _evaluate(cfg, run, prepared, with_learner: bool, untrained_reflector: bool)
 
 
 def resumable(path: str, args: argparse.Namespace):
-    """The config of the stopped run in `path` and whether it evaluates with an untrained reflector; a run that
-    cannot be continued by `args.command` is a ConfigError."""
+    """The config of the stopped run in `path`, whether it evaluates with an untrained reflector and the reflector
+    checkpoint it evaluates with; a run that cannot be continued by `args.command` is a ConfigError."""
     from cluster.run_dir import made_by, read_metrics
 
-    if args.config or args.overrides or getattr(args, "method", None) or getattr(args, "untrained_reflector", False):
-        flag = "--method" if args.command == "train" else "--untrained-reflector"
+    flags = (getattr(args, "method", None), getattr(args, "untrained_reflector", False),
+             getattr(args, "reflector_checkpoint", None))
+    if args.config or args.overrides or any(flags):
+        flags = "--set and --method" if args.command == "train" else "--set, --untrained-reflector and " \
+            "--reflector-checkpoint"
         raise ConfigError("--resume continues a run with the config it was started with (RUN_DIR/config.yaml): "
-                          f"drop --config, --set and {flag}")
+                          f"drop --config, {flags}")
     folder = Path(path)
     if not (folder / "config.yaml").is_file() or not (folder / "trajectories").is_dir():
         raise ConfigError(f"--resume {path}: not a run directory (no config.yaml / trajectories/); give the folder "
@@ -198,7 +216,8 @@ def resumable(path: str, args: argparse.Namespace):
         how = (f"continue it with: {other} --resume {shlex.quote(path)}" if started["command"] in ("train", "eval")
                else f"`{other}` has no --resume: run it again")
         raise ConfigError(f"--resume {path}: this run was started by `{other}`; {how}")
-    return load_config(folder / "config.yaml"), bool(started.get("untrained_reflector", False))
+    return (load_config(folder / "config.yaml"), bool(started.get("untrained_reflector", False)),
+            started.get("reflector_checkpoint"))
 
 
 if __name__ == "__main__":

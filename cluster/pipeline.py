@@ -22,7 +22,7 @@ from agents.chat import ChatFormatter
 from agents.expert import demo_episodes, expert_completion, turn_ids
 from agents.model import load_tokenizer, resolve_model
 from agents.reflector import ReflectorPrompt
-from agents.trajectory import Episode
+from agents.trajectory import REFLECTOR, Episode
 from cluster.checks import (chat_formatter, check_checkpoint, check_samples_fit, check_model, check_weights,
                             meta_model)
 from cluster.config import AgentCfg, Config, ConfigError
@@ -111,12 +111,13 @@ def check_turn_budget(cfg: Config, env: TextEnv, formatter: ChatFormatter) -> No
 
 
 def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
-              run: RunDir | None = None) -> Prepared:
+              run: RunDir | None = None, reflector_checkpoint: str | None = None) -> Prepared:
     """Everything that can fail on bad input, done before a run directory or a Ray actor exists: the model
     resolves (converted once if needed) and fits the config (cluster/checks.py), the env family builds its tasks
     (games generated once, here), a resumed run's stored episodes and a replayed round's source read back, and Ray
     can hold the actors (a local Ray; a cluster gets `runtime.reserve`'s wait instead). `needs_demos`: the command
-    plays expert demos (train and demos do; eval does not). `run`: the run directory of a --resume."""
+    plays expert demos (train and demos do; eval does not). `run`: the run directory of a --resume.
+    `reflector_checkpoint`: eval's --reflector-checkpoint, checked as init.checkpoint is."""
     check_address(cfg)
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     formatter = chat_formatter(model_path)
@@ -125,6 +126,12 @@ def preflight(cfg: Config, with_learner: bool = True, needs_demos: bool = True,
     check_model(cfg, model)
     if cfg.init.checkpoint is not None:
         check_checkpoint(cfg, model_path, model)
+    if reflector_checkpoint is not None:
+        if cfg.learner.shared_adapter:
+            raise ConfigError("--reflector-checkpoint serves another checkpoint's reflector adapter, but with "
+                              "learner.shared_adapter=true the actor and the reflector are one adapter: compare "
+                              "whole checkpoints instead")
+        check_checkpoint(cfg, model_path, model, reflector_checkpoint, "--reflector-checkpoint")
     env = make_env(cfg.env.name, **cfg.env.kwargs)
     if needs_demos and not env.has_demos:
         raise ConfigError(f"env {cfg.env.name!r} has no expert demos, and every method starts from them (IL, or "
@@ -360,17 +367,22 @@ class Session:
         self.broadcast()
         return metrics
 
-    def start_policy(self, demos: list[Episode], roles: list[str] | None = None) -> None:
+    def start_policy(self, demos: list[Episode], roles: list[str] | None = None,
+                     reflector_from: str | None = None) -> None:
         """The starting policy of every method: IL (SFT) on the demos, or the learner checkpoint in init.checkpoint
         (its adapters republished as this run's versions, so every engine serves them; with `roles`, only those
-        roles' adapters are served and the others stay the base model)."""
+        roles' adapters are served and the others stay the base model; with `reflector_from`, another checkpoint's
+        reflector replaces its own, for evaluation only)."""
         if self.cfg.init.checkpoint is None:
             self.train_il(demos)
             return
         self.call("load_checkpoint_files", read_folder(self.cfg.init.checkpoint))
         self.call("reseed")  # this run's seed, not the checkpoint's RNG, orders its batches and draws dropout
-        self.run.log("init", checkpoint=self.cfg.init.checkpoint)
+        self.run.log("init", checkpoint=self.cfg.init.checkpoint, reflector_checkpoint=reflector_from)
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
+        if reflector_from is not None:
+            self.call("load_role_files", REFLECTOR, read_folder(reflector_from))
+            say(f"[init] reflector from {reflector_from}")
         self.broadcast(force=True, roles=roles)
 
     def resumed(self, checkpoint: str) -> bool:

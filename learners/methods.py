@@ -8,6 +8,7 @@ short loop of `fit` steps over (batch, objective) parts; the losses themselves a
 from __future__ import annotations
 
 import itertools
+import json
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,22 @@ class MethodLearner(Learner):
         """`load_checkpoint` of a checkpoint sent as its files (`checkpoint_files`)."""
         with tempfile.TemporaryDirectory(prefix="retrorl-checkpoint-") as tmp:
             self.load_checkpoint(write_folder(files, Path(tmp) / "checkpoint"))
+
+    def load_role_files(self, role: str, files: dict[str, bytes]) -> None:
+        """Serve `role` with that role's adapter from another checkpoint (sent as its files), under that
+        checkpoint's version of it: `retrorl eval --reflector-checkpoint`. Evaluation only: the optimizer's master
+        copies and Adam state stay the loaded checkpoint's, so this learner is not trained afterwards."""
+        from safetensors.torch import load
+
+        adapter = self.adapter_of[role]
+        if adapter != role:
+            raise ValueError(f"role {role!r} shares adapter {adapter!r} with the other role; it cannot be swapped alone")
+        tensors = load(files["adapters.safetensors"])
+        self._set_adapter_tensors(adapter, {k[len(adapter) + 1:]: v for k, v in tensors.items()
+                                            if k.startswith(f"{adapter}/")})
+        meta = json.loads(files["learner.json"])  # its version and whether it was trained since: as load_checkpoint
+        self._versions[role] = int(meta["versions"].get(role, 0))
+        (self._dirty.add if role in meta["dirty"] else self._dirty.discard)(role)
 
     # ------------------------------------------------------------------ ETO
     @tracked("dpo")

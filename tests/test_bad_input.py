@@ -155,8 +155,9 @@ def test_init_checkpoint_that_does_not_fit_is_refused_at_start(made, message, ti
     check_checkpoint(cfg, tiny_model_path, model)
     bad = _fake_checkpoint(tmp_path / "bad", tiny_model_path, **made)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_checkpoint(cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": str(bad)})}),
-                         tiny_model_path, model)
+        check_checkpoint(cfg, tiny_model_path, model, str(bad))
+    with pytest.raises(ConfigError, match=f"--reflector-checkpoint {re.escape(str(bad))}.*{re.escape(message)}"):
+        check_checkpoint(cfg, tiny_model_path, model, str(bad), "--reflector-checkpoint")
 
 
 def test_init_checkpoint_base_model_is_recognised_by_its_weights_not_its_folder_name(model_copy, tiny_model_path,
@@ -195,6 +196,30 @@ def test_init_checkpoint_with_missing_or_corrupt_files_fails_before_the_run(tiny
     err = _fails_cleanly(capsys, tmp_path / "runs", "model.path=tiny-llama", f"init.checkpoint={ckpt}",
                          command="eval")
     assert "adapters.safetensors is corrupt or truncated" in err
+
+
+def test_reflector_checkpoint_needs_an_actor_checkpoint_and_per_role_adapters(tiny_model_path, tmp_path, capsys):
+    """`retrorl eval --reflector-checkpoint` is refused before the run without init.checkpoint (the actor's),
+    with one adapter shared by both roles, beside --untrained-reflector, or with a checkpoint that does not fit."""
+    split, shared = (_fake_checkpoint(tmp_path / "split", tiny_model_path),
+                     _fake_checkpoint(tmp_path / "shared", tiny_model_path, shared=True))
+    runs = tmp_path / "runs"
+
+    def fails(*argv: str) -> str:
+        code = main(["eval", *argv, "--set", f"run_root={runs}", "--set", "model.path=tiny-llama"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("retrorl: error: ") and err.count("\n") == 1, err
+        assert not runs.exists()
+        return err
+
+    assert "add --set init.checkpoint=" in fails("--reflector-checkpoint", str(split))
+    assert "learner.shared_adapter=true" in fails("--reflector-checkpoint", str(shared), "--set",
+                                                  f"init.checkpoint={shared}", "--set", "learner.shared_adapter=true")
+    assert f"--reflector-checkpoint {shared} does not fit" in fails("--reflector-checkpoint", str(shared), "--set",
+                                                                    f"init.checkpoint={split}")
+    with pytest.raises(SystemExit) as exit_:  # argparse: one reflector or the other
+        main(["eval", "--untrained-reflector", "--reflector-checkpoint", str(split)])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 # -- Ray ------------------------------------------------------------------------------------------------------

@@ -275,6 +275,25 @@ def test_sft_from_a_checkpoint_continues_il_for_the_roles_given_epochs(sft_run, 
     (trained,) = [e for e in events if e["event"] == "train"]
     assert trained["phase"] == "sft" and "loss/actor" not in trained and trained["loss/reflector"] > 0
 
+    # `retrorl eval --reflector-checkpoint`: the start's actor (v1, its greedy first steps) with this run's further
+    # trained reflector (v2, the tensors this run published).
+    from cluster import cli
+
+    out = tmp_path / "swapped"
+    args = [a for o in TINY + [f"run_root={out}", f"init.checkpoint={start}"] for a in ("--set", o)]
+    assert cli.main(["eval", "--reflector-checkpoint", str(run.path / "checkpoints" / "sft"), *args]) == 0
+    (path,) = list(out.iterdir())
+    swapped = _episodes(RunDir(path), "eval-sft-actor-with-sft-reflector")
+    assert {s.generation.version for e in swapped for t in e.trials for s in t.steps} == {1}
+    assert {t.reflection.version for e in swapped for t in e.trials if t.reflection} == {2}
+    sft_first = {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in _episodes(sft, "eval-sft")}
+    assert {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in swapped} == sft_first
+    for role, version in (("actor", 1), ("reflector", 2)):
+        served = load_file(path / "adapters" / role / f"v{version}" / "adapter_model.safetensors")
+        source = load_file((sft if role == "actor" else run).path / "adapters" / role / f"v{version}" /
+                           "adapter_model.safetensors")
+        assert served.keys() == source.keys() and all(torch.equal(served[k], source[k]) for k in served), role
+
 
 @pytest.mark.slow
 def test_eval_command_scores_a_checkpoint(sft_run, tmp_path):

@@ -278,9 +278,9 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_says_how_to_resume_it(tmp_path):
            f"retrorl train --resume {run}" in lines
     assert "Traceback" not in err.read_text() and "SIGTERM received" not in err.read_text()
     assert read_metrics(run / "metrics.jsonl")[-1]["event"] == "interrupted"
-    cfg, untrained_reflector = resumable(str(run), argparse.Namespace(command="train", config=None, overrides=[],
-                                                                      method=None))
-    assert cfg.method == "sft" and not untrained_reflector
+    cfg, untrained_reflector, reflector_checkpoint = resumable(
+        str(run), argparse.Namespace(command="train", config=None, overrides=[], method=None))
+    assert cfg.method == "sft" and not untrained_reflector and reflector_checkpoint is None
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
@@ -307,8 +307,12 @@ def test_resume_takes_the_command_and_flags_the_run_was_started_with(tmp_path, c
     plain = argparse.Namespace(config=None, overrides=[], untrained_reflector=False)
     assert resumable(str(evaluation.path), argparse.Namespace(command="eval", **vars(plain)))[1] is True
     assert resumable(str(old.path), argparse.Namespace(command="train", method=None, **vars(plain)))[1] is False
+    swapped = RunDir.create(cfg)  # --reflector-checkpoint travels in the same record
+    swapped.log("command", command="eval", untrained_reflector=False, reflector_checkpoint="a/checkpoints/retroact-1")
+    assert resumable(str(swapped.path), argparse.Namespace(command="eval", **vars(plain)))[1:] == (
+        False, "a/checkpoints/retroact-1")
     assert main(["eval", "--resume", str(evaluation.path), "--untrained-reflector"]) == 2
-    assert "drop --config, --set and --untrained-reflector" in capsys.readouterr().err
+    assert "drop --config, --set, --untrained-reflector and --reflector-checkpoint" in capsys.readouterr().err
     assert main(["eval", "--resume", str(old.path)]) == 2
     assert f"continue it with: retrorl train --resume {old.path}" in capsys.readouterr().err
     assert main(["train", "--resume", str(demos.path)]) == 2

@@ -244,3 +244,34 @@ def test_dpo_reports_its_reference_scoring_before_its_first_step(tiny_path, tmp_
     learner.train_dpo(pairs, beta=0.5, epochs=1, lr=1e-3, max_tokens_per_batch=64)
     first = at_first_step[0]
     assert (first["scored"], first["to_score"], first["step"], first["method"]) == (6, 6, 0, "dpo")
+
+
+def test_one_roles_adapter_comes_from_another_checkpoint(tiny_path, tmp_path):
+    """`retrorl eval --reflector-checkpoint`: the learner serves checkpoint A's actor with checkpoint B's reflector,
+    each under its own checkpoint's version, bit for bit; with one shared adapter a role cannot be swapped alone."""
+    from agents.adapters import read_folder
+
+    rng = random.Random(0)
+    data = [sample(role, [rng.randint(100, 4000) for _ in range(12)], [rng.randint(100, 4000) for _ in range(6)])
+            for role in (ACTOR, REFLECTOR) for _ in range(2)]
+    a, b = make(tiny_path, tmp_path / "a"), make(tiny_path, tmp_path / "b", seed=1)
+    a.train_il(data, epochs=1, max_tokens_per_batch=64)
+    a.publish()
+    for _ in range(2):  # B's reflector: other weights, at version 2
+        b.train_il(data, epochs=1, max_tokens_per_batch=64)
+        b.publish()
+    ckpt_a, ckpt_b = a.save_checkpoint(tmp_path / "ck_a"), b.save_checkpoint(tmp_path / "ck_b")
+    both = make(tiny_path, tmp_path / "both")
+    both.load_checkpoint_files(read_folder(ckpt_a))
+    both.load_role_files(REFLECTOR, read_folder(ckpt_b))
+    served = {u.role: u for u in both.publish(force=True)}
+    assert {r: u.version for r, u in served.items()} == {ACTOR: 1, REFLECTOR: 2}
+    for role, source in ((ACTOR, a), (REFLECTOR, b)):
+        want = source.adapter_tensors(role)
+        assert want.keys() == served[role].tensors.keys()
+        assert all(torch.equal(want[k], served[role].tensors[k]) for k in want), role
+    assert not all(torch.equal(v, served[REFLECTOR].tensors[k]) for k, v in a.adapter_tensors(REFLECTOR).items())
+
+    shared = make(tiny_path, tmp_path / "shared", shared_adapter=True)
+    with pytest.raises(ValueError, match="cannot be swapped alone"):
+        shared.load_role_files(REFLECTOR, read_folder(ckpt_b))
