@@ -37,14 +37,23 @@ def init_ray(cfg: Config) -> None:
         where = f"joined the cluster at {address}"
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        context = ray.init(
-            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-            include_dashboard=cfg.ray.dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-        )
+        try:
+            context = ray.init(
+                num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+                include_dashboard=cfg.ray.dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+            )
+        except Exception as exc:
+            # Ray waits a fixed 30 s for the new raylet to register with its GCS, then raises a bare Exception
+            # (ray/_private/node.py:425-444): seen here when every CPU was busy with other runs, not a run's bug.
+            if "timed out during startup" not in str(exc):
+                raise
+            raise ConfigError("the local Ray did not start: its raylet did not register within Ray's fixed 30 s, "
+                              "as happens when every CPU is busy (see `uptime`); run again when the load is lower, "
+                              "or join a running Ray with --set ray.address=HOST:PORT") from exc
         where = f"local on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
     dashboard = f", dashboard {context.dashboard_url}" if context.dashboard_url else ""
     say(f"Ray: {where}{dashboard}")

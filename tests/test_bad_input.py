@@ -241,6 +241,21 @@ def test_unreachable_ray_address_fails_fast_before_the_run(address, message, tmp
     assert message in err and "ray.address" in err and time.monotonic() - start < 60
 
 
+def test_a_local_ray_that_does_not_start_in_time_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Ray gives its new raylet a fixed 30 s to register, then raises a bare Exception (ray/_private/node.py:440):
+    on a machine whose CPUs were all busy, two evaluations died of it with a traceback. The fault is injected."""
+    import ray
+
+    def overloaded(**_: object) -> None:
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", overloaded)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    err = _fails_cleanly(capsys, tmp_path, "model.path=tiny-llama", command="eval")
+    assert "the local Ray did not start" in err and "run again when the load is lower" in err
+
+
 # -- stored trajectories ------------------------------------------------------------------------------------------
 def _episode(task: str = "treasure-train-0000") -> Episode:
     gen = Generation("actor", [1, 2], [3], [-0.7], 1, "Action: go east")
