@@ -90,7 +90,8 @@ class MethodLearner(Learner):
 
         adapter = self.adapter_of[role]
         if adapter != role:
-            raise ValueError(f"role {role!r} shares adapter {adapter!r} with the other role; it cannot be swapped alone")
+            raise ValueError(f"role {role!r} shares adapter {adapter!r} with the other role; it cannot be swapped "
+                             "alone")
         tensors = load(files["adapters.safetensors"])
         self._set_adapter_tensors(adapter, {k[len(adapter) + 1:]: v for k, v in tensors.items()
                                             if k.startswith(f"{adapter}/")})
