@@ -12,6 +12,7 @@ import itertools
 import shutil
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -381,7 +382,9 @@ class Session:
         self.run.log("init", checkpoint=self.cfg.init.checkpoint, reflector_checkpoint=reflector_from)
         say(f"[init] learner restored from {self.cfg.init.checkpoint}")
         if reflector_from is not None:
-            self.call("load_role_files", REFLECTOR, read_folder(reflector_from))
+            # Only the adapters and learner.json travel: the other checkpoint's optimizer state is not used.
+            files = {name: Path(reflector_from, name).read_bytes() for name in ("adapters.safetensors", "learner.json")}
+            self.call("load_role_files", REFLECTOR, files)
             say(f"[init] reflector from {reflector_from}")
         self.broadcast(force=True, roles=roles)
 

@@ -333,6 +333,11 @@ class Learner:
             for k, p in params.items():
                 p.data.copy_(tensors[k].to(p.device, p.dtype))
 
+    def _load_adapter(self, adapter: str, saved: dict[str, torch.Tensor]) -> None:
+        """Set `adapter` from a checkpoint's adapters.safetensors (keys `<adapter>/<PEFT name>`)."""
+        prefix = f"{adapter}/"
+        self._set_adapter_tensors(adapter, {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+
     def set_reference(self, roles: Sequence[str] | None = None) -> None:
         """Freeze the current adapter of each role as its reference policy (KL penalties, DPO): a copy of the
         LoRA tensors only, swapped in to score (`token_logprobs(..., reference=True)`)."""
@@ -713,7 +718,7 @@ class Learner:
         for group, hp in zip(self._opt.param_groups, opt["groups"]):
             group.update(hp)
         for a in self.adapter_names:  # low-precision params = the saved values (bf16(master) as after a step)
-            self._set_adapter_tensors(a, {k[len(a) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{a}/")})
+            self._load_adapter(a, tensors)
         self._reference = {}
         for key, value in tensors.items():
             if key.startswith(REFERENCE_PREFIX):

@@ -83,7 +83,7 @@ class MethodLearner(Learner):
             self.load_checkpoint(write_folder(files, Path(tmp) / "checkpoint"))
 
     def load_role_files(self, role: str, files: dict[str, bytes]) -> None:
-        """Serve `role` with that role's adapter from another checkpoint (sent as its files), under that
+        """Serve `role` with that role's adapter from another checkpoint (its adapters and learner.json), under that
         checkpoint's version of it: `retrorl eval --reflector-checkpoint`. Evaluation only: the optimizer's master
         copies and Adam state stay the loaded checkpoint's, so this learner is not trained afterwards."""
         from safetensors.torch import load
@@ -92,9 +92,7 @@ class MethodLearner(Learner):
         if adapter != role:
             raise ValueError(f"role {role!r} shares adapter {adapter!r} with the other role; it cannot be swapped "
                              "alone")
-        tensors = load(files["adapters.safetensors"])
-        self._set_adapter_tensors(adapter, {k[len(adapter) + 1:]: v for k, v in tensors.items()
-                                            if k.startswith(f"{adapter}/")})
+        self._load_adapter(adapter, load(files["adapters.safetensors"]))
         meta = json.loads(files["learner.json"])  # its version and whether it was trained since: as load_checkpoint
         self._versions[role] = int(meta["versions"].get(role, 0))
         (self._dirty.add if role in meta["dirty"] else self._dirty.discard)(role)
