@@ -30,6 +30,7 @@ STARTS = [  # (the config that names it, the committed checkpoint)
     ("twx-short.yaml", RESULTS / "twxs-valid" / "twxs-sft-n25-20261205-013807" / "checkpoints" / "sft"),
     ("twx-short.yaml", RESULTS / "twxs-retroformer" / "twxs-sft-refl6-20261205-185635" / "checkpoints" / "sft"),
     ("sciworld-short.yaml", RESULTS / "sws-valid" / "sws-sft-b2k-20261206-152034" / "checkpoints" / "sft"),
+    ("sciworld-short.yaml", RESULTS / "sws-retroformer" / "sws-sft-refl6-20261207-065506" / "checkpoints" / "sft"),
 ]
 
 
