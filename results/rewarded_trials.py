@@ -1,6 +1,7 @@
 """What RetroAct's actor loss reinforces: the trials of a run's exploration rounds with a positive return, split
 into won trials and trials with only a partial score, with their steps, invalid actions (the env did not
-understand them) and generated tokens (the loss averages over tokens).
+understand them), generated tokens (the loss averages over tokens), how many followed a reflection (a trial after
+the first) and how many loop (one action is half their steps or more).
 
 usage: .venv/bin/python results/rewarded_trials.py RUN_DIR [PHASE]   (PHASE: explore-1 by default)
 """
@@ -22,6 +23,9 @@ def main(run: str, phase: str = "explore-1") -> None:
             kind = "won" if trial.success else "partial"
             counts[kind, "trials"] += 1
             counts[kind, "return"] += trial.ret
+            counts[kind, "reflected"] += trial.index > 0
+            actions = Counter(step.action for step in trial.steps)
+            counts[kind, "looping"] += bool(actions) and 2 * max(actions.values()) >= len(trial.steps)
             for step in trial.steps:
                 counts[kind, "steps"] += 1
                 counts[kind, "invalid"] += not step.valid
@@ -31,7 +35,8 @@ def main(run: str, phase: str = "explore-1") -> None:
         print(f"{phase} {kind}: {counts[kind, 'trials']} trials, mean return "
               f"{counts[kind, 'return'] / max(counts[kind, 'trials'], 1):.2f}, {n} steps, "
               f"{counts[kind, 'invalid']} invalid ({100 * counts[kind, 'invalid'] / max(n, 1):.0f}%), "
-              f"{counts[kind, 'tokens']} tokens")
+              f"{counts[kind, 'tokens']} tokens, {counts[kind, 'reflected']} after a reflection, "
+              f"{counts[kind, 'looping']} looping")
 
 
 if __name__ == "__main__":
