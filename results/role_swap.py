@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import sys
 
-from pathlib import Path
-
 from agents.trajectory import Episode
 from cluster.evaluation import eval_phase
-from cluster.run_dir import RunDir, read_metrics
+from cluster.run_dir import RunDir
 
 
 def evaluation(run: str) -> dict[str, Episode]:
-    phases = [eval_phase(r["label"]) for r in read_metrics(Path(run, "metrics.jsonl")) if r.get("event") == "eval"]
+    run_dir = RunDir(run)
+    phases = [eval_phase(r["label"]) for r in run_dir.metrics() if r.get("event") == "eval"]
     if len(phases) != 1:
         raise SystemExit(f"{run}: expected one evaluation, found {phases}")
-    return {e.task_id: e for e in RunDir(run).store.episodes(phases[0])}
+    return {e.task_id: e for e in run_dir.store.episodes(phases[0])}
 
 
 def actions(episode: Episode, trial: int) -> list[str]:
