@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             # What the config does not hold, for --resume: which command made the run, with which flags.
             run.log("command", command=args.command, untrained_reflector=untrained_reflector,
                     reflector_checkpoint=reflector_checkpoint)
+            if args.command == "eval" and cfg.init.checkpoint is not None:
+                run.record_policy(cfg.init.checkpoint)
         else:
             run = resumed
         if args.command == "train":

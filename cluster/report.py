@@ -1,7 +1,8 @@
 """`retrorl report RUN_DIR... [--out DIR]`: the comparison table across runs and a plot, from the runs' files only.
 
 Reads, per run directory (cluster/run_dir.py), and writes nothing into it unless it is the output folder:
-  RUN/config.yaml        `name`, `method`, `seed`
+  RUN/config.yaml        `name`, `method`, `seed`; the rest of it is the run's setting (what across-seeds pools)
+  RUN/policy.yaml        (a `retrorl eval` run of a checkpoint) the config of the run that trained it
   RUN/eval/results.json  rows of cluster.evaluation.evaluate(): the table, and `returns_per_trial` for panel (a)
   RUN/metrics.jsonl      `round` events (`train_return` per training round) for panel (b), `learner` events (its
                          dtype and CPU) for the run list, the `command` event (a `retrorl eval` run is listed as
@@ -45,6 +46,34 @@ class RunData:
     rows: list[dict[str, Any]]
     rounds: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # event method -> (round, return)
     learners: list[str] = field(default_factory=list)  # "float32 on AVX2" per distinct learner start (resumes)
+    # What was trained, whatever the seed: runs with the same setting are seeds of one configuration (across_seeds).
+    # A training run's config without _NOT_SETTING; a `retrorl eval` run's is its policy's (policy.yaml) with the
+    # eval flags, or the checkpoint's path where the training run's config was not there to copy.
+    setting: dict[str, Any] = field(default_factory=dict)
+    trained: str = "-"  # the config method that trained the evaluated policy ("eval" when unknown)
+
+
+# Config keys that name or place a run, or say how it is evaluated, not what it trains. `eto.replay` pairs a stored
+# exploration of the same start, which is the one the run would play (greedy; cluster/config.py EtoCfg.replay).
+# `retroact.replay` stays: a shared round-1 buffer is not an independent sample of the setting's exploration.
+_NOT_SETTING = (("name",), ("seed",), ("run_root",), ("eval",), ("eto", "replay"),
+                *(("env", "kwargs", "per_task", split) for split in ("valid", "seen", "unseen")))
+
+
+def _setting(config: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """`config` without the _NOT_SETTING keys (a copy); model.dtype "auto" as the learner resolved it (`dtype`, from
+    its `learner` record), which depends on the CPU: fp32 on one machine is the same setting as pinned fp32."""
+    setting = json.loads(json.dumps(config, default=str))
+    model = setting.get("model")
+    if isinstance(model, dict) and model.get("dtype") == "auto" and isinstance(dtype, str):
+        model["dtype"] = dtype
+    for path in _NOT_SETTING:
+        node = setting
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return setting
 
 
 def _read(path: Path, given: str, parse: Callable[[str], Any], kind: str, hint: str = "") -> Any:
@@ -70,9 +99,24 @@ def load_run(path: str | Path) -> RunData:
     if not isinstance(config, dict):
         raise ReportError(f"{root / 'config.yaml'}: expected a mapping")
     records = read_metrics(root / "metrics.jsonl")
-    method = "eval" if made_by(records)["command"] == "eval" else str(config.get("method", "-"))
-    return RunData(path=root.resolve(), name=root.resolve().name, method=method,
-                   seed=config.get("seed", "-"), rows=results, rounds=_rounds(records), learners=_learners(records))
+    command = made_by(records)
+    dtype = next((r.get("dtype") for r in records if r.get("event") == "learner"), None)
+    seed, trained, setting = config.get("seed", "-"), str(config.get("method", "-")), _setting(config, dtype)
+    method = trained
+    if command["command"] == "eval":
+        method, trained = "eval", "eval"
+        policy = _read(root / "policy.yaml", given, yaml.safe_load, "policy") if (root / "policy.yaml").is_file() \
+            else None
+        # Every setting has `method` (a config field from the start), so a policy known by its path only, or changed
+        # by the eval flags, never agrees with a trained config (_agree compares the keys both have).
+        setting = {"method": "eval", "policy": (config.get("init") or {}).get("checkpoint")}
+        if isinstance(policy, dict):
+            seed, trained, setting = policy.get("seed", "-"), str(policy.get("method", "-")), _setting(policy)
+        if command.get("untrained_reflector") or command.get("reflector_checkpoint"):  # not the policy as trained
+            setting = {"method": "eval", "policy": setting, "untrained_reflector": command.get("untrained_reflector"),
+                       "reflector_checkpoint": command.get("reflector_checkpoint")}
+    return RunData(path=root.resolve(), name=root.resolve().name, method=method, seed=seed, rows=results,
+                   rounds=_rounds(records), learners=_learners(records), trained=trained, setting=setting)
 
 
 def _number(value: Any) -> float | None:
@@ -308,19 +352,47 @@ def reflection_gain(runs: Sequence[RunData]) -> list[str]:
             "success 95% CI | FR - IR | return 95% CI | paired t p |", "|" + "---|" * 12, *lines, ""]
 
 
+def _seed_rows(run: RunData) -> list[tuple[str, dict[str, Any]]]:
+    """(what the row is, row) for each row. The kind ("ReAct", "+ reflection") for a `retrorl eval` run's rows and a
+    training run's own final rows (labelled by its method: "ETO ReAct"), so that an eval of a seed's checkpoint
+    ("eto-1 ReAct") pools with another seed's in-run evaluation; the full label otherwise (a run's before-training
+    "SFT ReAct", an eval run from before the `command` record, taken for a training run) and where a run has two
+    rows of one kind on one split ("Retroformer best-of-4 + reflection" beside "Retroformer + reflection")."""
+    def kind(row: dict[str, Any]) -> str:
+        label = str(row.get("method"))
+        own = run.method == "eval" or label.lower().startswith(f"{run.method.lower()} ")
+        return _kind(label) if own else label
+
+    kinds = [(r.get("split"), r.get("trials"), kind(r)) for r in run.rows]
+    return [(k[2] if kinds.count(k) == 1 else str(r.get("method")), r) for k, r in zip(kinds, run.rows)]
+
+
+def _agree(a: Any, b: Any) -> bool:
+    """Two settings are one where both have a key: a key only one has is a config field added between their runs
+    (config.yaml holds every field the run's version had, so no other key goes missing)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_agree(a[k], b[k]) for k in a.keys() & b.keys())
+    return a == b
+
+
 def across_seeds(runs: Sequence[RunData]) -> list[str]:
-    """Runs of one config method at several seeds: per (method label, split, trials), the mean over seeds of
-    success and of the last-trial return, with a t 95% CI."""
+    """Seeds of one setting (RunData.setting: the same config but for name, seed and how it was evaluated):
+    per (row kind, split, trials, episodes), the mean over runs of success and of the last-trial return, with a t
+    95% CI. Runs of different settings are never pooled; a setting shows once it has two seeds."""
     from cluster.stats import mean_ci
 
-    groups: dict[tuple[str, str, str, Any], list[tuple[Any, dict[str, Any]]]] = {}
+    settings: list[dict[str, Any]] = []  # one per setting, the first run's
+    groups: dict[tuple[int, str, str, Any, Any], list[tuple[RunData, dict[str, Any]]]] = {}
     for run in runs:
-        for row in run.rows:
-            key = (run.method, str(row.get("method")), str(row.get("split")), row.get("trials"))
-            groups.setdefault(key, []).append((run.seed, row))
+        index = next((i for i, s in enumerate(settings) if _agree(s, run.setting)), len(settings))
+        if index == len(settings):
+            settings.append(run.setting)
+        for kind, row in _seed_rows(run):
+            key = (index, kind, str(row.get("split")), row.get("trials"), row.get("episodes"))
+            groups.setdefault(key, []).append((run, row))
     lines = []
-    for (method, label, split, trials), members in sorted(groups.items(), key=lambda g: str(g[0])):
-        seeds = sorted({str(seed) for seed, _ in members})
+    for members in groups.values():
+        seeds = sorted({str(run.seed) for run, _ in members})
         if len(seeds) < 2:
             continue
         cells = []
@@ -332,12 +404,16 @@ def across_seeds(runs: Sequence[RunData]) -> list[str]:
                 continue
             mean, low, high = mean_ci(numbers)
             cells.append(_pct(mean) + ("" if low is None else f" [{_pct(low)}, {_pct(high)}]"))
-        lines.append(f"| {split} | {method} | {label} | {len(members)} | {', '.join(seeds)} | {cells[0]} | {cells[1]} |")
+        labels = " / ".join(dict.fromkeys(str(r.get("method")) for _, r in members))
+        trained = " / ".join(dict.fromkeys(run.trained for run, _ in members))
+        lines.append((str(members[0][1].get("split")), labels, f"| {members[0][1].get('split')} | {trained} | "
+                      f"{labels} | {len(members)} | {', '.join(seeds)} | {cells[0]} | {cells[1]} |"))
     if not lines:
         return []
-    return ["Across seeds (runs of one config method): mean over runs x100 and its t 95% CI.", "",
+    return ["Across seeds (runs of one setting: the same config but for name, seed and evaluation): mean over runs "
+            "x100 and its t 95% CI.", "",
             "| split | config method | method | runs | seeds | success | last-trial return |", "|" + "---|" * 7,
-            *lines, ""]
+            *[line for *_, line in sorted(lines, key=lambda entry: entry[:2])], ""]
 
 
 def _curve(row: dict[str, Any]) -> list[float] | None:

@@ -1,6 +1,8 @@
 """The run directory: resolved config, trajectories, adapters by version, metrics.jsonl, eval results.
 
   RUN/config.yaml            the resolved config (after --set overrides)
+  RUN/policy.yaml            (`retrorl eval` of RUN2/checkpoints/NAME) a copy of RUN2/config.yaml: what trained the
+                             policy, with its seed, so a report pools evaluations of one setting's seeds
   RUN/versions.json          Python's and the numerically relevant packages' versions
   RUN/trajectories/          append-only Parquet parts (rollout.store)
   RUN/adapters/<role>/v<N>/  PEFT adapter folders, one per published version
@@ -66,6 +68,13 @@ class RunDir:
         run.write_text("config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
         run.write_json("versions.json", package_versions())
         return run
+
+    def record_policy(self, checkpoint: str) -> None:
+        """Copy the config of the run that wrote `checkpoint` (RUN2/checkpoints/NAME) to policy.yaml, if it has one
+        (a checkpoint moved out of its run folder has not; the report then knows the policy by its path)."""
+        source = Path(checkpoint).resolve().parent.parent / "config.yaml"
+        if source.is_file():
+            self.write_text("policy.yaml", source.read_text())
 
     @property
     def adapters(self) -> Path:

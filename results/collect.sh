@@ -1,5 +1,5 @@
 #!/bin/bash
-# Copies the small files of finished runs into OUT/<run>/ (config, versions, metrics, eval rows and table) and
+# Copies the small files of finished runs into OUT/<run>/ (config, policy, versions, metrics, eval rows and table) and
 # renders the comparison with `retrorl report`. The eval rows are recomputed from each run's stored trajectories
 # with the current cluster/evaluation.py, so runs made before a change to the metric definitions report alike.
 # Trajectories, adapters and checkpoints stay in the run folders.
@@ -15,6 +15,7 @@ for run in "$@"; do
   mkdir -p "$out/$name/eval"
   cp "$run/config.yaml" "$run/metrics.jsonl" "$out/$name/"
   if [ -f "$run/versions.json" ]; then cp "$run/versions.json" "$out/$name/"; fi  # runs before it have none
+  if [ -f "$run/policy.yaml" ]; then cp "$run/policy.yaml" "$out/$name/"; fi  # `retrorl eval` of a checkpoint
   .venv/bin/python - "$run" "$out/$name" <<'PY'
 import json, sys
 from pathlib import Path

@@ -317,6 +317,8 @@ def test_eval_command_scores_a_checkpoint(sft_run, tmp_path):
     sft_first = {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in _episodes(sft, "eval-sft")}
     assert {e.task_id: e.trials[0].steps[0].generation.completion_ids for e in episodes} == sft_first
     assert [e["event"] for e in run.metrics()].count("eval") == 1
+    # what trained the policy, for the report's across-seeds pooling: the SFT run's own config
+    assert (path / "policy.yaml").read_text() == (sft.path / "config.yaml").read_text()
 
     # --untrained-reflector: the same actor, the reflector served as the base model (version 0): Reflexion.
     base = tmp_path / "base"

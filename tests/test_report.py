@@ -52,11 +52,12 @@ ROUNDS_B = [(1, 0.1), (2, 0.35), (3, 0.5)]
 
 
 def _write_run(path: Path, method: str, seed: int, episodes: list[Episode], label: str,
-               rounds: list[tuple[int, float]], learners: tuple[tuple[str, str], ...] = (), trials: int = K
-               ) -> list[dict]:
+               rounds: list[tuple[int, float]], learners: tuple[tuple[str, str], ...] = (), trials: int = K,
+               config: dict | None = None) -> list[dict]:
     rows = evaluate(episodes, label, trials)
     (path / "eval").mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": method, "name": path.name}))
+    (path / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": method, "name": path.name,
+                                                      **(config or {})}))
     (path / "eval" / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
     lines = [json.dumps({"event": "learner", "dtype": dtype, "cpu_capability": cpu, "cpu": "test"})
              for dtype, cpu in learners]
@@ -372,6 +373,65 @@ def test_across_seeds_mean_and_t_interval(tmp_path, capsys):
     assert full.low == pytest.approx([0.5 - half / 100] * 3) and full.high == pytest.approx([0.5 + half / 100] * 3)
     (one,) = [s for s in trial_series([load_run(paths[1])])[0] if "reflection" in s.label]
     assert one.label.endswith("1 run") and (one.low[0], one.high[0]) == bootstrap_ci([1.0, 1.0, 0.0, 0.0])
+
+
+def _won(tasks: int, wins: int) -> list[Episode]:
+    """`tasks` one-trial seen episodes, the first `wins` of them won."""
+    return [_episode(f"t{i}", "seen", [(1.0, 2)] if i < wins else [(0.0, 5)]) for i in range(tasks)]
+
+
+def test_across_seeds_pools_seeds_of_one_setting_only(tmp_path, capsys):
+    """Two settings (lr 1e-5 and 2e-6) at seeds 0 and 1 each: each is one row of two runs, never pooled with the
+    other (the lr 1e-5 pair wins 1 and 3 of 4: mean 50 -+ t(0.975, 1 df) * sqrt(2) * 25 / sqrt 2 = 50 -+ 317.7).
+    Name, run_root and how the run was evaluated (eval.*, held-out split sizes) are not the setting; a third run
+    differing only in those pools with its setting. A third setting with a single seed shows no row."""
+    common = {"eto": {"iterations": 1}, "env": {"kwargs": {"per_task": {"train": 20, "seen": 30}}}}
+    made = []
+    for lr, seed, wins, extra in (("1e-5", 0, 1, {}), ("2e-6", 0, 2, {}), ("1e-5", 1, 3, {}), ("2e-6", 1, 2, {}),
+                                  ("2e-6", 2, 2, {"run_root": "/elsewhere", "eval": {"splits": ["seen"]},
+                                                  "env": {"kwargs": {"per_task": {"train": 20, "seen": 15}}}}),
+                                  ("5e-5", 0, 4, {})):
+        config = {**common, "eto": {"iterations": 1, "lr": lr}, **extra}
+        made.append(tmp_path / f"eto-{lr}-s{seed}")
+        _write_run(made[-1], "eto", seed, _won(4, wins), "ETO", [], trials=1, config=config)
+    assert cli.main(["report", *map(str, made), "--out", str(tmp_path / "out")]) == 0
+    rows = _table(capsys.readouterr().out, 2)
+    assert [(r["config method"], r["method"], r["runs"], r["seeds"], r["success"]) for r in rows] == [
+        ("eto", "ETO ReAct", "2", "0, 1", "50.0 [-267.7, 367.7]"),
+        ("eto", "ETO ReAct", "3", "0, 1, 2", "50.0 [50.0, 50.0]")]
+
+
+def test_an_eval_of_a_checkpoint_pools_with_its_settings_seeds(tmp_path, capsys):
+    """`retrorl eval` of seed 0's checkpoint copies the training run's config to policy.yaml, so its rows ("eto-1
+    ReAct", seed 0 from the policy) pool with seed 1's own evaluation ("ETO ReAct") on the same episodes: wins 2
+    and 4 of 4, mean 75. An eval run of a checkpoint whose run config was not found is known by the path only."""
+    from cluster.run_dir import RunDir
+
+    trained = tmp_path / "eto-s0"
+    _write_run(trained, "eto", 0, _won(4, 1), "ETO", [], trials=1, config={"eto": {"lr": 2e-6}})
+    evaluated = tmp_path / "eval-of-s0"
+    _write_run(evaluated, "retroact", 5, _won(4, 2), "eto-1", [], trials=1,
+               config={"init": {"checkpoint": str(trained / "checkpoints" / "eto-1")}})
+    with open(evaluated / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "command", "command": "eval", "untrained_reflector": False}) + "\n")
+    (trained / "checkpoints" / "eto-1").mkdir(parents=True)
+    RunDir(evaluated).record_policy(str(trained / "checkpoints" / "eto-1"))
+    assert yaml.safe_load((evaluated / "policy.yaml").read_text())["seed"] == 0
+    seed1 = tmp_path / "eto-s1"
+    _write_run(seed1, "eto", 1, _won(4, 4), "ETO", [], trials=1, config={"eto": {"lr": 2e-6}})
+    orphan = tmp_path / "eval-of-moved"  # same seeds' labels, but its policy is only a path
+    _write_run(orphan, "eto", 2, _won(4, 0), "eto-1", [], trials=1, config={"init": {"checkpoint": "/gone/eto-1"}})
+    with open(orphan / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "command", "command": "eval", "untrained_reflector": False}) + "\n")
+    RunDir(orphan).record_policy("/gone/eto-1")
+    assert not (orphan / "policy.yaml").exists()
+    assert cli.main(["report", str(evaluated), str(seed1), str(orphan), "--out", str(tmp_path / "out")]) == 0
+    md = capsys.readouterr().out
+    assert "(method eval, seed 0" in md and "(method eval, seed 2" in md
+    (row,) = _table(md, 2)
+    assert (row["config method"], row["method"], row["runs"], row["seeds"]) == ("eto", "eto-1 ReAct / ETO ReAct",
+                                                                                 "2", "0, 1")
+    assert row["success"].startswith("75.0 [")
 
 
 def test_an_eval_run_is_listed_as_eval_not_as_its_configs_method(tmp_path, capsys):
