@@ -260,6 +260,11 @@ class RetroActCfg(_Strict):
     # below the memory_only SFT (seen IR 14.1 vs 25.0; at lr 1e-5 one unseen game lost). With `success` it ties
     # that SFT on all 24 held-out games (results/fp32-replay/README.md).
     actor_reward: Literal["return", "success"] = "success"
+    # Which steps of a rewarded actor trial the RL term trains on: `all` (ALGORITHMS.md: every step gets R_k), or
+    # `new_valid`, the steps whose action the env understood and the trial had not taken before (the rest stay
+    # context). On ScienceWorld at `actor_reward=return` the 55 reinforced trials (partial scores, none won) were
+    # 84 % invalid actions and 31 of them looped on one action, and trial 2 fell 5 points (results/sws-refl6).
+    actor_steps: Literal["all", "new_valid"] = "all"
     # A RetroAct run directory started from the same init.checkpoint: round 1 learns from its stored round-1
     # exploration instead of playing it again (the loss is off-policy: each token's behaviour log-prob is
     # stored), so RL settings can be compared on one replay buffer. Later rounds explore as usual.

@@ -181,7 +181,8 @@ def _retroact_update(session: Session, i: int, episodes: list[Episode], imitatio
     cfg, r = session.cfg, session.cfg.retroact
     if session.resumed(f"retroact-{i + 1}"):
         return
-    samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward, r.actor_reward)
+    samples, counts = retroact_samples(episodes, r.alpha, r.scaled_reflection_reward, r.actor_reward,
+                                       r.actor_steps)
     if cfg.rollout.mode == "async":
         samples, lag = bound_policy_lag(samples, session.call("versions"), cfg.rollout.max_policy_lag,
                                         cfg.rollout.stale)

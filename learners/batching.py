@@ -49,9 +49,11 @@ class TokenSample:
         return sum(self.mask)
 
 
-def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> TokenSample:
+def trial_sample(episode: Episode, trial: Trial, turns: int | None = None,
+                 trained: Sequence[bool] | None = None) -> TokenSample:
     """The trial's actor ids up to the end of turn `turns` (all turns by default), mask 1 exactly on each step's
-    completion span, behaviour log-probs there. Cutting after a completion keeps the sample ending on an agent turn."""
+    completion span, behaviour log-probs there. Cutting after a completion keeps the sample ending on an agent turn.
+    `trained`: per step, whether its completion is trained on (all by default); the others stay context."""
     steps = trial.steps[:turns] if turns is not None else trial.steps
     if not steps:
         raise ValueError(f"episode {episode.episode_id} trial {trial.index} has no steps")
@@ -68,8 +70,9 @@ def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> To
                 f"episode {episode.episode_id} trial {trial.index} step {k}: completion ids are not at "
                 f"[{start}, {end}) of the trial's actor ids; the prompt was not built by appending ids"
             )
-        mask[start:end] = [1] * (end - start)
-        logprobs[start:end] = gen.logprobs
+        if trained is None or trained[k]:
+            mask[start:end] = [1] * (end - start)
+            logprobs[start:end] = gen.logprobs
     return TokenSample(
         ids=list(ids),
         mask=mask,
@@ -79,6 +82,16 @@ def trial_sample(episode: Episode, trial: Trial, turns: int | None = None) -> To
         meta={**_meta(episode, trial.index, version=last.version), "turns": len(steps),
               "min_version": min(step.generation.version for step in steps), "success": trial.success},
     )
+
+
+def new_valid_steps(trial: Trial) -> list[bool]:
+    """Per step: the env understood its action and the trial had not taken that action before."""
+    taken: set[str] = set()
+    keep = []
+    for step in trial.steps:
+        keep.append(step.valid and step.action not in taken)
+        taken.add(step.action)
+    return keep
 
 
 def actor_samples(episode: Episode) -> list[TokenSample]:
@@ -350,21 +363,32 @@ def bound_policy_lag(
 
 def retroact_samples(
     episodes: Iterable[Episode], alpha: float = 1.0, scaled: bool = True,
-    actor_reward: Literal["return", "success"] = "return",
+    actor_reward: Literal["return", "success"] = "return", actor_steps: Literal["all", "new_valid"] = "all",
 ) -> tuple[list[TokenSample], dict[str, int]]:
     """RetroAct's RL samples with ALGORITHMS.md's filters: actor trials with R_k = 0 are dropped (they carry no
     gradient); reflections are kept only when R_{k+1} != R_k, rewarded (R_{k+1} - R_k)(R_k + alpha)/alpha
     (`scaled`, the code form) or R_{k+1} - R_k. The length cap is the learner's (`cap_length`).
     `actor_reward="success"`: an actor trial's R is 1 if it won, else 0 (ALFWorld's binary return), so a trial
-    with only a partial score, which may be mostly invalid actions, is not reinforced."""
+    with only a partial score, which may be mostly invalid actions, is not reinforced.
+    `actor_steps="new_valid"`: a kept trial trains only on the steps `new_valid_steps` picks (the others are context),
+    so a partial score does not also reinforce the invalid actions and repeats around it; a trial with none such
+    is dropped (`actor_no_step`)."""
     kept: list[TokenSample] = []
     counts = {"actor_zero": 0, "reflector_unchanged": 0}
+    if actor_steps == "new_valid":
+        counts["actor_no_step"] = 0
     for episode in episodes:
-        for s in actor_samples(episode):
+        for trial in episode.trials:
+            if not trial.steps:
+                continue
+            trained = new_valid_steps(trial) if actor_steps == "new_valid" else None
+            s = trial_sample(episode, trial, trained=trained)
             if actor_reward == "success":
                 s.reward = 1.0 if s.meta["success"] else 0.0
             if s.reward == 0.0:
                 counts["actor_zero"] += 1
+            elif trained is not None and not any(trained):
+                counts["actor_no_step"] += 1
             else:
                 kept.append(s)
         for s in reflector_samples(episode):

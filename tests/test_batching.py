@@ -225,6 +225,27 @@ def test_reflection_replay_and_retroact_filters():
     assert sorted((s.role, s.reward) for s in kept) == [(ACTOR, 1.0), (REFLECTOR, 0.75)]
 
 
+def test_retroact_new_valid_steps_train_only_understood_first_actions():
+    """actor_steps="new_valid": a partial-score trial of 4 steps (look: valid; open door: not understood; look
+    again: a repeat; go north: valid and new) trains on steps 0 and 3 only, the others stay context with their
+    behaviour log-probs zeroed; a rewarded trial with no such step is dropped and counted."""
+    trial = _trial(0, [1, 2], [([10, 11], [50]), ([12], [51]), ([13, 14], [52]), ([15], [])], ret=0.5)
+    for step, (action, valid) in zip(trial.steps, [("look", True), ("open door", False), ("look", True),
+                                                   ("go north", True)]):
+        step.action, step.valid = action, valid
+    episode = Episode("ep2", "sciworld", "task-b", "train", "rollout", [trial])
+    (everything,), _ = retroact_samples([episode])
+    assert [t for t, m in zip(everything.ids, everything.mask) if m] == [10, 11, 12, 13, 14, 15]
+    (s,), counts = retroact_samples([episode], actor_steps="new_valid")
+    assert s.ids == everything.ids and s.reward == 0.5 and counts["actor_no_step"] == 0
+    assert [t for t, m in zip(s.ids, s.mask) if m] == [10, 11, 15]
+    assert [lp for lp, m in zip(s.logprobs, s.mask) if not m] == [0.0] * (len(s.ids) - 3)
+    for step in trial.steps:
+        step.valid = False
+    kept, counts = retroact_samples([episode], actor_steps="new_valid")
+    assert kept == [] and counts == {"actor_zero": 0, "reflector_unchanged": 0, "actor_no_step": 1}
+
+
 def test_policy_lag_bound_drops_or_downweights_stale_samples():
     episode = _episode()  # actor generations at version 3, the reflection at version 2
     episode.trials[1].steps[0].generation.version = 1  # trial 1 was played across an update: 1, then 3

@@ -176,9 +176,13 @@ def test_retroact_from_sft_checkpoint_and_its_replay(sft_run, tmp_path):
     source = _check_method(sft, tmp_path / "source", "retroact", split)
     demo_tasks = {e.task_id for e in _episodes(source, "demos")}
     assert len(demo_tasks) == 1 and not demo_tasks & {e.task_id for e in _episodes(source, "explore-1")}
-    run = _check_method(sft, tmp_path / "replay", "retroact", split + [f"retroact.replay={source.path}"])
+    # The replay also trains the actor on its trials' new, understood steps only (config reaches the filter).
+    run = _check_method(sft, tmp_path / "replay", "retroact", split + [f"retroact.replay={source.path}",
+                                                                       "retroact.actor_steps=new_valid"])
     assert [e.episode_id for e in _episodes(run, "explore-1")] == [e.episode_id for e in _episodes(source, "explore-1")]
     events = run.metrics()
+    (round_,) = [e for e in events if e["event"] == "round"]
+    assert "actor_no_step" in round_ and "actor_no_step" not in [e for e in source.metrics() if e["event"] == "round"][0]
     (replay,) = [e for e in events if e["event"] == "replay"]
     assert (replay["phase"], replay["source"], replay["episodes"]) == ("explore-1", str(source.path), 1)
     assert [e["phase"] for e in events if e["event"] == "rollout"] == ["eval-retroact"]
