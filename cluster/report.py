@@ -53,11 +53,18 @@ class RunData:
     trained: str = "-"  # the config method that trained the evaluated policy ("eval" when unknown)
 
 
-# Config keys that name or place a run, or say how it is evaluated, not what it trains. `eto.replay` pairs a stored
+# Config keys that name or place a run, or say how it is evaluated, not what it trains (and init.checkpoint is
+# compared by _checkpoint_id). `eto.replay` pairs a stored
 # exploration of the same start, which is the one the run would play (greedy; cluster/config.py EtoCfg.replay).
 # `retroact.replay` stays: a shared round-1 buffer is not an independent sample of the setting's exploration.
 _NOT_SETTING = (("name",), ("seed",), ("run_root",), ("eval",), ("eto", "replay"),
                 *(("env", "kwargs", "per_task", split) for split in ("valid", "seen", "unseen")))
+
+
+def _checkpoint_id(path: str) -> str:
+    """RUN/checkpoints/NAME as `<run folder>/checkpoints/NAME`: the run folder's name (config name + start stamp) is
+    unique, and one checkpoint is often given by two paths (its run folder's, then its committed copy's)."""
+    return "/".join(Path(path).parts[-3:])
 
 
 def _setting(config: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
@@ -67,6 +74,9 @@ def _setting(config: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
     model = setting.get("model")
     if isinstance(model, dict) and model.get("dtype") == "auto" and isinstance(dtype, str):
         model["dtype"] = dtype
+    init = setting.get("init")
+    if isinstance(init, dict) and isinstance(init.get("checkpoint"), str):
+        init["checkpoint"] = _checkpoint_id(init["checkpoint"])
     for path in _NOT_SETTING:
         node = setting
         for key in path[:-1]:
@@ -109,7 +119,8 @@ def load_run(path: str | Path) -> RunData:
             else None
         # Every setting has `method` (a config field from the start), so a policy known by its path only, or changed
         # by the eval flags, never agrees with a trained config (_agree compares the keys both have).
-        setting = {"method": "eval", "policy": (config.get("init") or {}).get("checkpoint")}
+        checkpoint = (config.get("init") or {}).get("checkpoint")
+        setting = {"method": "eval", "policy": _checkpoint_id(checkpoint) if isinstance(checkpoint, str) else None}
         if isinstance(policy, dict):
             seed, trained, setting = policy.get("seed", "-"), str(policy.get("method", "-")), _setting(policy)
         if command.get("untrained_reflector") or command.get("reflector_checkpoint"):  # not the policy as trained

@@ -409,6 +409,9 @@ def test_an_eval_of_a_checkpoint_pools_with_its_settings_seeds(tmp_path, capsys)
 
     trained = tmp_path / "eto-s0"
     _write_run(trained, "eto", 0, _won(4, 1), "ETO", [], trials=1, config={"eto": {"lr": 2e-6}})
+    # both seeds start from one SFT checkpoint, given by its run folder's path and by its committed copy's
+    (trained / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "method": "eto", "name": "eto-s0", "eto": {
+        "lr": 2e-6}, "init": {"checkpoint": "/work/runs/sft-20260101-000000/checkpoints/sft"}}))
     evaluated = tmp_path / "eval-of-s0"
     _write_run(evaluated, "retroact", 5, _won(4, 2), "eto-1", [], trials=1,
                config={"init": {"checkpoint": str(trained / "checkpoints" / "eto-1")}})
@@ -418,7 +421,8 @@ def test_an_eval_of_a_checkpoint_pools_with_its_settings_seeds(tmp_path, capsys)
     RunDir(evaluated).record_policy(str(trained / "checkpoints" / "eto-1"))
     assert yaml.safe_load((evaluated / "policy.yaml").read_text())["seed"] == 0
     seed1 = tmp_path / "eto-s1"
-    _write_run(seed1, "eto", 1, _won(4, 4), "ETO", [], trials=1, config={"eto": {"lr": 2e-6}})
+    _write_run(seed1, "eto", 1, _won(4, 4), "ETO", [], trials=1, config={
+        "eto": {"lr": 2e-6}, "init": {"checkpoint": "results/set/sft-20260101-000000/checkpoints/sft"}})
     orphan = tmp_path / "eval-of-moved"  # same seeds' labels, but its policy is only a path
     _write_run(orphan, "eto", 2, _won(4, 0), "eto-1", [], trials=1, config={"init": {"checkpoint": "/gone/eto-1"}})
     with open(orphan / "metrics.jsonl", "a") as f:
