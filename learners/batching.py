@@ -94,9 +94,10 @@ def new_valid_steps(trial: Trial) -> list[bool]:
     return keep
 
 
-def actor_samples(episode: Episode) -> list[TokenSample]:
-    """One sample per trial with steps (see `trial_sample`)."""
-    return [trial_sample(episode, t) for t in episode.trials if t.steps]
+def actor_samples(episode: Episode, steps: Callable[[Trial], Sequence[bool]] | None = None) -> list[TokenSample]:
+    """One sample per trial with steps (see `trial_sample`); `steps(trial)` picks the steps trained on (all by
+    default)."""
+    return [trial_sample(episode, t, trained=steps(t) if steps else None) for t in episode.trials if t.steps]
 
 
 def generation_sample(gen: Generation, reward: float = 0.0, meta: dict[str, Any] | None = None) -> TokenSample:
@@ -375,19 +376,16 @@ def retroact_samples(
     is dropped (`actor_no_step`)."""
     kept: list[TokenSample] = []
     counts = {"actor_zero": 0, "reflector_unchanged": 0}
-    if actor_steps == "new_valid":
+    steps = new_valid_steps if actor_steps == "new_valid" else None
+    if steps is not None:
         counts["actor_no_step"] = 0
     for episode in episodes:
-        for trial in episode.trials:
-            if not trial.steps:
-                continue
-            trained = new_valid_steps(trial) if actor_steps == "new_valid" else None
-            s = trial_sample(episode, trial, trained=trained)
+        for s in actor_samples(episode, steps):
             if actor_reward == "success":
                 s.reward = 1.0 if s.meta["success"] else 0.0
             if s.reward == 0.0:
                 counts["actor_zero"] += 1
-            elif trained is not None and not any(trained):
+            elif steps is not None and s.n_trained == 0:
                 counts["actor_no_step"] += 1
             else:
                 kept.append(s)
